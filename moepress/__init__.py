@@ -1,0 +1,45 @@
+"""moepress: compress Mixture-of-Experts language models, and measure what it costs.
+
+    import moepress
+    result = moepress.compress("path/to/model", bits=3, group_size=128, calib="builtin:calib", out="out")
+    model = moepress.load("out")
+    report = moepress.evaluate("out", reference="path/to/model", text="builtin:eval")
+"""
+
+__version__ = "0.1.0"
+
+from . import hf_integration as _hf_integration
+from .calibrate import Profile, calibrate
+from .compress import CompressConfig, CompressResult, compress
+from .errors import MoepressError
+from .model import MoEView
+
+_hf_integration.register()
+
+
+def load(path: str, *, device: str | None = None, dtype="auto", trust_remote_code: bool = False):
+    """Load a model (a moepress checkpoint or any supported MoE) as a transformers model."""
+    from .loading import load_model
+
+    return load_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+def evaluate(model, *, reference=None, text: str = "builtin:eval", **options):
+    """Perplexity, KL divergence and top-1 agreement against ``reference``, bytes and time."""
+    from .evaluate.report import evaluate as _evaluate
+
+    return _evaluate(model, reference=reference, text=text, **options)
+
+
+__all__ = [
+    "CompressConfig",
+    "CompressResult",
+    "MoEView",
+    "MoepressError",
+    "Profile",
+    "__version__",
+    "calibrate",
+    "compress",
+    "evaluate",
+    "load",
+]

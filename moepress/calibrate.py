@@ -1,0 +1,400 @@
+"""Layer-by-layer calibration: run tokens through the decoder one layer at a time and record statistics.
+
+Only the layer being worked on sits on the compute device; the hidden states between layers live
+on the CPU. Statistics come from forward hooks, never from architecture-specific code:
+
+- every ``nn.Linear`` unit: the input Gram matrix X^T X (GPTQ's Hessian, up to a factor) and the
+  per-input-channel squared norms;
+- every routed-expert layer, from a pre-hook on the experts module (whose forward receives
+  ``hidden_states, top_k_index, top_k_weights`` in every transformers 5.x MoE): tokens routed to
+  each expert, routing-weight mass, and per expert the Gram matrices of the gate/up input and of
+  the down-projection input act(x W_g^T) * (x W_u^T).
+
+Experts that receive fewer than ``min_expert_tokens`` tokens are calibrated anyway when
+``rare_experts="all_tokens"``: their statistics are taken over every calibration token as if all
+were routed to them, while the layer's output keeps the real routing (the hook only observes).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import MoepressError
+from .model.view import EXPERT_LINEARS, ExpertStore, LinearUnit, MoEView
+
+
+class _StopForward(Exception):
+    """Raised by the hook on the first decoder layer once its inputs are captured."""
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to_device(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"`` picks CUDA when present, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MoepressError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    return device
+
+
+class LayerwiseRunner:
+    """Holds the calibration hidden states between layers and runs one decoder layer at a time."""
+
+    def __init__(self, model: nn.Module, view: MoEView, tokens: torch.Tensor, device: torch.device, batch_size: int = 8):
+        self.model = model
+        self.view = view
+        self.device = device
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.hidden: list[torch.Tensor] = []
+        self.layer_kwargs: list[dict] = []
+
+    def _non_layer_modules(self) -> list[nn.Module]:
+        """The model's modules outside the decoder layers (embeddings, rotary tables, final norm)."""
+        layers = self.view.layers
+        base_path = self.view.spec.layers.rpartition(".")[0]
+        base = self.model.get_submodule(base_path) if base_path else self.model
+        return [child for child in base.children() if child is not layers]
+
+    @torch.no_grad()
+    def capture_inputs(self) -> None:
+        """Run the embeddings and record what the first decoder layer receives, batch by batch."""
+        captured: dict[str, Any] = {}
+
+        def grab(_module, args, kwargs):
+            captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+            captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            raise _StopForward
+
+        others = self._non_layer_modules()
+        for module in others:
+            module.to(self.device)
+        handle = self.view.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            for start in range(0, len(self.tokens), self.batch_size):
+                batch = self.tokens[start : start + self.batch_size].to(self.device)
+                try:
+                    self.model(input_ids=batch, use_cache=False)
+                except _StopForward:
+                    pass
+                self.hidden.append(captured["hidden"].to("cpu"))
+                kwargs = dict(captured["kwargs"])
+                kwargs["use_cache"] = False
+                kwargs.pop("past_key_values", None)
+                self.layer_kwargs.append(_to_device(kwargs, torch.device("cpu")))
+        finally:
+            handle.remove()
+            for module in others:
+                module.to("cpu")
+
+    @torch.no_grad()
+    def run_layer(self, layer: int, update: bool) -> None:
+        """Run every batch through decoder layer ``layer`` (already on the device).
+
+        With ``update`` the outputs replace the stored hidden states, becoming the next layer's
+        inputs; without it the pass only feeds the statistics hooks.
+        """
+        module = self.view.layers[layer]
+        for i, hidden in enumerate(self.hidden):
+            out = module(hidden.to(self.device), **_to_device(self.layer_kwargs[i], self.device))
+            if isinstance(out, tuple):
+                out = out[0]
+            if update:
+                self.hidden[i] = out.to("cpu")
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.numel())
+
+
+class LinearInputStats:
+    """Accumulates X^T X and per-channel squared norms of one linear's input."""
+
+    def __init__(self, in_features: int, device: torch.device):
+        self.gram = torch.zeros(in_features, in_features, device=device)
+        self.sq_norm = torch.zeros(in_features, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.gram.addmm_(x.T, x)
+        self.sq_norm += (x * x).sum(0)
+        self.count += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """X^T X / n: the GPTQ Hessian up to the constant factor 2, which GPTQ does not need."""
+        return self.gram / max(self.count, 1)
+
+    def hook(self):
+        def fn(_module, args):
+            self.add(args[0])
+
+        return fn
+
+
+@dataclass
+class ExpertInputStats:
+    """Per-expert routing counts and input statistics of one MoE layer."""
+
+    store: ExpertStore
+    device: torch.device
+    rare: set[int] = field(default_factory=set)  # experts calibrated on all tokens
+    with_grams: bool = True
+
+    def __post_init__(self):
+        E, H, I = self.store.num_experts, self.store.hidden_size, self.store.intermediate_size
+        dev = self.device
+        self.tokens = torch.zeros(E, dtype=torch.long, device=dev)
+        self.routing_mass = torch.zeros(E, dtype=torch.float64, device=dev)
+        self.in_sq_norm = torch.zeros(E, H, device=dev)
+        self.mid_sq_norm = torch.zeros(E, I, device=dev)
+        if self.with_grams:
+            self.in_gram = torch.zeros(E, H, H, device=dev)
+            self.mid_gram = torch.zeros(E, I, I, device=dev)
+            self.all_in_gram = torch.zeros(H, H, device=dev)
+            self.all_count = 0
+        self._weights = None
+
+    def _expert_weights(self):
+        if self._weights is None:
+            self._weights = {lin: self.store.weight(lin).detach().float() for lin in ("gate_proj", "up_proj")}
+        return self._weights
+
+    def _intermediate(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        w = self._expert_weights()
+        return self.store.act_fn(x @ w["gate_proj"][expert].T) * (x @ w["up_proj"][expert].T)
+
+    @torch.no_grad()
+    def add(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+        x = hidden.reshape(-1, hidden.shape[-1]).float()
+        E = self.store.num_experts
+        flat_index = top_k_index.reshape(-1)
+        self.tokens += torch.bincount(flat_index, minlength=E)[:E]
+        self.routing_mass += torch.zeros(E, dtype=torch.float64, device=x.device).index_add_(
+            0, flat_index, top_k_weights.reshape(-1).double()
+        )
+        if not self.with_grams:
+            return
+        self.all_in_gram.addmm_(x.T, x)
+        self.all_count += x.shape[0]
+        for expert in range(E):
+            if expert in self.rare:
+                xe = x
+            else:
+                token = (top_k_index == expert).any(dim=-1).nonzero().flatten()
+                if token.numel() == 0:
+                    continue
+                xe = x[token]
+            mid = self._intermediate(expert, xe)
+            self.in_gram[expert].addmm_(xe.T, xe)
+            self.in_sq_norm[expert] += (xe * xe).sum(0)
+            self.mid_gram[expert].addmm_(mid.T, mid)
+            self.mid_sq_norm[expert] += (mid * mid).sum(0)
+
+    def hook(self):
+        def fn(_module, args, kwargs):
+            names = ("hidden_states", "top_k_index", "top_k_weights")
+            values = list(args) + [kwargs[n] for n in names[len(args):]]
+            self.add(*values[:3])
+
+        return fn
+
+    def samples(self) -> torch.Tensor:
+        """Tokens each expert's statistics were gathered over (all tokens for the rare ones)."""
+        counts = self.tokens.clone()
+        for expert in self.rare:
+            counts[expert] = self.all_count
+        return counts
+
+    def hessians(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate/up input Hessian [E, H, H], down input Hessian [E, I, I]), each X^T X / n."""
+        n = self.samples().clamp(min=1).float()[:, None, None]
+        return self.in_gram / n, self.mid_gram / n
+
+
+def count_routing(view: MoEView, layer: int, runner: LayerwiseRunner) -> torch.Tensor | None:
+    """Tokens routed to each expert of ``layer`` (one pass, no Gram matrices)."""
+    store = view.experts(layer)
+    if store is None:
+        return None
+    stats = ExpertInputStats(store, runner.device, with_grams=False)
+    handle = store.module.register_forward_pre_hook(stats.hook(), with_kwargs=True)
+    try:
+        runner.run_layer(layer, update=False)
+    finally:
+        handle.remove()
+    return stats.tokens.cpu()
+
+
+class Profile:
+    """Calibration statistics of a model, saved as one safetensors file (no pickle).
+
+    Tensors are keyed by canonical names: ``layers.{l}.experts.tokens`` [E],
+    ``layers.{l}.experts.routing_mass`` [E], ``layers.{l}.experts.{linear}.channel_norm`` [E, in],
+    ``{unit}.channel_norm`` [in] for linear units, and ``{unit}.gptq_loss`` where quantization ran.
+    ``meta`` holds JSON-able facts (model type, tokens, sequence length, source, threshold).
+    """
+
+    def __init__(self, meta: dict | None = None, tensors: dict[str, torch.Tensor] | None = None):
+        self.meta = dict(meta or {})
+        self.tensors = dict(tensors or {})
+
+    def record_linear(self, unit: LinearUnit, stats: LinearInputStats) -> None:
+        self.tensors[f"{unit.name}.channel_norm"] = stats.sq_norm.sqrt().cpu()
+
+    def record_experts(self, layer: int, stats: ExpertInputStats) -> None:
+        prefix = f"layers.{layer}.experts"
+        self.tensors[f"{prefix}.tokens"] = stats.tokens.cpu()
+        self.tensors[f"{prefix}.routing_mass"] = stats.routing_mass.float().cpu()
+        self.tensors[f"{prefix}.calibration_samples"] = stats.samples().cpu()
+        for linear in ("gate_proj", "up_proj"):
+            self.tensors[f"{prefix}.{linear}.channel_norm"] = stats.in_sq_norm.sqrt().cpu()
+        self.tensors[f"{prefix}.down_proj.channel_norm"] = stats.mid_sq_norm.sqrt().cpu()
+
+    def moe_layers(self) -> list[int]:
+        return sorted(int(k.split(".")[1]) for k in self.tensors if k.endswith(".experts.tokens"))
+
+    def tokens_per_expert(self, layer: int) -> torch.Tensor:
+        return self.tensors[f"layers.{layer}.experts.tokens"]
+
+    def routing_mass(self, layer: int) -> torch.Tensor:
+        return self.tensors[f"layers.{layer}.experts.routing_mass"]
+
+    def coverage_table(self) -> str:
+        """Per MoE layer: experts below the token threshold, as a plain-text table."""
+        threshold = self.meta.get("min_expert_tokens", 0)
+        rows = [f"{'layer':>5}  {'experts':>7}  {'min tokens':>10}  {'max tokens':>10}  below {threshold} tokens"]
+        for layer in self.moe_layers():
+            tokens = self.tokens_per_expert(layer)
+            below = [str(e) for e in (tokens < threshold).nonzero().flatten().tolist()]
+            rows.append(
+                f"{layer:>5}  {len(tokens):>7}  {int(tokens.min()):>10}  {int(tokens.max()):>10}  "
+                + (", ".join(below) if below else "-")
+            )
+        return "\n".join(rows)
+
+    def save(self, path: str) -> None:
+        import json
+        import os
+
+        tmp = f"{path}.tmp"
+        save_file({k: v.contiguous() for k, v in self.tensors.items()}, tmp, metadata={"moepress_profile": json.dumps(self.meta)})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "Profile":
+        import json
+
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, "pt") as f:
+                meta = json.loads((f.metadata() or {}).get("moepress_profile", "{}"))
+            tensors = load_file(path)
+        except FileNotFoundError:
+            raise MoepressError(f"profile not found: {path}") from None
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise MoepressError(f"cannot read profile {path}: {exc}; recompute it") from None
+        return cls(meta, tensors)
+
+
+def calibrate(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    *,
+    device: str | torch.device | None = None,
+    batch_size: int = 8,
+    min_expert_tokens: int = 16,
+    rare_experts: str = "all_tokens",
+    progress: bool = True,
+) -> Profile:
+    """Calibration statistics of an uncompressed model, layer by layer, as a :class:`Profile`."""
+    from tqdm.auto import tqdm
+
+    view = MoEView(model)
+    device = resolve_device(device)
+    runner = LayerwiseRunner(model, view, tokens, device, batch_size)
+    runner.capture_inputs()
+    profile = Profile(
+        {
+            "model_type": view.model_type,
+            "tokens": runner.num_tokens,
+            "samples": int(tokens.shape[0]),
+            "seq_len": int(tokens.shape[1]),
+            "min_expert_tokens": min_expert_tokens,
+            "rare_experts": rare_experts,
+        }
+    )
+    started = time.time()
+    for layer in tqdm(range(view.num_layers), desc="calibrate", unit="layer", disable=not progress):
+        view.layers[layer].to(device)
+        stats, handles = collect_layer_stats(view, layer, runner, min_expert_tokens, rare_experts)
+        try:
+            runner.run_layer(layer, update=True)
+        finally:
+            for h in handles:
+                h.remove()
+        for unit, s in stats["linear"].items():
+            profile.record_linear(unit, s)
+        if stats["experts"] is not None:
+            profile.record_experts(layer, stats["experts"])
+        view.layers[layer].to("cpu")
+    profile.meta["seconds"] = round(time.time() - started, 3)
+    return profile
+
+
+def collect_layer_stats(view, layer, runner, min_expert_tokens, rare_experts, units=None, experts=True):
+    """Attach statistics hooks to ``layer``'s linear ``units`` (default: all) and its experts.
+
+    Returns the stats objects and hook handles; the caller runs the layer, then removes the handles.
+    The rare-expert set is decided from one cheap routing pass before the Gram matrices are formed.
+    """
+    if rare_experts not in ("all_tokens", "routed_only"):
+        raise MoepressError(f"rare_experts must be 'all_tokens' or 'routed_only' (got {rare_experts!r})")
+    units = view.linear_units(layer) if units is None else units
+    linear_stats, handles = {}, []
+    for unit in units:
+        s = LinearInputStats(unit.in_features, runner.device)
+        handles.append(view.model.get_submodule(unit.module_path).register_forward_pre_hook(s.hook()))
+        linear_stats[unit] = s
+    expert_stats = None
+    store = view.experts(layer) if experts else None
+    if store is not None:
+        rare: set[int] = set()
+        if rare_experts == "all_tokens" and min_expert_tokens > 0:
+            counts = count_routing(view, layer, runner)
+            rare = set((counts < min_expert_tokens).nonzero().flatten().tolist())
+        expert_stats = ExpertInputStats(store, runner.device, rare=rare)
+        handles.append(store.module.register_forward_pre_hook(expert_stats.hook(), with_kwargs=True))
+    return {"linear": linear_stats, "experts": expert_stats}, handles
+
+
+__all__ = [
+    "EXPERT_LINEARS",
+    "ExpertInputStats",
+    "LayerwiseRunner",
+    "LinearInputStats",
+    "Profile",
+    "calibrate",
+    "collect_layer_stats",
+    "count_routing",
+    "resolve_device",
+]

@@ -1,0 +1,220 @@
+"""GPTQ (Frantar et al. 2022), batched over a leading expert dimension.
+
+Follows IST-DASLab/gptq `GPTQ.fasterquant` step for step, but every tensor
+carries a leading expert dim E so that all experts of a fused MoE layer are
+quantized in ONE computation: batched Cholesky (`torch.linalg.cholesky_ex`),
+batched matmuls, and per-expert column permutations via `gather`. The only
+Python loops are over columns / column blocks, as in the reference.
+
+Notation (per expert): W [out, in] weights, H = sum_x x x^T [in, in] the
+Hessian of the layer reconstruction error ||W X - Q X||^2 (any positive
+multiple works: dampening is relative). GPTQ quantizes column j, then
+spreads its error over the not-yet-quantized columns with the row j of the
+upper Cholesky factor U of H^-1 (U^T U = H^-1):
+    err_j   = (w_j - q_j) / U_jj
+    W[:, k] -= err_j * U_jk        for k > j
+which is the Optimal Brain Surgeon update, and accumulates the loss
+    sum_j (w_j - q_j)^2 / U_jj^2 / 2.
+The update is applied lazily in blocks of `block_size` columns (a rank-B
+update `W[:, i2:] -= Err1 @ U[i1:i2, i2:]` after each block).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .grid import dequantize_codes, find_params, quantize_codes
+from .packed import QuantizedWeight
+from .spec import QuantSpec
+
+# How many times a failed Cholesky is retried with 10x the dampening.
+MAX_DAMP_RETRIES = 5
+# Retry base when the spec asks for damp == 0 (10x of 0 would never help).
+_ZERO_DAMP_RETRY_BASE = 1e-3
+
+
+@dataclass
+class GPTQResult:
+    """Output of `gptq_quantize`.
+
+    weight:     the packed quantized weight (same lead shape as the input).
+    loss:       GPTQ's accumulated loss sum((w - q)^2 / d^2) / 2 per expert,
+                shape = lead shape ([E], or [] for a single matrix).
+    damp_used:  the dampening *fraction* of mean(diag(H)) that made the
+                Cholesky succeed per expert (spec.damp unless retried).
+    """
+
+    weight: QuantizedWeight
+    loss: torch.Tensor
+    damp_used: torch.Tensor
+
+
+def _upper_cholesky_of_inverse(
+    H: torch.Tensor, damp: float, name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """U with U^T U = (H + lambda I)^-1 per expert, lambda = damp * mean(diag(H)).
+
+    As in fasterquant: L = chol(H + lambda I); Hinv = cholesky_inverse(L);
+    U = chol(Hinv, upper). Experts whose factorization fails (info != 0, a
+    singular or indefinite H in float32) are retried alone with 10x the
+    dampening, up to MAX_DAMP_RETRIES times; the rest are never refactored.
+    """
+    E, C, _ = H.shape
+    eye = torch.eye(C, dtype=H.dtype, device=H.device)
+    # abs(): a legit H has a nonnegative diagonal; a broken one must still get
+    # a positive damping scale so that retries can make progress.
+    diag_scale = H.diagonal(dim1=-2, dim2=-1).abs().mean(-1)  # [E]
+    U = torch.empty_like(H)
+    damp_used = torch.full((E,), float("nan"), dtype=torch.float32, device=H.device)
+    todo = torch.arange(E, device=H.device)
+    frac = damp
+    for attempt in range(MAX_DAMP_RETRIES + 1):
+        if attempt > 0:
+            frac = (damp if damp > 0 else _ZERO_DAMP_RETRY_BASE) * 10**attempt
+        Hd = H[todo] + (frac * diag_scale[todo])[:, None, None] * eye
+        L, info = torch.linalg.cholesky_ex(Hd)
+        # keep the inverse of failed experts well defined (they are discarded)
+        L = torch.where((info == 0)[:, None, None], L, eye)
+        Uc, info2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        ok = (info == 0) & (info2 == 0) & torch.isfinite(Uc).all(dim=-1).all(dim=-1)
+        U[todo[ok]] = Uc[ok]
+        damp_used[todo[ok]] = frac
+        todo = todo[~ok]
+        if todo.numel() == 0:
+            return U, damp_used
+    raise ValueError(
+        f"GPTQ: the Hessian of {name} is not positive definite for experts {todo.tolist()} "
+        f"even with damp {frac:g}; check their calibration statistics or quantize them with RTN"
+    )
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: QuantSpec,
+    block_size: int = 128,
+    name: str = "weight",
+) -> GPTQResult:
+    """Quantize weight [E, out, in] (or [out, in]) with GPTQ given H [E, in, in] (or [in, in]).
+
+    Always computes in float32. `spec.method` is not consulted (this *is* the
+    GPTQ path); `spec.act_order`, `group_size`, `symmetric`, `damp` are.
+    With groups, the effective block size is rounded up to a multiple of the
+    group size so a group never straddles a lazy-update block: group params
+    are then computed on the fully error-updated columns (fasterquant reads
+    the not-yet-block-updated W when a group starts mid-block).
+    """
+    single = weight.ndim == 2
+    if single:
+        weight, hessian = weight.unsqueeze(0), hessian.unsqueeze(0)
+    if weight.ndim != 3:
+        raise ValueError(f"{name}: weight must be [out, in] or [E, out, in] (got {tuple(weight.shape)})")
+    E, R, C = weight.shape
+    if tuple(hessian.shape) != (E, C, C):
+        raise ValueError(
+            f"{name}: Hessian shape {tuple(hessian.shape)} does not match weight {tuple(weight.shape)}; "
+            f"expected {(E, C, C) if not single else (C, C)}"
+        )
+    spec.check_in_features(C, name)
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive (got {block_size})")
+    bits, gs, sym = spec.bits, spec.group_size, spec.symmetric
+
+    W = weight.to(torch.float32, copy=True)
+    H = hessian.to(torch.float32, copy=True)
+    if not torch.isfinite(W).all():
+        raise ValueError(f"{name} contains inf or nan; cannot quantize it")
+    bad_h = (~torch.isfinite(H)).flatten(1).any(-1)
+    if bad_h.any():
+        raise ValueError(
+            f"the Hessian of {name} contains inf or nan for experts {bad_h.nonzero().flatten().tolist()}; "
+            "recollect calibration statistics"
+        )
+    eye = torch.eye(C, dtype=torch.float32, device=W.device)
+
+    # An expert no calibration token was routed to has H == 0: use H = I,
+    # which makes GPTQ's error feedback vanish (U = c*I), i.e. plain RTN.
+    empty = (H == 0).flatten(1).all(-1)  # [E]
+    H = torch.where(empty[:, None, None], eye, H)
+    # fasterquant: dead = diag(H) == 0; H[dead, dead] = 1; W[:, dead] = 0.
+    # An input that is always zero carries no information about its weight.
+    dead = H.diagonal(dim1=-2, dim2=-1) == 0  # [E, C]
+    H = H + torch.diag_embed(dead.to(H.dtype))
+    W.masked_fill_(dead[:, None, :], 0.0)
+
+    perm = invperm = None
+    if spec.act_order:
+        # Per-expert permutation by descending diag(H) (fasterquant act_order):
+        # H <- H[perm][:, perm], W <- W[:, perm], each expert with its own perm.
+        perm = torch.argsort(H.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)  # [E, C]
+        W = W.gather(-1, perm[:, None, :].expand(E, R, C))
+        H = H.gather(-2, perm[:, :, None].expand(E, C, C)).gather(-1, perm[:, None, :].expand(E, C, C))
+        invperm = torch.argsort(perm, dim=-1)
+
+    Hinv, damp_used = _upper_cholesky_of_inverse(H, spec.damp, name)
+    del H
+
+    if gs is None:
+        # per-channel: one grid per row, from the whole (dead-zeroed) row up front
+        scale, zero = find_params(W, bits, sym)  # [E, R]
+        scales, zeros = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    else:
+        block_size = gs * math.ceil(block_size / gs)
+        n_groups = math.ceil(C / gs)
+        scales = torch.empty(E, R, n_groups, dtype=torch.float32, device=W.device)
+        zeros = torch.empty_like(scales)
+    codes = torch.empty(E, R, C, dtype=torch.float32, device=W.device)
+    loss = torch.zeros(E, dtype=torch.float32, device=W.device)
+
+    for i1 in range(0, C, block_size):
+        i2 = min(i1 + block_size, C)
+        count = i2 - i1
+        W1 = W[:, :, i1:i2].clone()
+        Err1 = torch.empty(E, R, count, dtype=torch.float32, device=W.device)
+        Hinv1 = Hinv[:, i1:i2, i1:i2]
+        for i in range(count):
+            col = i1 + i
+            if gs is not None and col % gs == 0:
+                # group boundary (in the possibly permuted order): the grid
+                # comes from the current, error-updated weights of the group
+                scale, zero = find_params(W1[:, :, i : i + gs], bits, sym)
+                scales[:, :, col // gs] = scale
+                zeros[:, :, col // gs] = zero
+            w = W1[:, :, i]  # [E, R]
+            d = Hinv1[:, i, i].unsqueeze(-1)  # [E, 1]
+            q = quantize_codes(w, scale, zero, bits)
+            codes[:, :, col] = q
+            err = (w - dequantize_codes(q, scale, zero)) / d
+            loss += err.square().sum(-1) / 2
+            # OBS update of the remaining columns of this block
+            W1[:, :, i + 1 :] -= err.unsqueeze(-1) * Hinv1[:, i, i + 1 :].unsqueeze(1)
+            Err1[:, :, i] = err
+        # lazy batch update of everything right of the block
+        if i2 < C:
+            W[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]
+
+    g_idx = None
+    if spec.act_order:
+        # back to the original column order; groups stay contiguous in the
+        # permuted order, so record each original column's group
+        codes = codes.gather(-1, invperm[:, None, :].expand(E, R, C))
+        if gs is not None:
+            g_idx = (torch.arange(C, device=W.device) // gs)[invperm]  # [E, C]
+
+    qw = QuantizedWeight.from_codes(codes, scales, None if sym else zeros, bits=bits, group_size=gs, g_idx=g_idx)
+    if single:
+        return GPTQResult(qw.select(0), loss[0], damp_used[0])
+    return GPTQResult(qw, loss, damp_used)
+
+
+def hessian_weighted_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """trace((W - Q) H (W - Q)^T) per expert: with H = X^T X (inputs as rows) this is
+    ||X W^T - X Q^T||_F^2, the layer output error on the calibration inputs.
+
+    Shapes: [E, out, in] x [E, in, in] -> [E], or [out, in] x [in, in] -> [].
+    """
+    D = weight.float() - dequantized.float()
+    return ((D @ hessian.float()) * D).sum(dim=(-1, -2))

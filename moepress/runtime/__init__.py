@@ -1,0 +1,10 @@
+"""Runtime modules that compute from packed low-bit weights."""
+
+from .packed_experts import PackedExperts
+from .packed_linear import PackedLinear
+from .packed_weight import PackedWeight
+
+__all__ = ["PackedExperts", "PackedLinear", "PackedWeight"]
+from .skeleton import install_packed_skeleton, validate_packed  # noqa: E402
+
+__all__ += ["install_packed_skeleton", "validate_packed"]

@@ -1,0 +1,85 @@
+"""Rebuild a compressed model's module tree from its unit map, before its weights are loaded."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import MoepressError
+from ..model.view import EXPERT_LINEARS, MoEView, set_submodule
+from .packed_experts import PackedExperts
+from .packed_linear import PackedLinear
+from .packed_weight import PackedWeight
+
+
+def _meta(option: dict, out_features: int, in_features: int) -> dict:
+    return {
+        "bits": option["bits"],
+        "group_size": option["group_size"],
+        "symmetric": option["symmetric"],
+        "act_order": option["act_order"],
+        "in_features": in_features,
+        "out_features": out_features,
+    }
+
+
+def install_packed_skeleton(model: nn.Module, units: dict[str, dict]) -> nn.Module:
+    """Replace every unit named in ``units`` with an empty packed module of the right shape.
+
+    ``units`` maps canonical names to options (bits, group_size, symmetric, act_order). Loading the
+    checkpoint's state dict then fills the packed buffers. A unit the model does not have is an error
+    (the checkpoint does not belong to this architecture/config).
+    """
+    view = MoEView(model)
+    remaining = set(units)
+    for layer in range(view.num_layers):
+        for unit in view.linear_units(layer):
+            if unit.name in units:
+                old = model.get_submodule(unit.module_path)
+                meta = _meta(units[unit.name], unit.out_features, unit.in_features)
+                bias = getattr(old, "bias", None)
+                dtype = bias.dtype if bias is not None and bias.dtype.is_floating_point else torch.float32
+                new = PackedLinear.empty(meta, has_bias=bias is not None, dtype=dtype)
+                set_submodule(model, unit.module_path, new)
+                remaining.discard(unit.name)
+        store = view.experts(layer)
+        if store is None:
+            continue
+        names = [store.unit_name(e, lin) for e in range(store.num_experts) for lin in EXPERT_LINEARS]
+        present = [n for n in names if n in units]
+        if not present:
+            continue
+        if len(present) != len(names):
+            raise MoepressError(f"layers.{layer}: the checkpoint packs only some experts' linears; it is corrupt")
+        metas = {
+            lin: [_meta(units[store.unit_name(e, lin)], *store.shape(lin)) for e in range(store.num_experts)]
+            for lin in EXPERT_LINEARS
+        }
+        if store.layout == "per_expert":
+            for lin in EXPERT_LINEARS:
+                for e in range(store.num_experts):
+                    path = store.per_expert_linear_path(e, lin)
+                    set_submodule(model, path, PackedLinear.empty(metas[lin][e]))
+        else:
+            module = PackedExperts.empty(
+                store.num_experts, store.hidden_size, store.intermediate_size, store.act_fn, metas
+            )
+            set_submodule(model, store.module_path, module)
+        remaining.difference_update(names)
+    if remaining:
+        example = sorted(remaining)[0]
+        raise MoepressError(
+            f"the checkpoint names {len(remaining)} unit(s) this model does not have (e.g. {example}); "
+            "it was made for another architecture or config"
+        )
+    return model
+
+
+def validate_packed(model: nn.Module) -> None:
+    """Check every packed buffer against its metadata after loading (a corrupt file fails here)."""
+    for name, module in model.named_modules():
+        if isinstance(module, PackedWeight):
+            try:
+                module.validate(name)
+            except ValueError as exc:
+                raise MoepressError(str(exc)) from None
