@@ -12,6 +12,7 @@ from . import hf_integration as _hf_integration
 from .calibrate import Profile, calibrate
 from .compress import CompressConfig, CompressResult, compress
 from .errors import MoepressError
+from .evaluate import EvalReport, evaluate  # binds the function over the subpackage's name
 from .model import MoEView
 
 _hf_integration.register()
@@ -24,16 +25,10 @@ def load(path: str, *, device: str | None = None, dtype="auto", trust_remote_cod
     return load_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
 
 
-def evaluate(model, *, reference=None, text: str = "builtin:eval", **options):
-    """Perplexity, KL divergence and top-1 agreement against ``reference``, bytes and time."""
-    from .evaluate.report import evaluate as _evaluate
-
-    return _evaluate(model, reference=reference, text=text, **options)
-
-
 __all__ = [
     "CompressConfig",
     "CompressResult",
+    "EvalReport",
     "MoEView",
     "MoepressError",
     "Profile",

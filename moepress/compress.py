@@ -277,7 +277,7 @@ def compress(
     MoEView(model)  # fail early on an unsupported architecture
     text = load_text(config.calib)
     tokens = token_windows(
-        text, tokenizer, config.seq_len, config.calib_samples, seed=config.seed, what="calibration text"
+        text, tokenizer, config.seq_len, config.calib_samples, seed=config.seed, what="calibration"
     )
     started = time.time()
     records, profile = quantize_model(model, tokens, config, progress=progress)

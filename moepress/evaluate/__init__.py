@@ -1,5 +1,16 @@
-"""Measuring model quality: perplexity and divergence from a reference model."""
+"""Measuring model quality and size: perplexity, divergence from a reference, measured bytes."""
 
+from .footprint import Footprint, measure_footprint
 from .metrics import ComparisonResult, PerplexityResult, compare_to_reference, perplexity
+from .report import EvalReport, evaluate
 
-__all__ = ["ComparisonResult", "PerplexityResult", "compare_to_reference", "perplexity"]
+__all__ = [
+    "ComparisonResult",
+    "EvalReport",
+    "Footprint",
+    "PerplexityResult",
+    "compare_to_reference",
+    "evaluate",
+    "measure_footprint",
+    "perplexity",
+]

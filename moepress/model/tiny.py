@@ -12,51 +12,48 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.activations import ACT2FN
 
 _COMMON = dict(
-    hidden_size=64,
+    hidden_size=128,
     num_hidden_layers=3,
     num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=512,
     tie_word_embeddings=False,
+    # id 0 is <|endoftext|> in the byte-level BPE of moepress.data.tokenizer.
+    bos_token_id=0,
+    eos_token_id=0,
+    pad_token_id=0,
 )
-# Sizes are multiples of 32 so every group size up to 32 divides them; 128-wide experts let the
-# group-128 path run too.
+# Every input dimension is a multiple of 128, so every group size (32, 64, 128) divides it.
 TINY_CONFIGS: dict[str, dict] = {
     "mixtral": dict(intermediate_size=128, num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": dict(
-        intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=128,
+        intermediate_size=128, moe_intermediate_size=128, shared_expert_intermediate_size=128,
         num_experts=8, num_experts_per_tok=2, mlp_only_layers=[0], decoder_sparse_step=1,
     ),
     "qwen3_moe": dict(
-        intermediate_size=128, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
-        head_dim=16, mlp_only_layers=[0],
+        intermediate_size=128, moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2,
+        head_dim=32, mlp_only_layers=[0],
     ),
-    "olmoe": dict(intermediate_size=64, num_experts=8, num_experts_per_tok=2),
+    "olmoe": dict(intermediate_size=128, num_experts=8, num_experts_per_tok=2),
     "deepseek_v2": dict(
-        num_key_value_heads=4, intermediate_size=128, moe_intermediate_size=64, n_routed_experts=8,
+        num_key_value_heads=4, intermediate_size=128, moe_intermediate_size=128, n_routed_experts=8,
         n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, q_lora_rank=None,
-        kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, n_group=2, topk_group=1,
+        kv_lora_rank=128, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, n_group=2, topk_group=1,
         topk_method="group_limited_greedy",
     ),
     "deepseek_v3": dict(
-        num_key_value_heads=4, intermediate_size=128, moe_intermediate_size=64, n_routed_experts=8,
-        n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, q_lora_rank=32,
-        kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, n_group=2, topk_group=1,
+        num_key_value_heads=4, intermediate_size=128, moe_intermediate_size=128, n_routed_experts=8,
+        n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, q_lora_rank=128,
+        kv_lora_rank=128, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, n_group=2, topk_group=1,
     ),
-    "granitemoe": dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2),
-    "phimoe": dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2),
+    "granitemoe": dict(intermediate_size=128, num_local_experts=4, num_experts_per_tok=2),
+    "phimoe": dict(intermediate_size=128, num_local_experts=4, num_experts_per_tok=2),
 }
 
 
 def tiny_config(model_type: str, vocab_size: int = 512, **overrides):
     kwargs = {**_COMMON, **TINY_CONFIGS[model_type], "vocab_size": vocab_size, **overrides}
-    config = AutoConfig.for_model(model_type, **kwargs)
-    # Keep special tokens inside the tiny vocabulary (some configs default to ids like 50279).
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value >= vocab_size:
-            setattr(config, name, None if name == "pad_token_id" else vocab_size - 1)
-    return config
+    return AutoConfig.for_model(model_type, **kwargs)
 
 
 def build_tiny_model(model_type: str, vocab_size: int = 512, seed: int = 0, **overrides) -> nn.Module:

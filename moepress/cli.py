@@ -1,0 +1,192 @@
+"""The ``moepress`` command. Thin: each subcommand parses flags and calls one public function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+DESCRIPTION = """\
+moepress compresses Mixture-of-Experts language models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
+DeepSeek-V2/V3, GraniteMoE, PhiMoE) with GPTQ into really packed low-bit weights, and measures
+what that costs in quality and bytes.
+
+  moepress compress --model PATH_OR_HUB_ID --bits 3 --group-size 128 --calib FILE.txt --out OUT_DIR
+  moepress eval --model OUT_DIR --reference PATH_OR_HUB_ID --text FILE.txt
+  moepress tiny --arch mixtral --out tiny-mixtral      # a tiny random model to try it offline
+"""
+
+
+def _group_size(value: str):
+    if value.lower() in ("0", "-1", "none", "channel", "per-channel"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"group size must be 32, 64, 128 or 0 for per-channel (got {value!r})")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present, else cpu)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the checkpoint's own Python code to run (off by default: it executes code from the model folder)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moepress", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"moepress {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser(
+        "compress",
+        help="quantize an MoE model with GPTQ (or RTN) into packed low-bit weights",
+        description="Calibrate layer by layer on --calib text and quantize every attention projection, routed expert, "
+        "shared expert and dense MLP into packed --bits weights; the router, norms and embeddings stay in 16 bits. "
+        "Writes a checkpoint that `moepress eval`, moepress.load() and AutoModelForCausalLM.from_pretrained load.",
+    )
+    c.add_argument("--model", required=True, help="local Hugging Face model folder or hub id (safetensors only)")
+    c.add_argument("--out", required=True, help="output folder (written atomically; refused if it exists unless --overwrite)")
+    c.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
+    c.add_argument("--group-size", type=_group_size, default=128, help="32, 64, 128, or 0 for per-channel (default 128)")
+    c.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="GPTQ (default) or round-to-nearest")
+    c.add_argument("--symmetric", action="store_true", help="symmetric grid without stored zero points")
+    c.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in order of decreasing Hessian diagonal")
+    c.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of the mean Hessian diagonal (default 0.01)")
+    c.add_argument("--calib", default="builtin:calib",
+                   help="calibration text: a .txt/.jsonl(.gz) file, builtin:calib (shipped English corpus) or hf:NAME[:CONFIG][:SPLIT]")
+    c.add_argument("--calib-samples", type=int, default=128, help="number of calibration windows (default 128)")
+    c.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
+    c.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    c.add_argument("--seed", type=int, default=0, help="seed for picking calibration windows (default 0)")
+    c.add_argument("--min-expert-tokens", type=int, default=16,
+                   help="experts routed fewer calibration tokens than this are calibrated on all tokens (default 16)")
+    c.add_argument("--rare-experts", choices=("all_tokens", "routed_only"), default="all_tokens",
+                   help="statistics for rare experts: route all calibration tokens through them (default) or only their own")
+    c.add_argument("--keep-attention", action="store_true", help="leave attention projections in 16 bits")
+    c.add_argument("--save-profile", metavar="FILE", help="also save the calibration Profile (safetensors) to FILE")
+    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _add_common(c)
+
+    e = sub.add_parser(
+        "eval",
+        help="perplexity, KL divergence and top-1 agreement against a reference, weight bytes",
+        description="Score --model on --text in non-overlapping windows of --seq-len tokens (each window scored on its own). "
+        "With --reference, also the KL divergence KL(reference || model) per token and top-1 agreement, in one pass.",
+    )
+    e.add_argument("--model", required=True, help="model folder (moepress checkpoint or any supported MoE) or hub id")
+    e.add_argument("--reference", help="the uncompressed model to compare against")
+    e.add_argument("--text", default="builtin:eval", help="evaluation text: a file, builtin:eval (default) or hf:NAME[:CONFIG][:SPLIT]")
+    e.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    e.add_argument("--samples", type=int, default=64, help="number of windows, taken from the start of the text (default 64; 0 = all)")
+    e.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    e.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
+    _add_common(e)
+
+    t = sub.add_parser(
+        "tiny",
+        help="write a tiny random MoE model of a supported architecture, with a real tokenizer (to try moepress offline)",
+        description="Random weights: useful to try the pipeline, meaningless for quality.",
+    )
+    from .model.tiny import TINY_CONFIGS
+
+    t.add_argument("--arch", choices=sorted(TINY_CONFIGS), default="mixtral")
+    t.add_argument("--out", required=True)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def run_compress(args) -> None:
+    from .compress import CompressConfig, compress
+
+    config = CompressConfig(
+        bits=args.bits, group_size=args.group_size, method=args.method, symmetric=args.symmetric,
+        act_order=args.act_order, damp=args.damp, calib=args.calib, calib_samples=args.calib_samples,
+        seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, device=args.device,
+        min_expert_tokens=args.min_expert_tokens, rare_experts=args.rare_experts,
+        quantize_attention=not args.keep_attention,
+    )
+    result = compress(args.model, config=config, out=args.out, overwrite=args.overwrite,
+                      progress=not args.quiet, trust_remote_code=args.trust_remote_code)
+    if args.save_profile:
+        result.profile.save(args.save_profile)
+    from .evaluate import measure_footprint
+
+    fp = measure_footprint(result.model)
+    print("\nexpert coverage (calibration tokens routed per expert):", file=sys.stderr)
+    print(result.profile.coverage_table(), file=sys.stderr)
+    print(
+        f"\nquantized {len(result.units)} units to {config.bits} bits ({config.method}) in {result.seconds:.1f} s on "
+        f"{result.calibration_tokens:,} calibration tokens; linear weights {fp.linear_bytes:,} bytes "
+        f"({fp.bits_per_param:.3f} bits/param); saved to {args.out}"
+    )
+
+
+def run_eval(args) -> None:
+    from .evaluate import evaluate
+
+    report = evaluate(
+        args.model, reference=args.reference, text=args.text, seq_len=args.seq_len,
+        samples=args.samples or None, batch_size=args.batch_size, device=args.device,
+        progress=not args.quiet, trust_remote_code=args.trust_remote_code,
+    )
+    print(report.to_markdown())
+    if args.json:
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as f:
+            f.write(report.to_json())
+        os.replace(tmp, args.json)
+
+
+def run_tiny(args) -> None:
+    import shutil
+    import tempfile
+
+    from .data import load_text
+    from .data.tokenizer import train_byte_bpe
+    from .export import check_output_dir
+    from .model.tiny import build_tiny_model
+
+    check_output_dir(args.out, args.overwrite)
+    tokenizer = train_byte_bpe(load_text("builtin:calib")[:200_000], vocab_size=512)
+    model = build_tiny_model(args.arch, vocab_size=len(tokenizer), seed=args.seed)
+    out = os.path.abspath(args.out)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    print(f"wrote a tiny random {args.arch} model ({sum(p.numel() for p in model.parameters()):,} parameters) to {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import MoepressError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handlers = {"compress": run_compress, "eval": run_eval, "tiny": run_tiny}
+    try:
+        handlers[args.command](args)
+    except MoepressError as exc:
+        print(f"moepress: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moepress: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Shared fixtures: a real (tiny) tokenizer, tiny random models of every architecture saved to disk."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from moepress.data import load_text
+    from moepress.data.tokenizer import train_byte_bpe
+
+    return train_byte_bpe(load_text("builtin:calib")[:100_000], vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory, tokenizer):
+    """A small plain-text calibration file cut from the shipped calibration split."""
+    from moepress.data import load_text
+
+    path = tmp_path_factory.mktemp("data") / "calib.txt"
+    path.write_text(load_text("builtin:calib")[:60_000])
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """``tiny_model_dir(arch)``: a saved tiny random model of ``arch`` with the tiny tokenizer."""
+    from moepress.model.tiny import build_tiny_model
+
+    cache: dict[str, str] = {}
+
+    def make(arch: str) -> str:
+        if arch not in cache:
+            path = tmp_path_factory.mktemp(f"tiny-{arch}")
+            model = build_tiny_model(arch, vocab_size=len(tokenizer))
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            cache[arch] = str(path)
+        return cache[arch]
+
+    return make
+
+
