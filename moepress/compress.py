@@ -274,7 +274,8 @@ def compress(
         model = load_model(model, trust_remote_code=trust_remote_code)
     if tokenizer is None:
         raise MoepressError("compress needs a tokenizer with an in-memory model: compress(model, tokenizer, ...)")
-    MoEView(model)  # fail early on an unsupported architecture
+    # Fail on an unsupported architecture or a group size that does not fit before any long work.
+    _check_group_size(MoEView(model), config.quant_spec(), config)
     text = load_text(config.calib)
     tokens = token_windows(
         text, tokenizer, config.seq_len, config.calib_samples, seed=config.seed, what="calibration"
