@@ -174,13 +174,17 @@ class ExpertInputStats:
         self._weights = None
 
     def _expert_weights(self):
+        # Views of the stored weights (fused layout) are kept as they are; each expert's slice is
+        # cast to float32 only when used, so no float copy of all experts is ever held.
         if self._weights is None:
-            self._weights = {lin: self.store.weight(lin).detach().float() for lin in ("gate_proj", "up_proj")}
+            self._weights = {lin: self.store.weight(lin).detach() for lin in ("gate_proj", "up_proj")}
         return self._weights
 
     def _intermediate(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """The down projection's input for ``x`` routed to ``expert``: act(x W_g^T) * (x W_u^T)."""
         w = self._expert_weights()
-        return self.store.act_fn(x @ w["gate_proj"][expert].T) * (x @ w["up_proj"][expert].T)
+        gate, up = w["gate_proj"][expert].float(), w["up_proj"][expert].float()
+        return self.store.act_fn(x @ gate.T) * (x @ up.T)
 
     @torch.no_grad()
     def add(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
