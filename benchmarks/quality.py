@@ -1,0 +1,138 @@
+"""The quality benchmark: every zoo model compressed by moepress and by the peer tools, side by side.
+
+    python benchmarks/quality.py --models zoo/models/tiny-mixtral --bits 2 3 4 --peers hqq
+
+Each row runs in its own process (peer tools in their own virtual environments, see
+benchmarks/peers/README.md) and is evaluated on the same evaluation windows against the same
+uncompressed model: perplexity, KL divergence and top-1 agreement, measured checkpoint bytes and
+bits per parameter of the linear weights, compression wall time and the process's peak memory.
+A tool that fails gets a row saying how. Writes benchmarks/results/quality-<date>.json and prints
+a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEERS = {  # tool -> (worker module, environment variable naming its python, default venv)
+    "llmcompressor": ("benchmarks.workers.llmcompressor_worker", "MOEPRESS_LLMCOMPRESSOR_PYTHON", ".venvs/llmcompressor"),
+    "autoround": ("benchmarks.workers.autoround_worker", "MOEPRESS_AUTOROUND_PYTHON", ".venvs/peers"),
+    "gptqmodel": ("benchmarks.workers.gptqmodel_worker", "MOEPRESS_GPTQMODEL_PYTHON", ".venvs/peers"),
+    "hqq": ("benchmarks.workers.hqq_worker", "MOEPRESS_HQQ_PYTHON", ".venvs/peers"),
+}
+
+
+def peer_python(tool: str) -> str | None:
+    _, env, default = PEERS[tool]
+    python = os.environ.get(env) or os.path.join(ROOT, default, "bin", "python")
+    return python if os.path.exists(python) else None
+
+
+def run_worker(python: str, module: str, args: list[str], timeout: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="moepress-bench-") as workdir:
+        cmd = [python, "-m", module, *args, "--workdir", workdir]
+        env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", "2"), "TOKENIZERS_PARALLELISM": "false"}
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+        except subprocess.TimeoutExpired:
+            return {"status": "failed", "error": f"timed out after {timeout} s"}
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if not lines:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            return {"status": "failed", "error": f"worker exited {proc.returncode}: {tail}"}
+        return json.loads(lines[-1])
+
+
+def markdown(rows: list[dict]) -> str:
+    head = "| model | tool | method | bits | group | ppl | KL | top-1 | bits/param | ckpt MB | time s | peak MB | status |"
+    out = [head, "| " + " | ".join(["---"] * (head.count("|") - 1)) + " |"]
+    for r in rows:
+        def f(key, fmt="{}"):
+            v = r.get(key)
+            return "" if v is None else fmt.format(v)
+        group = "-" if r.get("tool") == "baseline" else (r.get("group_size") or "channel")
+        mb = "" if r.get("checkpoint_bytes") is None else f"{r['checkpoint_bytes'] / 1e6:.2f}"
+        status = r.get("status", "")
+        if status != "ok":
+            status = f"failed: {r.get('error', '')}"[:80]
+        out.append(
+            f"| {f('model')} | {f('tool')} | {f('method')} | {f('bits')} | {group} | "
+            f"{f('perplexity', '{:.3f}')} | {f('kl_divergence', '{:.4f}')} | {f('top1_agreement', '{:.3f}')} | "
+            f"{f('bits_per_param', '{:.3f}')} | {mb} | "
+            f"{f('compress_seconds', '{:.1f}')} | {f('peak_rss_mb', '{:.0f}')} | {status} |"
+        )
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", required=True, help="model folders (the zoo: zoo/models/*)")
+    p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
+    p.add_argument("--group-sizes", nargs="+", type=int, default=[128, 0], help="0 = per-channel")
+    p.add_argument("--methods", nargs="+", default=["rtn", "gptq"])
+    p.add_argument("--peers", default="", help="comma-separated: " + ",".join(PEERS))
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--eval-samples", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per row")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quality-<date>.json)")
+    args = p.parse_args(argv)
+
+    peers = [t for t in args.peers.split(",") if t]
+    unknown = [t for t in peers if t not in PEERS]
+    if unknown:
+        p.error(f"unknown peer tool(s) {unknown}; known: {', '.join(PEERS)}")
+    rows = []
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+
+    for model in args.models:
+        common = ["--model", model, "--calib-samples", str(args.calib_samples), "--eval-samples", str(args.eval_samples),
+                  "--seq-len", str(args.seq_len)]
+        record(run_worker(sys.executable, "benchmarks.workers.moepress_worker", common + ["--bits", "16"], args.timeout))
+        for bits in args.bits:
+            for group in args.group_sizes:
+                option = common + ["--bits", str(bits), "--group-size", str(group)]
+                for method in args.methods:
+                    record(run_worker(sys.executable, "benchmarks.workers.moepress_worker", option + ["--method", method], args.timeout))
+                for tool in peers:
+                    python = peer_python(tool)
+                    base = {"model": os.path.basename(os.path.normpath(model)), "tool": tool, "bits": bits,
+                            "group_size": group or None}
+                    if python is None:
+                        record({**base, "status": "failed", "error": f"not installed: run benchmarks/peers/setup.sh {tool}"})
+                        continue
+                    row = run_worker(python, PEERS[tool][0], option, args.timeout)
+                    record({**base, **row})
+
+    date = datetime.date.today().isoformat()
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"quality-{date}.json")
+    payload = {
+        "date": date,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "python": platform.python_version()},
+        "settings": vars(args),
+        "rows": rows,
+    }
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".tmp", "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(out + ".tmp", out)
+    print(markdown(rows))
+    print(f"\nwrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

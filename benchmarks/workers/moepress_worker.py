@@ -1,0 +1,38 @@
+"""Quality-benchmark worker for moepress itself (and the uncompressed baseline, --bits 16)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from benchmarks.workers.common import calib_windows, eval_windows, evaluate_row, linear_params, load_reference, run
+
+
+def main(args, row):
+    import moepress
+    from moepress.compress import CompressConfig, CompressResult, quantize_model
+    from moepress.export import save_compressed
+
+    reference, tokenizer = load_reference(args.model)
+    windows = eval_windows(tokenizer, args.eval, args.seq_len, args.eval_samples)
+    params = linear_params(reference)
+    if args.bits == 16:
+        row.update(tool="baseline", method="uncompressed", group_size=None, compress_seconds=0.0)
+        return evaluate_row(moepress.load(args.model, dtype=torch.float32), reference, windows, args.model, params, row)
+    config = CompressConfig(bits=args.bits, group_size=args.group_size or None, method=args.method,
+                            calib_samples=args.calib_samples, seq_len=args.seq_len, calib=args.calib)
+    tokens = calib_windows(tokenizer, args.calib, args.seq_len, args.calib_samples)
+    model = moepress.load(args.model, dtype=torch.float32)
+    started = time.time()
+    records, profile = quantize_model(model, tokens, config, progress=False)
+    seconds = time.time() - started
+    out = os.path.join(args.workdir, "out")
+    save_compressed(CompressResult(model, tokenizer, config, records, profile, seconds, tokens.numel()), out, overwrite=True)
+    row.update(tool="moepress", method=args.method, compress_seconds=round(seconds, 2))
+    return evaluate_row(moepress.load(out, dtype=torch.float32), reference, windows, out, params, row)
+
+
+if __name__ == "__main__":
+    run(main)
