@@ -261,6 +261,19 @@ class Profile:
         self.meta = dict(meta or {})
         self.tensors = dict(tensors or {})
 
+    @classmethod
+    def start(cls, model_type: str, tokens: torch.Tensor, min_expert_tokens: int, rare_experts: str) -> "Profile":
+        """An empty profile describing a calibration run on ``tokens`` [samples, seq_len]."""
+        meta = {
+            "model_type": model_type,
+            "tokens": int(tokens.numel()),
+            "samples": int(tokens.shape[0]),
+            "seq_len": int(tokens.shape[1]),
+            "min_expert_tokens": min_expert_tokens,
+            "rare_experts": rare_experts,
+        }
+        return cls(meta)
+
     def record_linear(self, unit: LinearUnit, stats: LinearInputStats) -> None:
         self.tensors[f"{unit.name}.channel_norm"] = stats.sq_norm.sqrt().cpu()
 
@@ -337,16 +350,7 @@ def calibrate(
     device = resolve_device(device)
     runner = LayerwiseRunner(model, view, tokens, device, batch_size)
     runner.capture_inputs()
-    profile = Profile(
-        {
-            "model_type": view.model_type,
-            "tokens": runner.num_tokens,
-            "samples": int(tokens.shape[0]),
-            "seq_len": int(tokens.shape[1]),
-            "min_expert_tokens": min_expert_tokens,
-            "rare_experts": rare_experts,
-        }
-    )
+    profile = Profile.start(view.model_type, tokens, min_expert_tokens, rare_experts)
     started = time.time()
     for layer in tqdm(range(view.num_layers), desc="calibrate", unit="layer", disable=not progress):
         view.layers[layer].to(device)

@@ -196,16 +196,7 @@ def quantize_model(
     device = resolve_device(config.device)
     runner = LayerwiseRunner(model, view, tokens, device, config.batch_size)
     runner.capture_inputs()
-    profile = Profile(
-        {
-            "model_type": view.model_type,
-            "tokens": runner.num_tokens,
-            "samples": int(tokens.shape[0]),
-            "seq_len": int(tokens.shape[1]),
-            "min_expert_tokens": config.min_expert_tokens,
-            "rare_experts": config.rare_experts,
-        }
-    )
+    profile = Profile.start(view.model_type, tokens, config.min_expert_tokens, config.rare_experts)
     records: dict[str, UnitRecord] = {}
     bar = tqdm(range(view.num_layers), desc="quantize", unit="layer", disable=not progress)
     experts_done = 0
