@@ -132,7 +132,8 @@ def quantize_batch(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
     else:
         packed = rtn_quantize(weight, spec, name=name)
     error = hessian_weighted_error(weight, packed.dequantize(torch.float32).to(weight.device), hessian)
-    return packed.to("cpu"), error.reshape(-1).cpu()
+    # The packed weight stays on the compute device: the layer runs again there before it moves back.
+    return packed.to(weight.device), error.reshape(-1).cpu()
 
 
 def _check_group_size(view: MoEView, spec: QuantSpec, config: CompressConfig) -> None:
