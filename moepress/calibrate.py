@@ -33,16 +33,27 @@ class _StopForward(Exception):
     """Raised by the hook on the first decoder layer once its inputs are captured."""
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
+def _to_device(value: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """Move tensors (in nested tuples/lists/dicts) to ``device``, floating ones also to ``dtype``."""
     if isinstance(value, torch.Tensor):
+        if dtype is not None and value.is_floating_point():
+            return value.to(device, dtype)
         return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to_device(v, device) for v in value)
-    if isinstance(value, list):
-        return [_to_device(v, device) for v in value]
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device, dtype) for v in value)
     if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
+        return {k: _to_device(v, device, dtype) for k, v in value.items()}
     return value
+
+
+def compute_dtype(device: torch.device, model: nn.Module) -> torch.dtype | None:
+    """float32 on the CPU, whose bf16/fp16 matmuls are many times slower; the model's own on GPUs.
+
+    Calibration statistics and GPTQ are computed in float32 either way; this only sets the dtype
+    the decoder layers run in while being calibrated (the layer returns to its dtype afterwards).
+    """
+    dtype = next(model.parameters()).dtype
+    return torch.float32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -62,6 +73,8 @@ class LayerwiseRunner:
         self.model = model
         self.view = view
         self.device = device
+        self.dtype = compute_dtype(device, model)  # None: run layers in their own dtype
+        self.model_dtype = next(model.parameters()).dtype
         self.tokens = tokens
         self.batch_size = batch_size
         self.hidden: list[torch.Tensor] = []
@@ -114,11 +127,20 @@ class LayerwiseRunner:
         """
         module = self.view.layers[layer]
         for i, hidden in enumerate(self.hidden):
-            out = module(hidden.to(self.device), **_to_device(self.layer_kwargs[i], self.device))
+            kwargs = _to_device(self.layer_kwargs[i], self.device, self.dtype)
+            out = module(_to_device(hidden, self.device, self.dtype), **kwargs)
             if isinstance(out, tuple):
                 out = out[0]
             if update:
                 self.hidden[i] = out.to("cpu")
+
+    def load_layer(self, layer: int) -> nn.Module:
+        """Put decoder layer ``layer`` on the compute device (in the compute dtype)."""
+        return self.view.layers[layer].to(self.device, self.dtype)
+
+    def unload_layer(self, layer: int) -> nn.Module:
+        """Return decoder layer ``layer`` to the CPU in the model's dtype (packed buffers keep theirs)."""
+        return self.view.layers[layer].to("cpu", self.model_dtype)
 
     @property
     def num_tokens(self) -> int:
@@ -353,7 +375,7 @@ def calibrate(
     profile = Profile.start(view.model_type, tokens, min_expert_tokens, rare_experts)
     started = time.time()
     for layer in tqdm(range(view.num_layers), desc="calibrate", unit="layer", disable=not progress):
-        view.layers[layer].to(device)
+        runner.load_layer(layer)
         stats, handles = collect_layer_stats(view, layer, runner, min_expert_tokens, rare_experts)
         try:
             runner.run_layer(layer, update=True)
@@ -364,7 +386,7 @@ def calibrate(
             profile.record_linear(unit, s)
         if stats["experts"] is not None:
             profile.record_experts(layer, stats["experts"])
-        view.layers[layer].to("cpu")
+        runner.unload_layer(layer)
     profile.meta["seconds"] = round(time.time() - started, 3)
     return profile
 

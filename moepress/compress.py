@@ -202,7 +202,7 @@ def quantize_model(
     bar = tqdm(range(view.num_layers), desc="quantize", unit="layer", disable=not progress)
     experts_done = 0
     for layer in bar:
-        view.layers[layer].to(device)
+        runner.load_layer(layer)
         if config.quantize_attention:
             attention = view.attention_units(layer)
             stats, handles = collect_layer_stats(view, layer, runner, 0, "routed_only", units=attention, experts=False)
@@ -223,7 +223,7 @@ def quantize_model(
         for unit in mlp_units:
             profile.record_linear(unit, stats["linear"][unit])
         runner.run_layer(layer, update=True)
-        view.layers[layer].to("cpu")
+        runner.unload_layer(layer)
         bar.set_postfix(experts=experts_done, tokens=runner.num_tokens)
     return records, profile
 

@@ -107,3 +107,21 @@ def test_router_state_is_preserved_exactly(tiny_model_dir, calib_file):
         if view_a.router(layer) is not None:
             ra, rb = view_a.router(layer)(x), view_b.router(layer)(x)
             assert all(torch.equal(a, b) for a, b in zip(ra, rb))
+
+
+def test_dtype_casts_leave_the_packed_format_alone(tiny_model_dir, calib_file, tmp_path):
+    """model.to(bfloat16) casts activations' dtype, not the packed codes/scales (a lossy format change)."""
+    source = tiny_model_dir("olmoe")
+    out = str(tmp_path / "out")
+    moepress.compress(source, bits=4, group_size=64, calib=calib_file, out=out, progress=False, **SMALL)
+    model = moepress.load(out, dtype=torch.float32)
+    ids = torch.randint(0, 512, (1, 32))
+    with torch.no_grad():
+        full = model(ids).logits
+        model.to(torch.bfloat16)
+        half = model(ids).logits.float()
+    dtypes = {(type(m).__name__, b.dtype) for m in model.modules() for n, b in m.named_buffers(recurse=False)
+              if n in ("qweight", "scales", "zeros")}
+    assert dtypes == {("PackedWeight", torch.uint8), ("PackedWeight", torch.float16),
+                      ("PackedLinear", torch.uint8), ("PackedLinear", torch.float16)}
+    assert (half.argmax(-1) == full.argmax(-1)).float().mean() > 0.9

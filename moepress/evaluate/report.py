@@ -7,6 +7,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
+import torch
 from torch import nn
 
 from ..errors import MoepressError
@@ -65,12 +66,13 @@ class EvalReport:
         return "\n".join(["| metric | value |", "| --- | --- |"] + [f"| {k.ljust(width)} | {v} |" for k, v in rows])
 
 
-def _load(model, trust_remote_code: bool):
+def _load(model, trust_remote_code: bool, dtype):
     from ..loading import load_model, load_tokenizer
 
     if isinstance(model, nn.Module):
         return model, None, getattr(model.config, "_name_or_path", type(model).__name__)
-    return load_model(model, trust_remote_code=trust_remote_code), load_tokenizer(model, trust_remote_code=trust_remote_code), model
+    loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    return loaded, load_tokenizer(model, trust_remote_code=trust_remote_code), model
 
 
 def evaluate(
@@ -85,18 +87,25 @@ def evaluate(
     device: str | None = None,
     progress: bool = True,
     trust_remote_code: bool = False,
+    dtype: torch.dtype | str | None = None,
 ) -> EvalReport:
     """Perplexity of ``model`` on ``text`` (non-overlapping windows of ``seq_len`` tokens, the first
     ``samples`` of them), and with a ``reference``: its perplexity, the KL divergence
-    KL(reference || model) and top-1 agreement, all in one pass; plus measured weight bytes."""
+    KL(reference || model) and top-1 agreement, all in one pass; plus measured weight bytes.
+
+    Models given as paths load in ``dtype``; by default float32 on the CPU (whose 16-bit matmuls
+    are slow) and the checkpoint's own dtype on a GPU. Both models load the same way.
+    """
     from ..calibrate import resolve_device
     from ..data import load_text, token_windows
 
-    model_obj, model_tok, model_name = _load(model, trust_remote_code)
+    dev = resolve_device(device)
+    if dtype is None:
+        dtype = torch.float32 if dev.type == "cpu" else "auto"
+    model_obj, model_tok, model_name = _load(model, trust_remote_code, dtype)
     tokenizer = tokenizer or model_tok
     if tokenizer is None:
         raise MoepressError("evaluate needs a tokenizer with an in-memory model: evaluate(model, tokenizer=...)")
-    dev = resolve_device(device)
     windows = token_windows(
         load_text(text, what="evaluation"), tokenizer, seq_len, samples, what="evaluation",
         advice="give a longer file, fewer --samples or a shorter --seq-len",
@@ -125,7 +134,7 @@ def evaluate(
         result = perplexity(model_obj, windows, batch_size=batch_size, device=dev, progress=progress)
         report.perplexity, report.tokens = result.perplexity, result.tokens
     else:
-        ref_obj, _, ref_name = _load(reference, trust_remote_code)
+        ref_obj, _, ref_name = _load(reference, trust_remote_code, dtype)
         ref_obj.to(dev)
         result = compare_to_reference(model_obj, ref_obj, windows, batch_size=batch_size, device=dev, progress=progress)
         report.reference = ref_name

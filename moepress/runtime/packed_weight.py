@@ -43,6 +43,22 @@ class PackedWeight(nn.Module):
             )
         )
 
+    def _apply(self, fn, recurse=True):
+        """Device moves apply to the packed buffers, dtype casts do not.
+
+        ``model.to(torch.bfloat16)`` or ``model.half()`` must not turn fp16 scales into bf16 (a lossy
+        change of format); the codes, scales, zeros and group indices keep their dtypes, and only
+        follow ``fn`` to its device. Parameters (a :class:`PackedLinear`'s bias) cast as usual.
+        """
+        packed = {n: self._buffers.pop(n) for n in TENSOR_NAMES if self._buffers.get(n) is not None}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, buf in packed.items():
+                device = fn(torch.empty(0, dtype=buf.dtype, device=buf.device)).device
+                self._buffers[name] = buf.to(device)
+        return self
+
     def quantized(self) -> QuantizedWeight:
         """The buffers as a :class:`QuantizedWeight` (no validation: this runs on every forward)."""
         m = self.meta
