@@ -22,16 +22,17 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEERS = {  # tool -> (worker module, environment variable naming its python, default venv)
-    "llmcompressor": ("benchmarks.workers.llmcompressor_worker", "MOEPRESS_LLMCOMPRESSOR_PYTHON", ".venvs/llmcompressor"),
-    "autoround": ("benchmarks.workers.autoround_worker", "MOEPRESS_AUTOROUND_PYTHON", ".venvs/peers"),
-    "gptqmodel": ("benchmarks.workers.gptqmodel_worker", "MOEPRESS_GPTQMODEL_PYTHON", ".venvs/peers"),
-    "hqq": ("benchmarks.workers.hqq_worker", "MOEPRESS_HQQ_PYTHON", ".venvs/peers"),
+PEERS = {  # tool -> (worker module, environment variable naming its python, default venv, setup script)
+    "llmcompressor": ("benchmarks.workers.llmcompressor_worker", "MOEPRESS_LLMCOMPRESSOR_PYTHON", ".venvs/llmcompressor",
+                      "benchmarks/peers/setup_llmcompressor.sh"),
+    "autoround": ("benchmarks.workers.autoround_worker", "MOEPRESS_AUTOROUND_PYTHON", ".venvs/peers", "benchmarks/peers/setup_peers.sh"),
+    "gptqmodel": ("benchmarks.workers.gptqmodel_worker", "MOEPRESS_GPTQMODEL_PYTHON", ".venvs/peers", "benchmarks/peers/setup_peers.sh"),
+    "hqq": ("benchmarks.workers.hqq_worker", "MOEPRESS_HQQ_PYTHON", ".venvs/peers", "benchmarks/peers/setup_peers.sh"),
 }
 
 
 def peer_python(tool: str) -> str | None:
-    _, env, default = PEERS[tool]
+    _, env, default, _ = PEERS[tool]
     python = os.environ.get(env) or os.path.join(ROOT, default, "bin", "python")
     return python if os.path.exists(python) else None
 
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
                     base = {"model": os.path.basename(os.path.normpath(model)), "tool": tool, "bits": bits,
                             "group_size": group or None}
                     if python is None:
-                        record({**base, "status": "failed", "error": f"not installed: run benchmarks/peers/setup.sh {tool}"})
+                        record({**base, "status": "failed", "error": f"not installed: run {PEERS[tool][3]}"})
                         continue
                     row = run_worker(python, PEERS[tool][0], option, args.timeout)
                     record({**base, **row})
