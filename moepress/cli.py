@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", help="the uncompressed model to compare against")
     e.add_argument("--text", default="builtin:eval", help="evaluation text: a file, builtin:eval (default) or hf:NAME[:CONFIG][:SPLIT]")
     e.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
-    e.add_argument("--samples", type=int, default=64, help="number of windows, taken from the start of the text (default 64; 0 = all)")
+    e.add_argument("--samples", type=int, default=64, help="number of windows (default 64; 0 = all)")
+    e.add_argument("--seed", type=int, default=0, help="seed for choosing the windows across the whole text (default 0)")
     e.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     e.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
     _add_common(e)
@@ -135,7 +136,7 @@ def run_eval(args) -> None:
 
     report = evaluate(
         args.model, reference=args.reference, text=args.text, seq_len=args.seq_len,
-        samples=args.samples or None, batch_size=args.batch_size, device=args.device,
+        samples=args.samples or None, seed=args.seed, batch_size=args.batch_size, device=args.device,
         progress=not args.quiet, trust_remote_code=args.trust_remote_code,
     )
     print(report.to_markdown())

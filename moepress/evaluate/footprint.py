@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..model.view import EXPERT_LINEARS, MoEView
@@ -49,25 +50,37 @@ class Footprint:
         }
 
 
-def _weight_bytes(module: nn.Module) -> int:
-    if isinstance(module, PackedWeight):
+def _tensor_bytes(tensor: torch.Tensor, stored_dtype: torch.dtype | None) -> int:
+    """Bytes of ``tensor``; a floating tensor counts at ``stored_dtype`` when given (see below)."""
+    if stored_dtype is not None and tensor.is_floating_point():
+        return tensor.numel() * torch.empty(0, dtype=stored_dtype).element_size()
+    return tensor.numel() * tensor.element_size()
+
+
+def _weight_bytes(module: nn.Module, stored_dtype: torch.dtype | None) -> int:
+    if isinstance(module, PackedWeight):  # the packed format's own dtypes, always as held
         return sum(t.numel() * t.element_size() for n, t in module.named_buffers(recurse=False))
-    weight = module.weight
-    return weight.numel() * weight.element_size()
+    return _tensor_bytes(module.weight, stored_dtype)
 
 
-def model_bytes(model: nn.Module) -> int:
+def model_bytes(model: nn.Module, stored_dtype: torch.dtype | None = None) -> int:
     """Bytes of every parameter and buffer, tied tensors counted once."""
+    packed = {id(b) for m in model.modules() if isinstance(m, PackedWeight) for b in m.buffers(recurse=False)}
     seen, total = set(), 0
     for tensor in list(model.parameters()) + list(model.buffers()):
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
         if key not in seen:
             seen.add(key)
-            total += tensor.numel() * tensor.element_size()
+            total += _tensor_bytes(tensor, None if id(tensor) in packed else stored_dtype)
     return total
 
 
-def measure_footprint(model: nn.Module) -> Footprint:
+def measure_footprint(model: nn.Module, stored_dtype: torch.dtype | None = None) -> Footprint:
+    """Measure ``model``'s weight bytes from its tensors.
+
+    ``stored_dtype`` counts float tensors (not packed ones) at that dtype's size: a bf16 checkpoint
+    evaluated in float32 on the CPU still weighs what it holds in bf16. None counts them as held.
+    """
     view = MoEView(model)
     nbytes: dict[str, int] = {}
     params: dict[str, int] = {}
@@ -79,7 +92,7 @@ def measure_footprint(model: nn.Module) -> Footprint:
     for layer in range(view.num_layers):
         for unit in view.linear_units(layer):
             module = model.get_submodule(unit.module_path)
-            add(unit.kind, _weight_bytes(module), unit.in_features * unit.out_features)
+            add(unit.kind, _weight_bytes(module, stored_dtype), unit.in_features * unit.out_features)
         store = view.experts(layer)
         if store is None:
             continue
@@ -88,11 +101,13 @@ def measure_footprint(model: nn.Module) -> Footprint:
             out_features, in_features = store.shape(linear)
             p = store.num_experts * out_features * in_features
             if isinstance(module, PackedExperts):
-                b = sum(_weight_bytes(module.packed_weight(e, linear)) for e in range(store.num_experts))
+                b = sum(_weight_bytes(module.packed_weight(e, linear), None) for e in range(store.num_experts))
             elif store.layout == "per_expert":
-                b = sum(_weight_bytes(model.get_submodule(store.per_expert_linear_path(e, linear))) for e in range(store.num_experts))
+                b = sum(
+                    _weight_bytes(model.get_submodule(store.per_expert_linear_path(e, linear)), stored_dtype)
+                    for e in range(store.num_experts)
+                )
             else:
-                w = store.weight(linear)
-                b = w.numel() * w.element_size()
+                b = _tensor_bytes(store.weight(linear), stored_dtype)
             add("experts", b, p)
-    return Footprint(nbytes, params, model_bytes(model))
+    return Footprint(nbytes, params, model_bytes(model, stored_dtype))

@@ -75,6 +75,17 @@ def _load(model, trust_remote_code: bool, dtype):
     return loaded, load_tokenizer(model, trust_remote_code=trust_remote_code), model
 
 
+def _stored_dtype(model) -> torch.dtype | None:
+    """The dtype a checkpoint folder holds float weights in (its config.json), to count bytes as
+    stored even when evaluated in float32; None for an in-memory model (counted as held)."""
+    if not isinstance(model, str) or not os.path.isfile(os.path.join(model, "config.json")):
+        return None
+    with open(os.path.join(model, "config.json")) as f:
+        config = json.load(f)
+    dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype")), None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
 def evaluate(
     model,
     *,
@@ -83,14 +94,16 @@ def evaluate(
     tokenizer=None,
     seq_len: int = 512,
     samples: int | None = 64,
+    seed: int | None = 0,
     batch_size: int = 4,
     device: str | None = None,
     progress: bool = True,
     trust_remote_code: bool = False,
     dtype: torch.dtype | str | None = None,
 ) -> EvalReport:
-    """Perplexity of ``model`` on ``text`` (non-overlapping windows of ``seq_len`` tokens, the first
-    ``samples`` of them), and with a ``reference``: its perplexity, the KL divergence
+    """Perplexity of ``model`` on ``text`` (non-overlapping windows of ``seq_len`` tokens; ``samples``
+    of them chosen with ``seed`` from the whole text so every part of it is represented, or the
+    first ``samples`` with ``seed=None``; all windows with ``samples=None``), and with a ``reference``: its perplexity, the KL divergence
     KL(reference || model) and top-1 agreement, all in one pass; plus measured weight bytes.
 
     Models given as paths load in ``dtype``; by default float32 on the CPU (whose 16-bit matmuls
@@ -103,11 +116,12 @@ def evaluate(
     if dtype is None:
         dtype = torch.float32 if dev.type == "cpu" else "auto"
     model_obj, model_tok, model_name = _load(model, trust_remote_code, dtype)
+    stored = _stored_dtype(model)
     tokenizer = tokenizer or model_tok
     if tokenizer is None:
         raise MoepressError("evaluate needs a tokenizer with an in-memory model: evaluate(model, tokenizer=...)")
     windows = token_windows(
-        load_text(text, what="evaluation"), tokenizer, seq_len, samples, what="evaluation",
+        load_text(text, what="evaluation"), tokenizer, seq_len, samples, seed=seed, what="evaluation",
         advice="give a longer file, fewer --samples or a shorter --seq-len",
     )
     compression = {}
@@ -121,12 +135,12 @@ def evaluate(
     started = time.time()
     report = EvalReport(
         model=model_name,
-        text=text,
+        text=text if samples is None else f"{text} (seed {seed})",
         windows=int(windows.shape[0]),
         seq_len=seq_len,
         tokens=0,
         perplexity=0.0,
-        footprint=measure_footprint(model_obj).to_dict(),
+        footprint=measure_footprint(model_obj, stored).to_dict(),
         seconds=0.0,
         compression=compression,
     )
@@ -141,6 +155,6 @@ def evaluate(
         report.perplexity, report.tokens = result.perplexity, result.tokens
         report.reference_perplexity = result.reference_perplexity
         report.kl_divergence, report.top1_agreement = result.kl_divergence, result.top1_agreement
-        report.reference_footprint = measure_footprint(ref_obj).to_dict()
+        report.reference_footprint = measure_footprint(ref_obj, _stored_dtype(reference)).to_dict()
     report.seconds = time.time() - started
     return report
