@@ -43,10 +43,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def eval_windows(tokenizer, text: str, seq_len: int, samples: int) -> torch.Tensor:
+def eval_windows(tokenizer, text: str, seq_len: int, samples: int, seed: int = 0) -> torch.Tensor:
+    """The evaluation windows: ``samples`` non-overlapping windows chosen with ``seed`` across the
+    whole text (the same windows as ``moepress eval`` and the zoo's cards)."""
     from moepress.data import load_text, token_windows
 
-    return token_windows(load_text(text, what="evaluation"), tokenizer, seq_len, samples, what="evaluation")
+    return token_windows(load_text(text, what="evaluation"), tokenizer, seq_len, samples, seed=seed, what="evaluation")
 
 
 def calib_windows(tokenizer, text: str, seq_len: int, samples: int, seed: int = 0) -> torch.Tensor:
