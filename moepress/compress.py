@@ -16,15 +16,15 @@ So every layer is calibrated on the outputs of the already-quantized layers befo
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from .calibrate import LayerwiseRunner, Profile, collect_layer_stats, resolve_device
 from .errors import MoepressError
-from .model.view import EXPERT_LINEARS, ExpertStore, LinearUnit, MoEView, set_submodule
-from .quantize import QuantSpec, QuantizedWeight, gptq_quantize, hessian_weighted_error, rtn_quantize
+from .model.view import EXPERT_LINEARS, ExpertStore, MoEView, set_submodule
+from .quantize import QuantSpec, gptq_quantize, hessian_weighted_error, rtn_quantize
 from .runtime import PackedLinear
 
 
@@ -94,7 +94,6 @@ class CompressResult:
     calibration_tokens: int
     source: str = ""
     saved_to: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def record(self) -> dict:
         """The facts written to ``moepress.json``."""
