@@ -20,7 +20,6 @@ it back to float32 (stored fp16 scales convert exactly) so every row is evaluate
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -34,22 +33,7 @@ from benchmarks.workers.common import (
     load_reference,
     run,
 )
-from benchmarks.workers.hqq_worker import (
-    record_checks,  # the weight-level check every peer row gets
-)
-
-
-def packed_linears(folder: str) -> int:
-    """How many quantized linears the saved checkpoint holds (one ``qweight`` each)."""
-    import struct
-
-    count = 0
-    for name in os.listdir(folder):
-        if name.endswith(".safetensors"):
-            with open(os.path.join(folder, name), "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                count += sum(k.endswith(".qweight") for k in json.loads(f.read(n)))
-    return count
+from benchmarks.workers.weight_check import packed_linears, record_checks
 
 
 def main(args, row):

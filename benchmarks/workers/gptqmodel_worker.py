@@ -22,7 +22,6 @@ in float32.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -37,22 +36,7 @@ from benchmarks.workers.common import (
     load_reference,
     run,
 )
-from benchmarks.workers.hqq_worker import (
-    record_checks,  # the weight-level check every peer row gets
-)
-
-
-def packed_linears(folder: str) -> int:
-    """How many quantized linears the saved checkpoint holds (one ``qweight`` each)."""
-    import struct
-
-    count = 0
-    for name in os.listdir(folder):
-        if name.endswith(".safetensors"):
-            with open(os.path.join(folder, name), "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                count += sum(k.endswith(".qweight") for k in json.loads(f.read(n)))
-    return count
+from benchmarks.workers.weight_check import packed_linears, record_checks
 
 
 def unpackable(reference, bits: int) -> list[str]:

@@ -29,7 +29,14 @@ import time
 
 import torch
 
-from benchmarks.workers.common import calib_windows, eval_windows, evaluate_row, linear_params, load_reference, run
+from benchmarks.workers.common import (
+    calib_windows,
+    eval_windows,
+    evaluate_row,
+    linear_params,
+    load_reference,
+    run,
+)
 
 # Routers and the shared-expert gate stay unquantized; full-name regexes (re.match: anchor the end,
 # else "re:.*mlp.gate" would also hit gate_proj).

@@ -7,7 +7,14 @@ import time
 
 import torch
 
-from benchmarks.workers.common import calib_windows, eval_windows, evaluate_row, linear_params, load_reference, run
+from benchmarks.workers.common import (
+    calib_windows,
+    eval_windows,
+    evaluate_row,
+    linear_params,
+    load_reference,
+    run,
+)
 
 
 def main(args, row):
