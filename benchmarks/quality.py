@@ -85,6 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--timeout", type=int, default=3600, help="seconds per row")
+    p.add_argument("--autoround-iters", type=int, default=200,
+                   help="AutoRound's SignRound steps per block (its default 200; fewer is faster on CPU)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quality-<date>.json)")
     args = p.parse_args(argv)
 
@@ -93,10 +95,27 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown peer tool(s) {unknown}; known: {', '.join(PEERS)}")
     rows = []
+    date = datetime.date.today().isoformat()
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"quality-{date}.json")
+
+    def save() -> None:
+        """Rewrite the JSON after every row (atomically), so a long run that is stopped keeps its rows."""
+        payload = {
+            "date": date,
+            "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                        "python": platform.python_version()},
+            "settings": vars(args),
+            "rows": rows,
+        }
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out + ".tmp", "w") as f:
+            json.dump(payload, f, indent=2)
+        os.replace(out + ".tmp", out)
 
     def record(row: dict) -> None:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
+        save()
 
     for model in args.models:
         common = ["--model", model, "--calib-samples", str(args.calib_samples), "--eval-samples", str(args.eval_samples),
@@ -114,22 +133,11 @@ def main(argv=None) -> int:
                     if python is None:
                         record({**base, "status": "failed", "error": f"not installed: run {PEERS[tool][3]}"})
                         continue
-                    row = run_worker(python, PEERS[tool][0], option, args.timeout)
+                    extra = ["--iters", str(args.autoround_iters)] if tool == "autoround" else []
+                    row = run_worker(python, PEERS[tool][0], option + extra, args.timeout)
                     record({**base, **row})
 
-    date = datetime.date.today().isoformat()
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"quality-{date}.json")
-    payload = {
-        "date": date,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "python": platform.python_version()},
-        "settings": vars(args),
-        "rows": rows,
-    }
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out + ".tmp", "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(out + ".tmp", out)
+    save()
     print(markdown(rows))
     print(f"\nwrote {out}", file=sys.stderr)
     return 0

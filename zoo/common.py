@@ -649,6 +649,21 @@ def build(zm: ZooModel, argv: list[str] | None = None) -> dict[str, Any]:
     return card
 
 
+def build_variant(variants: dict[str, ZooModel], argv: list[str] | None = None) -> dict[str, Any]:
+    """Build one size of a model family: ``--variant tiny`` (the zoo model, the default) or
+    ``--variant micro`` (the same architecture, smaller and trained for fewer steps: under two
+    minutes of CPU, for CI).  The remaining arguments go to :func:`build`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    variant = "tiny"
+    if "--variant" in argv:
+        i = argv.index("--variant")
+        if i + 1 >= len(argv) or argv[i + 1] not in variants:
+            raise SystemExit(f"--variant must be one of {', '.join(variants)}")
+        variant = argv[i + 1]
+        del argv[i:i + 2]
+    return build(variants[variant], argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="zoo helpers")
     ap.add_argument("what", choices=["corpus", "tokenizer"],

@@ -49,7 +49,7 @@ def main(args, row):
     out = os.path.join(args.workdir, "autoround")
 
     started = time.time()
-    rounder = AutoRound(model, tokenizer, bits=args.bits, group_size=args.group_size or -1, sym=False,
+    rounder = AutoRound(model, tokenizer, bits=args.bits, group_size=args.group_size or -1, sym=False, iters=args.iters,
                         dataset=[tokens[i:i + 1] for i in range(tokens.shape[0])],
                         nsamples=tokens.shape[0], seqlen=args.seq_len, device_map="cpu")
     _, folders = rounder.quantize_and_save(out, format="auto_round")  # packs and writes as it goes
@@ -60,7 +60,7 @@ def main(args, row):
     quantized = AutoModelForCausalLM.from_pretrained(out, device_map="cpu").eval()
     # AutoRound's CPU kernel forces float16; evaluate in float32 like every row (fp16 scales cast exactly).
     torch.nn.Module.to(quantized, torch.float32)
-    row.update(tool="autoround", method="autoround", compress_seconds=round(seconds, 2),
+    row.update(tool="autoround", method="autoround", compress_seconds=round(seconds, 2), iters=args.iters,
                tool_version=auto_round.__version__)
     row = evaluate_row(quantized, reference, windows, out, params, row)
     packed = packed_linears(out)

@@ -34,6 +34,7 @@ def worker_args(extra=None) -> argparse.Namespace:
     p.add_argument("--eval-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--workdir", required=True)
+    p.add_argument("--iters", type=int, default=200, help="AutoRound only: SignRound steps per block")
     if extra:
         extra(p)
     return p.parse_args()

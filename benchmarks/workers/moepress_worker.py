@@ -31,7 +31,9 @@ def main(args, row):
     config = CompressConfig(bits=args.bits, group_size=args.group_size or None, method=args.method,
                             calib_samples=args.calib_samples, seq_len=args.seq_len, calib=args.calib)
     tokens = calib_windows(tokenizer, args.calib, args.seq_len, args.calib_samples)
-    model = moepress.load(args.model, dtype=torch.float32)
+    # Load in the checkpoint's own dtype (as `moepress compress` does): the parts that stay unquantized
+    # (embeddings, norms, routers) are saved in it; calibration still computes in float32 on CPU.
+    model = moepress.load(args.model)
     started = time.time()
     records, profile = quantize_model(model, tokens, config, progress=False)
     seconds = time.time() - started
