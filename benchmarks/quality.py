@@ -103,7 +103,8 @@ def main(argv=None) -> int:
         payload = {
             "date": date,
             "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                        "python": platform.python_version()},
+                        "python": platform.python_version(),
+                        "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
             "settings": vars(args),
             "rows": rows,
         }

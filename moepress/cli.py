@@ -12,6 +12,8 @@ DeepSeek-V2/V3, GraniteMoE, PhiMoE) with GPTQ into really packed low-bit weights
 what that costs in quality and bytes.
 
   moepress compress --model PATH_OR_HUB_ID --bits 3 --group-size 128 --calib FILE.txt --out OUT_DIR
+  moepress plan --model PATH_OR_HUB_ID --budget 2.5bits --strategy ilp -o plan.yaml --plot plan.png
+  moepress compress --model PATH_OR_HUB_ID --plan plan.yaml --out OUT_DIR    # mixed precision, per unit
   moepress eval --model OUT_DIR --reference PATH_OR_HUB_ID --text FILE.txt
   moepress tiny --arch mixtral --out tiny-mixtral      # a tiny random model to try it offline
 """
@@ -64,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rare-experts", choices=("all_tokens", "routed_only"), default="all_tokens",
                    help="statistics for rare experts: route all calibration tokens through them (default) or only their own")
     c.add_argument("--keep-attention", action="store_true", help="leave attention projections in 16 bits")
+    c.add_argument("--plan", metavar="PLAN.yaml",
+                   help="mixed precision: every unit's option from a plan file (moepress plan); replaces --bits/--group-size, "
+                   "and the plan's method/symmetric/act-order/damp apply")
     c.add_argument("--save-profile", metavar="FILE", help="also save the calibration Profile (safetensors) to FILE")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _add_common(c)
@@ -83,6 +88,47 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     e.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
     _add_common(e)
+
+    pl = sub.add_parser(
+        "plan",
+        help="allocate bits per unit within a budget (uniform, heuristic, ILP, evolution) and write an editable plan",
+        description="Build the cost table (every unit x every option: exact bytes and damage estimates, from one "
+        "calibration pass over the uncompressed model), then choose one option per unit within --budget with --strategy. "
+        "Writes a YAML plan for `moepress compress --plan`.",
+    )
+    pl.add_argument("--model", required=True, help="local Hugging Face model folder or hub id (safetensors only)")
+    pl.add_argument("-o", "--out", required=True, help="plan file to write (YAML)")
+    pl.add_argument("--budget", required=True,
+                    help="average code bits (2.5bits: the bytes of half 2-bit, half 3-bit) or bytes (11GB, 800MiB)")
+    pl.add_argument("--scope", choices=("experts", "all"), default="experts",
+                    help="what the budget covers: routed experts (others at --others; default) or all linear weights")
+    pl.add_argument("--strategy", choices=("uniform", "greedy", "heuristic", "ilp", "evolution"), default="ilp")
+    pl.add_argument("--estimator", choices=("gptq", "gptq_routed", "hawq"), default="gptq_routed",
+                    help="damage estimate: GPTQ loss (001), x routing mass (003, default), or Hessian trace x perturbation (HAWQ)")
+    pl.add_argument("--granularity", choices=("expert", "linear"), default="expert",
+                    help="a unit is a whole expert (default) or one linear (gate/up/down) of an expert")
+    pl.add_argument("--options", default="2,3,4,8,16", help="bit widths units may take (16 = keep; default 2,3,4,8,16)")
+    pl.add_argument("--group-size", type=_group_size, default=128, help="group size of every option (default 128; 0 = per-channel)")
+    pl.add_argument("--others", default="4b", help="option of the units outside --scope experts (default 4b)")
+    pl.add_argument("--rules", default="attention,shared,first_k,frequency,outlier,block",
+                    help="heuristic: which of Li et al.'s rules rank the units (comma-separated)")
+    pl.add_argument("--first-k", type=int, default=1, help="heuristic first_k rule: how many first MoE layers (default 1)")
+    pl.add_argument("--per-layer", action="store_true", help="ilp: split the budget over layers by parameters (MC-MoE)")
+    pl.add_argument("--population", type=int, default=16, help="evolution: plans per generation (default 16)")
+    pl.add_argument("--generations", type=int, default=10, help="evolution: generations (default 10)")
+    pl.add_argument("--fitness-samples", type=int, default=8,
+                    help="evolution: held-out calibration windows the KL fitness is measured on (default 8)")
+    pl.add_argument("--symmetric", action="store_true", help="symmetric grids without stored zero points")
+    pl.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening (default 0.01)")
+    pl.add_argument("--calib", default="builtin:calib", help="calibration text (as for compress)")
+    pl.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    pl.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    pl.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    pl.add_argument("--seed", type=int, default=0, help="seed for calibration windows and random choices (default 0)")
+    pl.add_argument("--table", metavar="FILE.safetensors",
+                    help="cost table cache: read it if it exists (same model), else build it and save it there")
+    pl.add_argument("--plot", metavar="FILE.png", help="also draw the plan: layers x experts coloured by bits (matplotlib)")
+    _add_common(pl)
 
     t = sub.add_parser(
         "tiny",
@@ -114,17 +160,26 @@ def run_compress(args) -> None:
         min_expert_tokens=args.min_expert_tokens, rare_experts=args.rare_experts,
         quantize_attention=not args.keep_attention,
     )
+    plan = None
+    if args.plan:
+        from .allocate import load_plan
+
+        plan = load_plan(args.plan)
+        q = plan.quantization
+        config.method, config.symmetric = q.get("method", "gptq"), bool(q.get("symmetric", False))
+        config.act_order, config.damp = bool(q.get("act_order", False)), float(q.get("damp", 0.01))
     result = compress(args.model, config=config, out=args.out, overwrite=args.overwrite,
-                      progress=not args.quiet, trust_remote_code=args.trust_remote_code)
+                      progress=not args.quiet, trust_remote_code=args.trust_remote_code, plan=plan)
     if args.save_profile:
         result.profile.save(args.save_profile)
     from .evaluate import measure_footprint
 
     fp = measure_footprint(result.model)
+    what = f"the options of {args.plan}" if args.plan else f"{config.bits} bits"
     print("\nexpert coverage (calibration tokens routed per expert):", file=sys.stderr)
     print(result.profile.coverage_table(), file=sys.stderr)
     print(
-        f"\nquantized {len(result.units)} units to {config.bits} bits ({config.method}) in {result.seconds:.1f} s on "
+        f"\nquantized {len(result.units)} units to {what} ({config.method}) in {result.seconds:.1f} s on "
         f"{result.calibration_tokens:,} calibration tokens; linear weights {fp.linear_bytes:,} bytes "
         f"({fp.bits_per_param:.3f} bits/param); saved to {args.out}"
     )
@@ -144,6 +199,12 @@ def run_eval(args) -> None:
         with open(tmp, "w") as f:
             f.write(report.to_json())
         os.replace(tmp, args.json)
+
+
+def run_plan(args) -> None:
+    from .allocate.command import make_plan
+
+    make_plan(args)
 
 
 def run_tiny(args) -> None:
@@ -176,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handlers = {"compress": run_compress, "eval": run_eval, "tiny": run_tiny}
+    handlers = {"compress": run_compress, "eval": run_eval, "plan": run_plan, "tiny": run_tiny}
     try:
         handlers[args.command](args)
     except MoepressError as exc:

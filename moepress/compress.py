@@ -94,6 +94,7 @@ class CompressResult:
     calibration_tokens: int
     source: str = ""
     saved_to: str | None = None
+    plan: object | None = None  # the moepress.allocate.Plan applied, if any
 
     def record(self) -> dict:
         """The facts written to ``moepress.json``."""
@@ -104,8 +105,9 @@ class CompressResult:
             "moepress_version": __version__,
             "source_model": self.source,
             "method": self.config.method,
-            "bits": self.config.bits,
-            "group_size": self.config.group_size,
+            "bits": None if self.plan is not None else self.config.bits,
+            "group_size": None if self.plan is not None else self.config.group_size,
+            "plan": None if self.plan is None else {k: v for k, v in self.plan.to_dict().items() if k != "units"},
             "symmetric": self.config.symmetric,
             "act_order": self.config.act_order,
             "damp": self.config.damp,
@@ -135,6 +137,29 @@ def quantize_batch(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
     return packed.to(weight.device), error.reshape(-1).cpu()
 
 
+class UnitSpecs:
+    """Which :class:`QuantSpec` each unit gets: one for all (``--bits``), or a plan's per-unit
+    options (None = keep the unit in 16 bits). Method, symmetry, act-order and damping are shared."""
+
+    def __init__(self, config: CompressConfig, options: dict | None = None):
+        self.default = config.quant_spec()
+        self.options = options
+
+    def __call__(self, name: str) -> QuantSpec | None:
+        if self.options is None:
+            return self.default
+        option = self.options[name]
+        if option.keep:
+            return None
+        d = self.default
+        return QuantSpec(bits=option.bits, group_size=option.group_size, symmetric=d.symmetric,
+                         act_order=d.act_order, damp=d.damp, method=d.method)
+
+
+def _keep_record(spec: QuantSpec) -> "UnitRecord":
+    return UnitRecord(bits=16, group_size=None, symmetric=spec.symmetric, act_order=False, method="keep", error=0.0)
+
+
 def _check_group_size(view: MoEView, spec: QuantSpec, config: CompressConfig) -> None:
     for name, (_out, in_features) in view.unit_shapes().items():
         if ".attn." in name and not config.quantize_attention:
@@ -145,8 +170,12 @@ def _check_group_size(view: MoEView, spec: QuantSpec, config: CompressConfig) ->
             raise MoepressError(str(exc)) from None
 
 
-def _quantize_linear_units(model, units, stats, spec, records) -> None:
+def _quantize_linear_units(model, units, stats, specs: UnitSpecs, records) -> None:
     for unit in units:
+        spec = specs(unit.name)
+        if spec is None:
+            records[unit.name] = _keep_record(specs.default)
+            continue
         s = stats[unit]
         module = model.get_submodule(unit.module_path)
         packed, error = quantize_batch(module.weight, s.hessian(), spec, unit.name)
@@ -160,25 +189,35 @@ def _option(spec: QuantSpec) -> dict:
     )
 
 
-def _quantize_experts(store: ExpertStore, stats, spec, records) -> None:
-    """All routed experts of a layer at once: gate and up share their input, so they are stacked
-    as 2E independent matrices with the same Hessians; down is one [E, H, I] batch."""
+def _quantize_experts(store: ExpertStore, stats, specs: UnitSpecs, records) -> None:
+    """All routed experts of a layer, batched: every (expert, linear) pair with the same option is
+    one batched GPTQ call. Gate and up share their input, so they batch together (with the same
+    Hessians); down has its own. With one option for all, that is two calls per layer."""
     E = store.num_experts
     in_hessian, mid_hessian = stats.hessians()
-    gate_up = torch.cat([store.weight("gate_proj"), store.weight("up_proj")])
     name = f"layers.{store.layer}.experts"
-    packed_gu, error_gu = quantize_batch(gate_up, torch.cat([in_hessian, in_hessian]), spec, f"{name}.gate_up")
-    packed_down, error_down = quantize_batch(store.weight("down_proj"), mid_hessian, spec, f"{name}.down_proj")
-    packed = {
-        "gate_proj": [packed_gu.select(e) for e in range(E)],
-        "up_proj": [packed_gu.select(E + e) for e in range(E)],
-        "down_proj": [packed_down.select(e) for e in range(E)],
-    }
-    errors = {"gate_proj": error_gu[:E], "up_proj": error_gu[E:], "down_proj": error_down}
+    packed: dict[str, list] = {linear: [None] * E for linear in EXPERT_LINEARS}
+    weights = {linear: store.weight(linear) for linear in EXPERT_LINEARS}
+    for linears, hessian in ((("gate_proj", "up_proj"), in_hessian), (("down_proj",), mid_hessian)):
+        batches: dict[QuantSpec | None, list[tuple[str, int]]] = {}
+        for linear in linears:
+            for e in range(E):
+                batches.setdefault(specs(store.unit_name(e, linear)), []).append((linear, e))
+        for spec, members in batches.items():
+            if spec is None:  # kept in 16 bits
+                for linear, e in members:
+                    packed[linear][e] = weights[linear][e].detach().clone()
+                    records[store.unit_name(e, linear)] = _keep_record(specs.default)
+                continue
+            w = torch.stack([weights[linear][e] for linear, e in members])
+            h = torch.stack([hessian[e] for _, e in members])
+            q, err = quantize_batch(w, h, spec, f"{name}.{'_'.join(linears)}")
+            for i, (linear, e) in enumerate(members):
+                packed[linear][e] = q.select(i)
+                records[store.unit_name(e, linear)] = UnitRecord(**_option(spec), error=float(err[i]))
+    if all(isinstance(w, torch.Tensor) for linear in EXPERT_LINEARS for w in packed[linear]):
+        return  # every expert kept: the layer stays as it is
     store.install_packed(packed)
-    for e in range(E):
-        for linear in EXPERT_LINEARS:
-            records[store.unit_name(e, linear)] = UnitRecord(**_option(spec), error=float(errors[linear][e]))
 
 
 def quantize_model(
@@ -186,13 +225,19 @@ def quantize_model(
     tokens: torch.Tensor,
     config: CompressConfig,
     progress: bool = True,
+    unit_options: dict | None = None,
 ) -> tuple[dict[str, UnitRecord], Profile]:
-    """Quantize ``model`` in place, layer by layer, on calibration ``tokens`` [N, seq_len]."""
+    """Quantize ``model`` in place, layer by layer, on calibration ``tokens`` [N, seq_len].
+
+    ``unit_options`` (a resolved plan: every linear's canonical name -> :class:`~moepress.costs.Option`)
+    replaces ``config``'s single bits/group size; method, symmetry and damping still come from ``config``.
+    """
     from tqdm.auto import tqdm
 
     view = MoEView(model)
-    spec = config.quant_spec()
-    _check_group_size(view, spec, config)
+    specs = UnitSpecs(config, unit_options)
+    if unit_options is None:
+        _check_group_size(view, specs.default, config)
     device = resolve_device(config.device)
     runner = LayerwiseRunner(model, view, tokens, device, config.batch_size)
     runner.capture_inputs()
@@ -206,7 +251,7 @@ def quantize_model(
             attention = view.attention_units(layer)
             stats, handles = collect_layer_stats(view, layer, runner, 0, "routed_only", units=attention, experts=False)
             _run_and_unhook(runner, layer, handles)
-            _quantize_linear_units(model, attention, stats["linear"], spec, records)
+            _quantize_linear_units(model, attention, stats["linear"], specs, records)
             for unit in attention:
                 profile.record_linear(unit, stats["linear"][unit])
         mlp_units = view.mlp_units(layer) if config.quantize_mlp else []
@@ -215,10 +260,10 @@ def quantize_model(
         )
         _run_and_unhook(runner, layer, handles)
         if stats["experts"] is not None:
-            _quantize_experts(stats["experts"].store, stats["experts"], spec, records)
+            _quantize_experts(stats["experts"].store, stats["experts"], specs, records)
             profile.record_experts(layer, stats["experts"])
             experts_done += stats["experts"].store.num_experts
-        _quantize_linear_units(model, mlp_units, stats["linear"], spec, records)
+        _quantize_linear_units(model, mlp_units, stats["linear"], specs, records)
         for unit in mlp_units:
             profile.record_linear(unit, stats["linear"][unit])
         runner.run_layer(layer, update=True)
@@ -244,16 +289,26 @@ def compress(
     overwrite: bool = False,
     progress: bool = True,
     trust_remote_code: bool = False,
+    plan=None,
     **options,
 ) -> CompressResult:
     """Quantize an MoE model with GPTQ (or RTN) into packed weights; optionally save it to ``out``.
 
     ``model`` is a local directory, a hub id, or an already loaded transformers model (then pass its
     ``tokenizer``). ``options`` are :class:`CompressConfig` fields (``bits=3, group_size=128, ...``).
+    ``plan`` (a :class:`~moepress.allocate.Plan` or the path of a plan file) gives every unit its own
+    option instead of one ``bits``/``group_size``; its quantization settings (method, symmetric,
+    act-order, damping) then apply.
     """
     from .data import load_text, token_windows
     from .loading import load_model, load_tokenizer
 
+    if plan is not None:
+        from .allocate import load_plan
+
+        plan = load_plan(plan) if isinstance(plan, str) else plan
+        options = {**options, **{k: v for k, v in plan.quantization.items()
+                                 if k in ("method", "symmetric", "act_order", "damp")}}
     config = config or CompressConfig(**options)
     if out is not None:
         from .export.checkpoint import check_output_dir
@@ -265,14 +320,20 @@ def compress(
         model = load_model(model, trust_remote_code=trust_remote_code)
     if tokenizer is None:
         raise MoepressError("compress needs a tokenizer with an in-memory model: compress(model, tokenizer, ...)")
-    # Fail on an unsupported architecture or a group size that does not fit before any long work.
-    _check_group_size(MoEView(model), config.quant_spec(), config)
+    # Fail on an unsupported architecture, a group size or a plan that does not fit before any long work.
+    unit_options = None
+    if plan is not None:
+        from .costs import model_rows
+
+        unit_options = plan.resolve(model_rows(MoEView(model)))
+    else:
+        _check_group_size(MoEView(model), config.quant_spec(), config)
     text = load_text(config.calib)
     tokens = token_windows(
         text, tokenizer, config.seq_len, config.calib_samples, seed=config.seed, what="calibration"
     )
     started = time.time()
-    records, profile = quantize_model(model, tokens, config, progress=progress)
+    records, profile = quantize_model(model, tokens, config, progress=progress, unit_options=unit_options)
     result = CompressResult(
         model=model,
         tokenizer=tokenizer,
@@ -282,6 +343,7 @@ def compress(
         seconds=time.time() - started,
         calibration_tokens=int(tokens.numel()),
         source=str(source),
+        plan=plan,
     )
     if out is not None:
         from .export.checkpoint import save_compressed

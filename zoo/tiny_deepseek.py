@@ -16,7 +16,7 @@ does not train that buffer) plus a small complementary sequence-wise balance los
 
     python zoo/tiny_deepseek.py               # writes zoo/models/tiny-deepseek/
     python zoo/tiny_deepseek.py --threads 1   # on a busy machine
-    python zoo/tiny_deepseek.py --variant micro   # micro-deepseek: 1 dense + 1 MoE layer, 120 steps, for CI
+    python zoo/tiny_deepseek.py --variant micro   # micro-deepseek: 1 dense + 1 MoE layer, 200 steps, for CI
 """
 
 import sys
@@ -58,13 +58,13 @@ MODEL = ZooModel(
                       aux_coef=1e-3, bias_gamma=1e-3, seed=0),
 )
 
-# The CI variant: same architecture and recipe, 1 dense + 1 MoE layer and 120 steps (under 2 CPU minutes).
+# The CI variant: same architecture and recipe, 1 dense + 1 MoE layer and 200 steps (under 2 CPU minutes).
 MICRO = ZooModel(
     name="micro-deepseek",
     description="micro DeepSeek-V3-style MoE (1 dense + 1 MoE layer, 16 routed experts top-4 + 1 shared) for CI",
     model_type="deepseek_v3",
     config={**MODEL.config, "num_hidden_layers": 2},
-    train=TrainConfig(steps=120, batch_size=8, lr=3e-3, warmup_steps=12, score="sigmoid",
+    train=TrainConfig(steps=200, batch_size=8, lr=3e-3, warmup_steps=20, score="sigmoid",
                       aux_coef=1e-3, bias_gamma=1e-3, seed=0),
 )
 

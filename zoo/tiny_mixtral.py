@@ -8,7 +8,7 @@ Softmax router trained with a Switch-style load-balancing loss (coefficient 0.01
 
     python zoo/tiny_mixtral.py               # writes zoo/models/tiny-mixtral/
     python zoo/tiny_mixtral.py --threads 1   # on a busy machine
-    python zoo/tiny_mixtral.py --variant micro   # micro-mixtral: 2 layers, 120 steps, for CI
+    python zoo/tiny_mixtral.py --variant micro   # micro-mixtral: 2 layers, 200 steps, for CI
 """
 
 import sys
@@ -37,13 +37,13 @@ MODEL = ZooModel(
                       aux_coef=0.01, bias_gamma=0.0, seed=0),
 )
 
-# The CI variant: same architecture and training recipe, 2 layers and 120 steps (under 2 CPU minutes).
+# The CI variant: same architecture and training recipe, 2 layers and 200 steps (under 2 CPU minutes).
 MICRO = ZooModel(
     name="micro-mixtral",
     description="micro Mixtral-style MoE (2 layers, 8 experts, top-2) for CI, trained on KJV + Austen + Shakespeare",
     model_type="mixtral",
     config={**MODEL.config, "num_hidden_layers": 2},
-    train=TrainConfig(steps=120, batch_size=8, lr=3e-3, warmup_steps=12, score="softmax",
+    train=TrainConfig(steps=200, batch_size=8, lr=3e-3, warmup_steps=20, score="softmax",
                       aux_coef=0.01, bias_gamma=0.0, seed=0),
 )
 

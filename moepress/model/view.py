@@ -144,13 +144,16 @@ class ExpertStore:
             return torch.stack([getattr(expert, stored).weight for expert in module])
         return torch.stack([module.packed_weight(e, linear).dequantize() for e in range(self.num_experts)])
 
-    def install_packed(self, packed: dict[str, list[QuantizedWeight]]) -> None:
-        """Replace the experts' float weights with ``packed[linear][expert]``."""
+    def install_packed(self, packed: dict[str, list[QuantizedWeight | torch.Tensor]]) -> None:
+        """Replace the experts' float weights with ``packed[linear][expert]`` (a plain tensor there
+        is a weight the plan keeps in 16 bits)."""
         from ..runtime import PackedExperts, PackedLinear
 
         if self.layout == "per_expert":
             for linear, per_expert in packed.items():
                 for e, qweight in enumerate(per_expert):
+                    if isinstance(qweight, torch.Tensor):  # kept in 16 bits by the plan: leave the nn.Linear
+                        continue
                     path = self.per_expert_linear_path(e, linear)
                     old = self.model.get_submodule(path)
                     set_submodule(self.model, path, PackedLinear(qweight, old.bias))

@@ -12,6 +12,32 @@ from .packed_weight import PackedWeight
 EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 
+class KeptWeight(nn.Module):
+    """An expert linear a plan keeps in 16 bits, inside an otherwise packed experts module.
+
+    It answers the same ``dequantize``/``meta``/``nbytes`` calls as :class:`PackedWeight`, so the
+    expert loop does not care; its state-dict key is ``experts.{e}.{linear}.weight``.
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.meta = {"bits": 16, "group_size": None, "out_features": weight.shape[0], "in_features": weight.shape[1]}
+
+    @classmethod
+    def empty(cls, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16) -> "KeptWeight":
+        return cls(torch.zeros(out_features, in_features, dtype=dtype))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight.to(dtype)
+
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+    def extra_repr(self) -> str:
+        return f"{self.meta['out_features']}x{self.meta['in_features']}, kept in {self.weight.dtype}"
+
+
 class PackedExpert(nn.Module):
     """One expert's gate, up and down projections, each its own :class:`PackedWeight`."""
 
@@ -38,14 +64,16 @@ class PackedExperts(nn.ModuleList):
         hidden_size: int,
         intermediate_size: int,
         act_fn: nn.Module,
-        packed: dict[str, list[QuantizedWeight | PackedWeight]],
+        packed: dict[str, list[QuantizedWeight | PackedWeight | KeptWeight | torch.Tensor]],
     ):
         for linear in EXPERT_LINEARS:
             if len(packed[linear]) != num_experts:
                 raise ValueError(f"{linear}: expected {num_experts} packed experts, got {len(packed[linear])}")
 
         def module(w):
-            return w if isinstance(w, PackedWeight) else PackedWeight(w)
+            if isinstance(w, (PackedWeight, KeptWeight)):
+                return w
+            return KeptWeight(w) if isinstance(w, torch.Tensor) else PackedWeight(w)
 
         super().__init__(
             PackedExpert(*(module(packed[linear][e]) for linear in EXPERT_LINEARS)) for e in range(num_experts)
@@ -56,11 +84,17 @@ class PackedExperts(nn.ModuleList):
         self.act_fn = act_fn
 
     @classmethod
-    def empty(cls, num_experts, hidden_size, intermediate_size, act_fn, metas: dict[str, list[dict]]):
-        packed = {linear: [PackedWeight.empty(m) for m in metas[linear]] for linear in EXPERT_LINEARS}
+    def empty(cls, num_experts, hidden_size, intermediate_size, act_fn, metas: dict[str, list[dict]],
+              kept_dtype: torch.dtype = torch.bfloat16):
+        def empty(m):
+            if m["bits"] == 16:
+                return KeptWeight.empty(m["out_features"], m["in_features"], kept_dtype)
+            return PackedWeight.empty(m)
+
+        packed = {linear: [empty(m) for m in metas[linear]] for linear in EXPERT_LINEARS}
         return cls(num_experts, hidden_size, intermediate_size, act_fn, packed)
 
-    def packed_weight(self, expert: int, linear: str) -> PackedWeight:
+    def packed_weight(self, expert: int, linear: str) -> PackedWeight | KeptWeight:
         return getattr(self[expert], linear)
 
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:

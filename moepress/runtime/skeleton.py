@@ -11,6 +11,8 @@ from .packed_experts import PackedExperts
 from .packed_linear import PackedLinear
 from .packed_weight import PackedWeight
 
+KEEP_BITS = 16  # a unit the plan keeps unquantized
+
 
 def _meta(option: dict, out_features: int, in_features: int) -> dict:
     return {
@@ -34,7 +36,9 @@ def install_packed_skeleton(model: nn.Module, units: dict[str, dict]) -> nn.Modu
     remaining = set(units)
     for layer in range(view.num_layers):
         for unit in view.linear_units(layer):
-            if unit.name in units:
+            if unit.name in units and units[unit.name]["bits"] == KEEP_BITS:
+                remaining.discard(unit.name)  # kept as the model's own nn.Linear
+            elif unit.name in units:
                 old = model.get_submodule(unit.module_path)
                 meta = _meta(units[unit.name], unit.out_features, unit.in_features)
                 bias = getattr(old, "bias", None)
@@ -55,17 +59,21 @@ def install_packed_skeleton(model: nn.Module, units: dict[str, dict]) -> nn.Modu
             lin: [_meta(units[store.unit_name(e, lin)], *store.shape(lin)) for e in range(store.num_experts)]
             for lin in EXPERT_LINEARS
         }
+        remaining.difference_update(names)
+        if all(m["bits"] == KEEP_BITS for lin in EXPERT_LINEARS for m in metas[lin]):
+            continue  # the whole layer's experts kept: nothing to replace
         if store.layout == "per_expert":
             for lin in EXPERT_LINEARS:
                 for e in range(store.num_experts):
-                    path = store.per_expert_linear_path(e, lin)
-                    set_submodule(model, path, PackedLinear.empty(metas[lin][e]))
+                    if metas[lin][e]["bits"] != KEEP_BITS:
+                        path = store.per_expert_linear_path(e, lin)
+                        set_submodule(model, path, PackedLinear.empty(metas[lin][e]))
         else:
+            kept_dtype = store.weight("down_proj").dtype
             module = PackedExperts.empty(
-                store.num_experts, store.hidden_size, store.intermediate_size, store.act_fn, metas
+                store.num_experts, store.hidden_size, store.intermediate_size, store.act_fn, metas, kept_dtype
             )
             set_submodule(model, store.module_path, module)
-        remaining.difference_update(names)
     if remaining:
         example = sorted(remaining)[0]
         raise MoepressError(

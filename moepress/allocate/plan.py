@@ -1,0 +1,253 @@
+"""The Plan: one option per unit, in a plain YAML file a person can read and edit.
+
+    moepress_plan: 1
+    strategy: ilp
+    estimator: gptq_routed
+    granularity: expert
+    budget: {spec: 2.5bits, scope: experts, bytes: 1234567}
+    quantization: {method: gptq, symmetric: false, act_order: false, damp: 0.01}
+    totals: {...}                    # what the plan adds up to (informational, recomputed on load)
+    units:
+      layers.0.attn.q_proj: 4b-g128
+      layers.1.experts.3: 3b-g128    # a whole expert: its gate, up and down
+      layers.1.experts.3.down_proj: 4b-g128   # a more specific key wins over a whole-expert one
+
+Keys are canonical unit names: a linear (``layers.L.attn.q_proj``, ``layers.L.experts.E.up_proj``,
+``layers.L.shared.down_proj``, ``layers.L.mlp.gate_proj``) or a group of linears
+(``layers.L.experts.E``, ``layers.L.shared``, ``layers.L.mlp``). Every linear of the model must
+get an option; ``16b`` keeps it as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import yaml
+
+from ..costs import KEEP_BITS, CostTable, Option, Row
+from ..errors import MoepressError
+from .budget import Budget
+from .heuristic import priority
+from .solvers import Problem, greedy, ilp, random_split, uniform, upgrade_in_order
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Plan:
+    units: dict[str, Option]
+    strategy: str = "manual"
+    estimator: str | None = None
+    granularity: str | None = None
+    budget: dict | None = None
+    quantization: dict = field(default_factory=lambda: {"method": "gptq", "symmetric": False,
+                                                         "act_order": False, "damp": 0.01})
+    totals: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------- resolution
+    def resolve(self, rows: list[Row]) -> dict[str, Option]:
+        """The option of every linear of the model; one-line errors name the offending unit."""
+        by_name = {r.name: r for r in rows}
+        groups = {r.group for r in rows}
+        for key, option in self.units.items():
+            if key not in by_name and key not in groups:
+                raise MoepressError(f"plan unit {key!r} does not exist in this model (e.g. {rows[0].name}); "
+                                    "was the plan made for another model?")
+        resolved = {}
+        for row in rows:
+            option = self.units.get(row.name, self.units.get(row.group))
+            if option is None:
+                raise MoepressError(f"plan gives no option for {row.name} (nor for {row.group}); add one "
+                                    "(16b keeps it unquantized)")
+            if not option.keep:
+                try:
+                    option.spec().check_in_features(row.in_features, row.name)
+                except ValueError as exc:
+                    raise MoepressError(f"plan option {option} for {row.name}: {exc}") from None
+            resolved[row.name] = option
+        return resolved
+
+    def accounting(self, rows: list[Row], keep_element_size: int | None = None) -> dict:
+        """Bytes and average stored bits per parameter (scales and zeros included), by kind.
+        A kept (16b) unit costs ``keep_element_size`` bytes per parameter: the model's own dtype,
+        recorded in ``info`` when the plan was made (2 for bf16/fp16 checkpoints)."""
+        from ..costs import option_bytes
+
+        if keep_element_size is None:
+            keep_element_size = int(self.info.get("keep_element_size", 2))
+        resolved = self.resolve(rows)
+        sym, act = bool(self.quantization.get("symmetric")), bool(self.quantization.get("act_order"))
+        by_kind: dict[str, list[int]] = {}
+        histogram: dict[str, int] = {}
+        for row in rows:
+            option = resolved[row.name]
+            b = option_bytes(option, row.out_features, row.in_features, symmetric=sym,
+                             act_order=act and not option.keep, keep_element_size=keep_element_size)
+            acc = by_kind.setdefault(row.kind, [0, 0])
+            acc[0] += b
+            acc[1] += row.params
+            histogram[option.label] = histogram.get(option.label, 0) + row.params
+        total_b = sum(v[0] for v in by_kind.values())
+        total_p = sum(v[1] for v in by_kind.values())
+        return {
+            "bytes": total_b,
+            "params": total_p,
+            "average_bits": {"all": round(8 * total_b / total_p, 4),
+                             **{k: round(8 * v[0] / v[1], 4) for k, v in sorted(by_kind.items())}},
+            "bytes_by_kind": {k: v[0] for k, v in sorted(by_kind.items())},
+            "params_by_option": dict(sorted(histogram.items())),
+        }
+
+    # ------------------------------------------------------------- files
+    def to_dict(self) -> dict:
+        return {
+            "moepress_plan": FORMAT_VERSION,
+            "strategy": self.strategy,
+            "estimator": self.estimator,
+            "granularity": self.granularity,
+            "budget": self.budget,
+            "quantization": self.quantization,
+            "totals": self.totals,
+            "info": self.info,
+            "units": {k: v.label for k, v in self.units.items()},
+        }
+
+    def save(self, path: str) -> None:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False, width=120)
+        os.replace(tmp, path)
+
+
+def load_plan(path: str) -> Plan:
+    """Read a plan file (YAML or JSON); one-line errors for a missing or malformed file."""
+    if not os.path.isfile(path):
+        raise MoepressError(f"plan file not found: {path}; make one with 'moepress plan'")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise MoepressError(f"plan {path} is not valid YAML{where}") from None
+    if not isinstance(data, dict) or "units" not in data or not isinstance(data["units"], dict):
+        raise MoepressError(f"plan {path} has no 'units' mapping; is it a moepress plan?")
+    version = data.get("moepress_plan")
+    if version != FORMAT_VERSION:
+        raise MoepressError(f"plan {path}: format version {version!r} is not {FORMAT_VERSION}")
+    quantization = {"method": "gptq", "symmetric": False, "act_order": False, "damp": 0.01}
+    quantization.update(data.get("quantization") or {})
+    units = {}
+    for key, value in data["units"].items():
+        try:
+            units[str(key)] = Option.parse(value)
+        except MoepressError as exc:
+            raise MoepressError(f"plan unit {key}: {exc}") from None
+    return Plan(units=units, strategy=data.get("strategy", "manual"), estimator=data.get("estimator"),
+                granularity=data.get("granularity"), budget=data.get("budget"), quantization=quantization,
+                totals=data.get("totals") or {}, info=data.get("info") or {})
+
+
+# ----------------------------------------------------------------- allocation
+
+def allocate(
+    table: CostTable,
+    budget: Budget,
+    strategy: str = "ilp",
+    *,
+    estimator: str = "gptq_routed",
+    granularity: str = "expert",
+    options: list[Option] | None = None,
+    others: Option = Option(4),
+    group_size: int | None = 128,
+    rules: tuple[str, ...] = ("attention", "shared", "first_k", "frequency", "outlier", "block"),
+    first_k: int = 1,
+    per_layer: bool = False,
+    seed: int = 0,
+    evolution: dict | None = None,
+) -> Plan:
+    """Choose an option for every unit of ``table`` within ``budget`` with ``strategy``.
+
+    Units outside the budget's scope (with scope "experts": attention, shared experts, dense MLPs)
+    take ``others``. ``options`` restricts what units in scope may take (default: every option of
+    the table except 16-bit keep for scope "experts").
+    """
+    started = time.time()
+    if options is None:
+        options = [o for o in table.options if not (o.keep and budget.scope == "experts")]
+    allowed = sorted({table.option_index(o) for o in options})
+    groups = table.groups(granularity, estimator, budget.kinds)
+    problem = Problem(groups, allowed, budget.to_bytes(table, group_size), table)
+    problem.check_feasible()
+    info: dict = {}
+    if strategy == "uniform":
+        choice = _uniform_choice(problem, budget, group_size, seed)
+    elif strategy == "greedy":
+        choice = greedy(problem)
+    elif strategy == "ilp":
+        choice = ilp(problem, per_layer=per_layer)
+        info["per_layer"] = per_layer
+    elif strategy == "heuristic":
+        start = _largest_uniform(problem)
+        order = np.argsort(-priority(table, groups, rules, first_k), kind="stable")
+        choice = upgrade_in_order(problem, uniform(problem, start), order)
+        info.update(rules=list(rules), first_k=first_k)
+    elif strategy == "evolution":
+        from .evolution import evolve
+
+        if not evolution or "evaluate" not in evolution:
+            raise MoepressError("evolution needs a fitness evaluator (moepress plan builds one from the model)")
+        seed_choice = ilp(problem, per_layer=per_layer)
+        fixed = np.full(len(table.rows), table.option_index(others))  # units outside the scope
+        choice, info = evolve(problem, seed_choice, fixed_rows=fixed, seed=seed, **evolution)
+    else:
+        raise MoepressError(f"unknown strategy {strategy!r}; choose uniform, greedy, heuristic, ilp or evolution")
+
+    chosen = {name: table.options[allowed[c]] for name, c in zip(groups.names, choice)}
+    units: dict[str, Option] = {}  # in model order, as a person reads the file
+    for row in table.rows:
+        key = row.group if granularity == "expert" else row.name
+        if key not in units:
+            units[key] = chosen.get(key, others)
+    plan = Plan(
+        units=units,
+        strategy=strategy,
+        estimator=estimator,
+        granularity=granularity,
+        budget={"spec": str(budget).split(" over ")[0], "scope": budget.scope, "bytes": problem.budget_bytes},
+        quantization={"method": "gptq", "symmetric": bool(table.meta.get("symmetric", False)),
+                      "act_order": bool(table.meta.get("act_order", False)), "damp": table.meta.get("damp", 0.01)},
+        info={**info, "seed": seed, "planning_seconds": round(time.time() - started, 3),
+              "keep_element_size": int(table.meta.get("keep_element_size", 2)),
+              "others": others.label if budget.scope == "experts" else None},
+    )
+    plan.totals = plan.accounting(table.rows)
+    plan.totals["budget_scope_bytes"] = problem.total_bytes(choice)
+    plan.totals["predicted_damage"] = {"estimator": estimator, "value": problem.total_damage(choice)}
+    return plan
+
+
+def _largest_uniform(problem: Problem) -> int:
+    """The column that, given to every unit, spends the most bytes within the budget."""
+    totals = problem.bytes.sum(0)
+    fits = np.nonzero(totals <= problem.budget_bytes)[0]
+    if len(fits) == 0:
+        return int(np.argmin(totals))
+    return int(fits[np.argmax(totals[fits])])
+
+
+def _uniform_choice(problem: Problem, budget: Budget, group_size, seed: int) -> np.ndarray:
+    """Uniform at an integer bit budget; a random split of the two neighbouring options at a
+    fractional one (the papers' baseline at, e.g., 2.5 bits)."""
+    if budget.bits is not None and budget.bits != int(budget.bits):
+        low = problem.column_of(Option(int(np.floor(budget.bits)), group_size))
+        high = problem.column_of(Option(int(np.ceil(budget.bits)), group_size))
+        return random_split(problem, low, high, seed)
+    return uniform(problem, _largest_uniform(problem))
+
+
+__all__ = ["KEEP_BITS", "Plan", "allocate", "load_plan"]

@@ -1,0 +1,445 @@
+"""The cost table: for every compressible linear and every option, its exact bytes and its damage.
+
+Every allocation strategy (uniform, the heuristics of Li et al., the ILP of MC-MoE / HAWQ, the
+evolutionary search of the fine-grained paper) is a way of choosing one option per unit from this
+table, so it is computed once, from one calibration pass over the *uncompressed* model, and saved.
+
+Rows are the finest units moepress quantizes as a whole: every attention projection, every linear
+(gate, up, down) of every routed expert, every shared-expert and dense-MLP linear. Coarser units (a
+whole expert, a whole shared expert) are groups of rows that take one option together
+(:meth:`CostTable.groups`); their bytes and damage are the sums over their rows.
+
+Damage estimators (all in units of mean squared layer-output error per calibration token, so they
+add up across units of a layer):
+
+* ``gptq``: the GPTQ second-order loss trace((W-Q) H (W-Q)^T) of quantizing the unit with GPTQ at
+  that option, H = X^T X / n over the tokens the unit sees (an expert: the tokens routed to it).
+  This is the fitness of the fine-grained paper (001): every expert counts as if it saw every token.
+* ``gptq_routed``: the same, times the expert's routing mass per token (sum over tokens of its
+  routing weight, divided by all tokens): MC-MoE's (003) activation frequency x routing weight.
+  Non-expert units see every token with weight 1.
+* ``hawq``: HAWQ-V2's mean Hessian trace x ||W - RTN(W)||^2, times the fraction of tokens routed
+  to the unit (the frequency a loss Hessian would carry). The baseline the reviewers of 001 asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .calibrate import LayerwiseRunner, collect_layer_stats, resolve_device
+from .errors import MoepressError
+from .model.view import EXPERT_LINEARS, MoEView
+from .quantize import QuantSpec, gptq_quantize, hessian_weighted_error, rtn_quantize
+from .quantize.packing import packed_width
+
+ESTIMATORS = ("gptq", "gptq_routed", "hawq")
+KEEP_BITS = 16
+
+
+@dataclass(frozen=True, order=True)
+class Option:
+    """One treatment of a unit: ``bits`` (2, 3, 4, 8, or 16 = keep as it is) and a group size
+    (None = per-channel). Written in plans as ``3b-g128``, ``4b-ch`` or ``16b``."""
+
+    bits: int
+    group_size: int | None = 128
+
+    def __post_init__(self):
+        if self.bits == KEEP_BITS:
+            object.__setattr__(self, "group_size", None)
+        else:
+            try:
+                spec = QuantSpec(bits=self.bits, group_size=self.group_size, method="rtn")
+            except ValueError as exc:
+                raise MoepressError(f"option {self.bits} bits / group {self.group_size}: {exc}") from None
+            object.__setattr__(self, "group_size", spec.group_size)
+
+    @property
+    def keep(self) -> bool:
+        return self.bits == KEEP_BITS
+
+    @property
+    def label(self) -> str:
+        if self.keep:
+            return "16b"
+        return f"{self.bits}b-" + ("ch" if self.group_size is None else f"g{self.group_size}")
+
+    def __str__(self) -> str:
+        return self.label
+
+    @classmethod
+    def parse(cls, text, default_group: int | None = 128) -> "Option":
+        """``"3b-g128"``, ``"4b-ch"``, ``"16b"``, ``"3b"`` / ``3`` (at ``default_group``)."""
+        if isinstance(text, Option):
+            return text
+        if isinstance(text, bool):
+            raise MoepressError(f"cannot read option {text!r}; write e.g. 3b-g128, 4b-ch or 16b")
+        if isinstance(text, int):
+            return cls(text, default_group)
+        m = re.fullmatch(r"\s*(\d+)\s*b(?:its?)?\s*(?:-\s*(?:g(\d+)|(ch|channel)))?\s*", str(text))
+        if not m:
+            raise MoepressError(f"cannot read option {text!r}; write e.g. 3b-g128, 4b-ch or 16b")
+        bits = int(m.group(1))
+        if bits not in (2, 3, 4, 8, KEEP_BITS):
+            raise MoepressError(f"option {text!r}: bits must be 2, 3, 4, 8 or 16 (keep)")
+        group = int(m.group(2)) if m.group(2) else (None if m.group(3) else default_group)
+        return cls(bits, group)
+
+    def spec(self, method: str = "gptq", symmetric: bool = False, act_order: bool = False, damp: float = 0.01):
+        """The :class:`QuantSpec` of this option (None for keep)."""
+        if self.keep:
+            return None
+        return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=symmetric,
+                         act_order=act_order and method == "gptq", damp=damp, method=method)
+
+
+def option_bytes(option: Option, out_features: int, in_features: int, *, symmetric: bool = False,
+                 act_order: bool = False, keep_element_size: int = 2) -> int:
+    """Exact bytes of one [out, in] weight stored with ``option``, as moepress packs it:
+    uint8 codes packed 8 per ``bits`` bytes, fp16 scales, uint8 zeros (asymmetric), int16 g_idx
+    (act-order); a kept weight costs its own element size (bf16: 2) per parameter."""
+    if option.keep:
+        return out_features * in_features * keep_element_size
+    groups = 1 if option.group_size is None else -(-in_features // option.group_size)
+    total = out_features * packed_width(in_features, option.bits) + out_features * groups * 2
+    if not symmetric:
+        total += out_features * groups
+    if act_order:
+        total += in_features * 2
+    return total
+
+
+DEFAULT_OPTIONS = (Option(2), Option(3), Option(4), Option(8), Option(16))
+
+
+@dataclass
+class Row:
+    """One linear of the model: what it is and where it lives."""
+
+    name: str  # canonical unit name, e.g. layers.3.experts.5.down_proj
+    kind: str  # attn | expert | shared | dense_mlp
+    layer: int
+    expert: int  # -1 outside the routed experts
+    linear: str  # q_proj, gate_proj, ...
+    out_features: int
+    in_features: int
+
+    @property
+    def params(self) -> int:
+        return self.out_features * self.in_features
+
+    @property
+    def group(self) -> str:
+        """The unit this row belongs to at expert granularity."""
+        if self.kind == "expert":
+            return f"layers.{self.layer}.experts.{self.expert}"
+        if self.kind == "shared":
+            return f"layers.{self.layer}.shared"
+        if self.kind == "dense_mlp":
+            return f"layers.{self.layer}.mlp"
+        return self.name
+
+
+GRANULARITIES = ("linear", "expert")
+
+
+@dataclass
+class Groups:
+    """Units at one granularity, each a set of table rows taking one option together."""
+
+    names: list[str]
+    rows: list[list[int]]
+    kinds: list[str]
+    layers: np.ndarray  # [G]
+    params: np.ndarray  # [G]
+    bytes: np.ndarray  # [G, O]
+    damage: np.ndarray  # [G, O] for the chosen estimator
+
+
+class CostTable:
+    """Bytes [rows, options] and damage {estimator: [rows, options]} for every linear of a model,
+    plus the per-unit facts the heuristics rank by (routing frequency, outlier score, block score)."""
+
+    def __init__(self, rows: list[Row], options: list[Option], bytes_: np.ndarray, damage: dict[str, np.ndarray],
+                 stats: dict[str, np.ndarray], meta: dict):
+        self.rows = rows
+        self.options = list(options)
+        self.bytes = np.asarray(bytes_, dtype=np.int64)
+        self.damage = {k: np.asarray(v, dtype=np.float64) for k, v in damage.items()}
+        self.stats = {k: np.asarray(v, dtype=np.float64) for k, v in stats.items()}
+        self.meta = dict(meta)
+        self.index = {row.name: i for i, row in enumerate(rows)}
+        self.variants: dict[tuple[int, int], object] = {}  # (row, option) -> QuantizedWeight, if kept
+
+    # ------------------------------------------------------------------ queries
+    def option_index(self, option: Option) -> int:
+        try:
+            return self.options.index(option)
+        except ValueError:
+            raise MoepressError(
+                f"option {option} is not in the cost table ({', '.join(map(str, self.options))}); "
+                "rebuild the table with it (--options)") from None
+
+    def groups(self, granularity: str = "expert", estimator: str = "gptq_routed",
+               kinds: tuple[str, ...] | None = None) -> Groups:
+        """Units at ``granularity`` ("linear" or "expert"), restricted to row ``kinds`` if given."""
+        if granularity not in GRANULARITIES:
+            raise MoepressError(f"granularity must be one of {', '.join(GRANULARITIES)} (got {granularity!r})")
+        if estimator not in self.damage:
+            raise MoepressError(f"unknown damage estimator {estimator!r}; choose one of {', '.join(self.damage)}")
+        order: dict[str, list[int]] = {}
+        for i, row in enumerate(self.rows):
+            if kinds is not None and row.kind not in kinds:
+                continue
+            key = row.name if granularity == "linear" else row.group
+            order.setdefault(key, []).append(i)
+        names = list(order)
+        rows = [order[n] for n in names]
+        damage = self.damage[estimator]
+        return Groups(
+            names=names,
+            rows=rows,
+            kinds=[self.rows[r[0]].kind for r in rows],
+            layers=np.array([self.rows[r[0]].layer for r in rows], dtype=np.int64),
+            params=np.array([sum(self.rows[i].params for i in r) for r in rows], dtype=np.int64),
+            bytes=np.stack([self.bytes[r].sum(0) for r in rows]) if rows else np.zeros((0, len(self.options)), np.int64),
+            damage=np.stack([damage[r].sum(0) for r in rows]) if rows else np.zeros((0, len(self.options))),
+        )
+
+    def uniform_bytes(self, option: Option, kinds: tuple[str, ...] | None = None) -> int:
+        o = self.option_index(option)
+        return int(sum(self.bytes[i, o] for i, row in enumerate(self.rows) if kinds is None or row.kind in kinds))
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str) -> None:
+        """One safetensors file: arrays as tensors, rows/options/meta as JSON metadata (no pickle)."""
+        from safetensors.torch import save_file
+
+        tensors = {"bytes": torch.from_numpy(self.bytes.copy())}
+        tensors.update({f"damage.{k}": torch.from_numpy(v.copy()) for k, v in self.damage.items()})
+        tensors.update({f"stats.{k}": torch.from_numpy(v.copy()) for k, v in self.stats.items()})
+        meta = {"rows": [asdict(r) for r in self.rows], "options": [o.label for o in self.options], "meta": self.meta}
+        tmp = f"{path}.tmp"
+        save_file(tensors, tmp, metadata={"moepress_cost_table": json.dumps(meta)})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "CostTable":
+        from safetensors import safe_open
+
+        if not os.path.isfile(path):
+            raise MoepressError(f"cost table not found: {path}; build it with 'moepress plan' (--save-table)")
+        try:
+            with safe_open(path, "pt") as f:
+                info = json.loads((f.metadata() or {})["moepress_cost_table"])
+                tensors = {k: f.get_tensor(k).numpy() for k in f.keys()}
+        except Exception as exc:  # corrupt or foreign file
+            raise MoepressError(f"cannot read cost table {path}: {exc}; rebuild it") from None
+        return cls(
+            rows=[Row(**r) for r in info["rows"]],
+            options=[Option.parse(o) for o in info["options"]],
+            bytes_=tensors["bytes"],
+            damage={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("damage.")},
+            stats={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("stats.")},
+            meta=info["meta"],
+        )
+
+
+def model_rows(view: MoEView) -> list[Row]:
+    """Every linear of the model as a table row, in model order."""
+    rows = []
+    for layer in range(view.num_layers):
+        for unit in view.attention_units(layer):
+            rows.append(Row(unit.name, "attn", layer, -1, unit.name.rsplit(".", 1)[1], unit.out_features, unit.in_features))
+        store = view.experts(layer)
+        if store is not None:
+            for e in range(store.num_experts):
+                for linear in EXPERT_LINEARS:
+                    rows.append(Row(store.unit_name(e, linear), "expert", layer, e, linear, *store.shape(linear)))
+        for unit in view.mlp_units(layer):
+            kind = "shared" if unit.kind == "shared" else "dense_mlp"
+            rows.append(Row(unit.name, kind, layer, -1, unit.name.rsplit(".", 1)[1], unit.out_features, unit.in_features))
+    return rows
+
+
+def _outlier_score(weight: torch.Tensor) -> torch.Tensor:
+    """Li et al.'s weight outlier score: max |w| over mean |w|, per matrix ([E, out, in] -> [E])."""
+    a = weight.detach().float().abs().flatten(-2)
+    return a.amax(-1) / a.mean(-1).clamp(min=1e-12)
+
+
+def _damage(weight, hessian, option: Option, method_opts: dict, name: str):
+    """(gptq loss, rtn perturbation ||W - RTN(W)||^2, the GPTQ-quantized weight or None) per matrix,
+    for a batch [E, out, in] or one [out, in]."""
+    if option.keep:
+        zeros = torch.zeros(weight.shape[:-2] if weight.dim() == 3 else ())
+        return zeros.reshape(-1), zeros.reshape(-1), None
+    w = weight.detach().float()
+    spec = option.spec("gptq", **method_opts)
+    packed = gptq_quantize(w, hessian, spec, name=name).weight
+    q = packed.dequantize(torch.float32)
+    gptq_loss = hessian_weighted_error(w, q, hessian).reshape(-1).cpu()
+    r = rtn_quantize(w, option.spec("rtn", symmetric=method_opts["symmetric"]), name=name).dequantize(torch.float32)
+    perturbation = ((w - r) ** 2).sum(dim=(-1, -2)).reshape(-1).cpu()
+    return gptq_loss, perturbation, packed.to("cpu")
+
+
+def build_cost_table(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    options: list[Option] = DEFAULT_OPTIONS,
+    *,
+    symmetric: bool = False,
+    act_order: bool = False,
+    damp: float = 0.01,
+    device: str | None = None,
+    batch_size: int = 8,
+    min_expert_tokens: int = 16,
+    rare_experts: str = "all_tokens",
+    progress: bool = True,
+    keep_variants: bool = False,
+) -> CostTable:
+    """One calibration pass over the uncompressed model, layer by layer; per layer, every unit is
+    quantized with every option (GPTQ for the loss, RTN for HAWQ's perturbation) and forgotten, so
+    memory stays at one layer's Hessians. The model is left unchanged.
+
+    ``keep_variants`` also keeps every GPTQ-quantized weight (packed, so about 1.1x the model's
+    bf16 bytes for options 2/3/4/8) in ``table.variants[(row, option)]``: the evolutionary search
+    evaluates plans end to end by swapping these in instead of quantizing again."""
+    from tqdm.auto import tqdm
+
+    options = sorted(set(options))
+    view = MoEView(model)
+    rows = model_rows(view)
+    for row in rows:
+        for option in options:
+            if not option.keep:
+                try:
+                    option.spec().check_in_features(row.in_features, row.name)
+                except ValueError as exc:
+                    raise MoepressError(f"option {option}: {exc}") from None
+    index = {r.name: i for i, r in enumerate(rows)}
+    R, O = len(rows), len(options)
+    keep_size = next(model.parameters()).element_size()
+    opts = dict(symmetric=symmetric, act_order=act_order, damp=damp)
+    bytes_ = np.array([[option_bytes(o, r.out_features, r.in_features, symmetric=symmetric,
+                                     act_order=act_order, keep_element_size=keep_size) for o in options] for r in rows])
+    gptq = np.zeros((R, O))
+    perturbation = np.zeros((R, O))
+    trace = np.zeros(R)  # mean diagonal of H
+    seen = np.ones(R)  # fraction of tokens the unit sees
+    mass = np.ones(R)  # routing mass per token
+    outlier = np.zeros(R)
+    block = np.zeros(view.num_layers)  # 1 - cos(layer input, layer output), mean over tokens
+    variants: dict[tuple[int, int], object] = {}
+
+    started = time.time()
+    runner = LayerwiseRunner(model, view, tokens, resolve_device(device), batch_size)
+    runner.capture_inputs()
+    n_tokens = runner.num_tokens
+    for layer in tqdm(range(view.num_layers), desc="cost table", unit="layer", disable=not progress):
+        runner.load_layer(layer)
+        stats, handles = collect_layer_stats(view, layer, runner, min_expert_tokens, rare_experts)
+        before = [h.clone() for h in runner.hidden]
+        try:
+            runner.run_layer(layer, update=True)
+        finally:
+            for h in handles:
+                h.remove()
+        cos = [torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean() for a, b in zip(before, runner.hidden)]
+        block[layer] = 1.0 - float(torch.stack(cos).mean())
+        for unit, s in stats["linear"].items():
+            i = index[unit.name]
+            weight = model.get_submodule(unit.module_path).weight.to(runner.device)
+            hessian = s.hessian()
+            trace[i] = float(hessian.diagonal().mean())
+            outlier[i] = float(_outlier_score(weight))
+            for o, option in enumerate(options):
+                g, p, packed = _damage(weight, hessian, option, opts, unit.name)
+                gptq[i, o], perturbation[i, o] = float(g[0]), float(p[0])
+                if keep_variants and packed is not None:
+                    variants[i, o] = packed
+        es = stats["experts"]
+        if es is not None:
+            store = es.store
+            in_h, mid_h = es.hessians()
+            tokens_e = es.tokens.double().cpu().numpy()
+            mass_e = es.routing_mass.double().cpu().numpy()
+            for linear in EXPERT_LINEARS:
+                weight = store.weight(linear).to(runner.device)
+                hessian = mid_h if linear == "down_proj" else in_h
+                ids = [index[store.unit_name(e, linear)] for e in range(store.num_experts)]
+                trace[ids] = hessian.diagonal(dim1=-2, dim2=-1).mean(-1).cpu().numpy()
+                outlier[ids] = _outlier_score(weight).cpu().numpy()
+                seen[ids] = tokens_e / n_tokens
+                mass[ids] = mass_e / n_tokens
+                for o, option in enumerate(options):
+                    g, p, packed = _damage(weight, hessian, option, opts, f"layers.{layer}.experts.{linear}")
+                    gptq[ids, o], perturbation[ids, o] = g.numpy(), p.numpy()
+                    if keep_variants and packed is not None:
+                        for e, i in enumerate(ids):
+                            variants[i, o] = packed.select(e)
+        runner.unload_layer(layer)
+    damage = {
+        "gptq": gptq,
+        "gptq_routed": gptq * mass[:, None],
+        "hawq": trace[:, None] * perturbation * seen[:, None],
+    }
+    stats = {"tokens_fraction": seen, "routing_mass": mass, "outlier": outlier, "hessian_trace": trace,
+             "block_score": block}
+    meta = {
+        "model_type": view.model_type,
+        "source": getattr(model.config, "_name_or_path", ""),
+        "calibration_tokens": n_tokens,
+        "samples": int(tokens.shape[0]),
+        "seq_len": int(tokens.shape[1]),
+        "symmetric": symmetric,
+        "act_order": act_order,
+        "damp": damp,
+        "keep_element_size": keep_size,
+        "seconds": round(time.time() - started, 2),
+        "estimators": list(ESTIMATORS),
+    }
+    table = CostTable(rows, options, bytes_, damage, stats, meta)
+    table.variants = variants
+    return table
+
+
+def synthetic_table(layers: int, experts: int, hidden: int, intermediate: int,
+                    options: list[Option] = DEFAULT_OPTIONS, seed: int = 0) -> CostTable:
+    """A table of the given shape with plausible random damage (decreasing in bits), for
+    solver benchmarks at real model sizes (e.g. Mixtral-8x7B: 32 x 8 x 4096 x 14336)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for layer in range(layers):
+        for name, out_f, in_f in (("q_proj", hidden, hidden), ("k_proj", hidden // 4, hidden),
+                                  ("v_proj", hidden // 4, hidden), ("o_proj", hidden, hidden)):
+            rows.append(Row(f"layers.{layer}.attn.{name}", "attn", layer, -1, name, out_f, in_f))
+        for e in range(experts):
+            for linear in EXPERT_LINEARS:
+                shape = (hidden, intermediate) if linear == "down_proj" else (intermediate, hidden)
+                rows.append(Row(f"layers.{layer}.experts.{e}.{linear}", "expert", layer, e, linear, *shape))
+    options = sorted(set(options))
+    bytes_ = np.array([[option_bytes(o, r.out_features, r.in_features) for o in options] for r in rows])
+    scale = rng.lognormal(0.0, 1.0, size=len(rows))
+    bits = np.array([o.bits for o in options], dtype=float)
+    damage = scale[:, None] * np.where(bits >= KEEP_BITS, 0.0, 4.0 ** (-bits))[None, :]
+    mass = rng.dirichlet(np.ones(experts), size=layers)
+    routed = np.array([mass[r.layer, r.expert] * 2 if r.kind == "expert" else 1.0 for r in rows])
+    return CostTable(rows, options, bytes_, {"gptq": damage, "gptq_routed": damage * routed[:, None],
+                                              "hawq": damage * routed[:, None]},
+                     {"tokens_fraction": routed, "routing_mass": routed, "outlier": scale,
+                      "hessian_trace": scale, "block_score": rng.random(layers)},
+                     {"synthetic": True, "seed": seed})
+
+
+__all__ = ["CostTable", "DEFAULT_OPTIONS", "ESTIMATORS", "GRANULARITIES", "Groups", "Option", "Row",
+           "build_cost_table", "model_rows", "option_bytes", "synthetic_table"]
