@@ -315,3 +315,24 @@ def test_plan_command_then_compress_with_the_plan(tiny_model_dir, calib_file, tm
     assert not os.path.exists(bad)
     assert main(common + ["--budget", "1.5bits", "-o", bad]) == 2
     assert "below the smallest option (2 bits)" in capsys.readouterr().err
+
+
+def test_evolution_fits_budget_and_never_loses_to_its_seed():
+    from moepress.allocate.evolution import evolve
+
+    table = synthetic_table(layers=3, experts=4, hidden=128, intermediate=256, seed=4)
+    problem = _problem(table, 2.5, granularity="expert")
+    seed_choice = ilp(problem)
+    fixed = np.zeros(len(table.rows), dtype=np.int64)
+    rng = np.random.default_rng(0)
+    interaction = rng.random((len(table.rows), len(table.rows))) * 1e-3
+
+    def fitness(row_options):  # additive damage plus a pairwise interaction the ILP cannot see
+        d = table.damage["gptq_routed"][np.arange(len(row_options)), row_options]
+        return float(d.sum() + d @ interaction @ d)
+
+    best, info = evolve(problem, seed_choice, evaluate=fitness, fixed_rows=fixed, population=8, generations=5, seed=0)
+    assert problem.total_bytes(best) <= problem.budget_bytes
+    assert info["best_fitness_kl"] <= info["seed_fitness_kl"]
+    assert info["evaluations"] > 8  # it explored
+    assert info["history_kl"] == sorted(info["history_kl"], reverse=True)  # elitism: never gets worse

@@ -76,6 +76,22 @@ class PlanEvaluator:
             self.current[i] = o
 
     @torch.no_grad()
+    def metrics(self, row_options: np.ndarray) -> dict:
+        """KL divergence, top-1 agreement and perplexity of the candidate on the evaluator's windows
+        (KL and top-1 over every position; perplexity over next-token predictions)."""
+        self.install(row_options)
+        kl = agree = nll = 0.0
+        count = predicted = 0
+        for ref, batch in zip(self.reference, self._batches()):
+            logq = torch.log_softmax(self._logits(batch), -1)
+            kl += float((ref.exp() * (ref - logq)).sum(-1).sum())
+            agree += float((ref.argmax(-1) == logq.argmax(-1)).sum())
+            count += ref.shape[0] * ref.shape[1]
+            nll -= float(logq[:, :-1].gather(-1, batch[:, 1:, None]).sum())
+            predicted += batch[:, 1:].numel()
+        return {"kl": kl / count, "top1": agree / count, "perplexity": float(np.exp(nll / predicted))}
+
+    @torch.no_grad()
     def __call__(self, row_options: np.ndarray) -> float:
         self.install(row_options)
         total, count = 0.0, 0

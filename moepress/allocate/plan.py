@@ -192,10 +192,10 @@ def allocate(
         choice = ilp(problem, per_layer=per_layer)
         info["per_layer"] = per_layer
     elif strategy == "heuristic":
-        start = _largest_uniform(problem)
+        low, high = _bracket(problem, budget, group_size)
         order = np.argsort(-priority(table, groups, rules, first_k), kind="stable")
-        choice = upgrade_in_order(problem, uniform(problem, start), order)
-        info.update(rules=list(rules), first_k=first_k)
+        choice = _two_level(problem, low, high, order)
+        info.update(rules=list(rules), first_k=first_k, levels=[str(table.options[problem.allowed[c]]) for c in (low, high)])
     elif strategy == "evolution":
         from .evolution import evolve
 
@@ -238,6 +238,36 @@ def _largest_uniform(problem: Problem) -> int:
     if len(fits) == 0:
         return int(np.argmin(totals))
     return int(fits[np.argmax(totals[fits])])
+
+
+def _bracket(problem: Problem, budget: Budget, group_size) -> tuple[int, int]:
+    """The two options a heuristic splits units between (Li et al.): the bit widths just below and
+    just above the budget (2.5 bits: 2 and 3; 3 bits: 2 and 4), so that even an integer budget
+    moves bits from the least to the most important units."""
+    totals = problem.bytes.sum(0)
+    by_bytes = list(np.argsort(totals, kind="stable"))
+    fits = [c for c in by_bytes if totals[c] <= problem.budget_bytes]
+    if not fits:
+        return by_bytes[0], by_bytes[0]
+    low = fits[-1]
+    if totals[low] == problem.budget_bytes and len(fits) > 1:
+        low = fits[-2]  # exactly uniform: split one level below and one above
+    above = [c for c in by_bytes if totals[c] > problem.budget_bytes]
+    high = above[0] if above else low
+    return low, high
+
+
+def _two_level(problem: Problem, low: int, high: int, order) -> np.ndarray:
+    """Everything at ``low``; units in priority ``order`` move to ``high`` while it fits; what is
+    left is spent one step at a time, in the same order."""
+    choice = uniform(problem, low)
+    spent = problem.total_bytes(choice)
+    extra = problem.bytes[:, high] - problem.bytes[:, low]
+    for g in order:
+        if spent + extra[g] <= problem.budget_bytes:
+            choice[g] = high
+            spent += extra[g]
+    return upgrade_in_order(problem, choice, order)
 
 
 def _uniform_choice(problem: Problem, budget: Budget, group_size, seed: int) -> np.ndarray:
