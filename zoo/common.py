@@ -154,11 +154,15 @@ def load_tokenizer(vocab_size: int = VOCAB_SIZE):
     return PreTrainedTokenizerFast.from_pretrained(path)
 
 
-def train_token_ids(tokenizer, vocab_size: int = VOCAB_SIZE):
-    """The whole train split as one uint16 numpy stream of token ids (cached .npy)."""
+def train_token_ids(tokenizer, vocab_size: int = VOCAB_SIZE, *, cache_tag: str | None = None):
+    """The whole train split as one uint16 numpy stream of token ids (cached .npy).
+
+    ``cache_tag`` names the tokenizer in the cache file (``train-ids-<sha>-<tag>.npy``)
+    when it is not the zoo's own (default ``v<vocab_size>``)."""
     import numpy as np
 
-    path = CACHE_DIR / f"train-ids-{manifest_train()['sha256'][:12]}-v{vocab_size}.npy"
+    tag = cache_tag if cache_tag is not None else f"v{vocab_size}"
+    path = CACHE_DIR / f"train-ids-{manifest_train()['sha256'][:12]}-{tag}.npy"
     if path.is_file():
         return np.load(path)
     from moepress.data.corpus import tokenize_text
