@@ -126,29 +126,29 @@ def run_model(model_dir: str, args) -> tuple[list[dict], dict]:
         seeds = (0, 1, 2) if bits != int(bits) else (0,)
         uniform_rows = []
         for seed in seeds:
-            plan = allocate(table, budget, "uniform", seed=seed)
+            plan = allocate(table, budget, "uniform", others=args.others, seed=seed)
             uniform_rows.append(score(test, table, plan))
         mean = {k: float(np.mean([r[k] for r in uniform_rows])) for k in uniform_rows[0]}
-        plans[(bits, "uniform")] = allocate(table, budget, "uniform", seed=0)
+        plans[(bits, "uniform")] = allocate(table, budget, "uniform", others=args.others, seed=0)
         add("uniform" + (" (random 2/3 split, 3 seeds)" if len(seeds) > 1 else ""), "uniform", bits,
             plans[(bits, "uniform")], {**mean, "seeds": len(seeds),
                                        "kl_seeds": [r["kl"] for r in uniform_rows]})
-        plans[(bits, "greedy")] = add("greedy (gptq_routed)", "greedy", bits, allocate(table, budget, "greedy"))
-        plans[(bits, "heuristic")] = add("heuristic (all rules)", "heuristic", bits, allocate(table, budget, "heuristic"))
+        plans[(bits, "greedy")] = add("greedy (gptq_routed)", "greedy", bits, allocate(table, budget, "greedy", others=args.others))
+        plans[(bits, "heuristic")] = add("heuristic (all rules)", "heuristic", bits, allocate(table, budget, "heuristic", others=args.others))
         for rule in EXPERT_RULES:
-            add(f"heuristic: {rule} only", "heuristic", bits, allocate(table, budget, "heuristic", rules=(rule,)),
+            add(f"heuristic: {rule} only", "heuristic", bits, allocate(table, budget, "heuristic", others=args.others, rules=(rule,)),
                 {"ablation": "rule"})
         for estimator in ("gptq", "gptq_routed", "hawq"):
             plans[(bits, f"ilp-{estimator}")] = add(f"ilp ({estimator})", "ilp", bits,
-                                                   allocate(table, budget, "ilp", estimator=estimator))
+                                                   allocate(table, budget, "ilp", others=args.others, estimator=estimator))
         add("ilp (gptq_routed, per linear)", "ilp", bits,
-            allocate(table, budget, "ilp", granularity="linear"), {"ablation": "granularity"})
+            allocate(table, budget, "ilp", others=args.others, granularity="linear"), {"ablation": "granularity"})
         try:
-            add("ilp (gptq_routed, per layer)", "ilp", bits, allocate(table, budget, "ilp", per_layer=True),
+            add("ilp (gptq_routed, per layer)", "ilp", bits, allocate(table, budget, "ilp", others=args.others, per_layer=True),
                 {"ablation": "per_layer"})
         except MoepressError as exc:
             log(f"per-layer ILP at {bits} bits: {exc}")
-        evo = allocate(table, budget, "evolution", evolution={"evaluate": fitness, "population": args.population,
+        evo = allocate(table, budget, "evolution", others=args.others, evolution={"evaluate": fitness, "population": args.population,
                                                               "generations": args.generations})
         plans[(bits, "evolution")] = add("evolution (seeded with ilp gptq_routed)", "evolution", bits, evo,
                                          {k: evo.info[k] for k in ("seed_fitness_kl", "best_fitness_kl",
@@ -157,7 +157,7 @@ def run_model(model_dir: str, args) -> tuple[list[dict], dict]:
     # Evolution's population and generations, at 2.5 bits.
     budget = Budget.parse("2.5bits")
     for population, generations in args.evolution_grid:
-        evo = allocate(table, budget, "evolution", seed=1,
+        evo = allocate(table, budget, "evolution", others=args.others, seed=1,
                        evolution={"evaluate": fitness, "population": population, "generations": generations})
         add(f"evolution p{population} g{generations}", "evolution", 2.5, evo,
             {"ablation": "evolution", "population": population, "generations": generations,
@@ -189,7 +189,7 @@ def run_model(model_dir: str, args) -> tuple[list[dict], dict]:
             toks = windows(tokenizer, domain_text("calib", src), args.seq_len, args.calib_samples // 2, 0)
             log(f"{name}: cost table on {src} calibration only")
             domain_table = build_cost_table(model, toks, table.options, progress=False)
-            plan = allocate(domain_table, Budget.parse("2.5bits"), "ilp")
+            plan = allocate(domain_table, Budget.parse("2.5bits"), "ilp", others=args.others)
             for target, evaluator in domain_test.items():
                 m = evaluator.metrics(row_options(table, plan))
                 rows.append({**plan_row(name, f"ilp planned on {src}, scored on {target}", "ilp", 2.5, plan, m),
@@ -306,6 +306,8 @@ def main(argv=None) -> int:
     p.add_argument("--generations", type=int, default=10)
     p.add_argument("--evolution-grid", type=lambda s: [tuple(map(int, x.split("x"))) for x in s.split(",")],
                    default=[(8, 5), (16, 10), (32, 20)], help="population x generations pairs, e.g. 8x5,16x10")
+    p.add_argument("--others", type=Option.parse, default=Option(4),
+                   help="option of attention, shared experts and dense MLPs (default 4b; 16b isolates the experts)")
     p.add_argument("--skip-real", action="store_true", help="do not compress the headline plans for real")
     p.add_argument("--skip-domains", action="store_true", help="skip the calibration-domain ablation")
     p.add_argument("--out", default=None)
@@ -322,7 +324,7 @@ def main(argv=None) -> int:
         payload = {"date": date, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                                              "torch_threads": torch.get_num_threads()},
-                   "settings": {k: v for k, v in vars(args).items()}, "ilp_timing": timing, "models": info, "rows": rows}
+                   "settings": {k: (str(v) if isinstance(v, Option) else v) for k, v in vars(args).items()}, "ilp_timing": timing, "models": info, "rows": rows}
         with open(out + ".tmp", "w") as f:
             json.dump(payload, f, indent=1)
         os.replace(out + ".tmp", out)
