@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gzip
 import json
 import os
 import platform
@@ -58,21 +57,19 @@ def log(msg: str) -> None:
 
 def domain_text(split: str, source: str) -> str:
     """The part of a shipped split that comes from one source (manifest document offsets)."""
-    from moepress.data.corpus import CORPORA_DIR
+    from moepress.data import load_text
+    from moepress.data.corpus import builtin_manifest
 
-    manifest = json.load(open(os.path.join(CORPORA_DIR, "manifest.json")))
-    info = manifest["splits"][split]
-    with gzip.open(os.path.join(CORPORA_DIR, info["file"]), "rt", encoding="utf-8") as f:
-        text = f.read()
-    return "\n\n".join(text[d["start"]:d["start"] + d["chars"]] for d in info["documents"] if d["source"] == source)
+    text = load_text(f"builtin:{split}")
+    documents = builtin_manifest()["splits"][split]["documents"]
+    return "\n\n".join(text[d["start"]:d["start"] + d["chars"]] for d in documents if d["source"] == source)
 
 
 def windows(tokenizer, text: str, seq_len: int, samples: int, seed: int) -> torch.Tensor:
+    """Token windows of a ``builtin:`` split or of raw text (a calibration domain)."""
     from moepress.data import load_text, token_windows
 
-    if text.startswith("builtin:"):
-        text = load_text(text)
-    return token_windows(text, tokenizer, seq_len, samples, seed=seed)
+    return token_windows(load_text(text) if text.startswith("builtin:") else text, tokenizer, seq_len, samples, seed=seed)
 
 
 def row_options(table, plan) -> np.ndarray:
@@ -175,7 +172,7 @@ def run_model(model_dir: str, args) -> tuple[list[dict], dict]:
                 started = time.time()
                 result = moepress.compress(model_dir, plan=plan, calib="builtin:calib", calib_samples=args.calib_samples,
                                            seq_len=args.seq_len, progress=False)
-                metrics = real_metrics(result.model, test, eval_tokens)
+                metrics = test.score(result.model.float().eval())
                 rows.append({**plan_row(name, label + " [real compress]", plan.strategy, bits, plan, metrics),
                              "real": True, "compress_seconds": round(time.time() - started, 1)})
                 log(f"  real: KL {metrics['kl']:.5f} top1 {metrics['top1']:.4f} ppl {metrics['perplexity']:.2f}")
@@ -212,22 +209,6 @@ def _label_of(key: str) -> str:
     return {"uniform": "uniform", "greedy": "greedy (gptq_routed)", "heuristic": "heuristic (all rules)",
             "evolution": "evolution (seeded with ilp gptq_routed)",
             "ilp-gptq": "ilp (gptq)", "ilp-gptq_routed": "ilp (gptq_routed)", "ilp-hawq": "ilp (hawq)"}.get(key, key)
-
-
-@torch.no_grad()
-def real_metrics(model, test: PlanEvaluator, tokens) -> dict:
-    """KL / top-1 / perplexity of a really compressed model against the evaluator's reference."""
-    model = model.float().eval()
-    kl = agree = nll = 0.0
-    count = predicted = 0
-    for ref, batch in zip(test.reference, test._batches()):
-        logq = torch.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), -1)
-        kl += float((ref.exp() * (ref - logq)).sum(-1).sum())
-        agree += float((ref.argmax(-1) == logq.argmax(-1)).sum())
-        count += ref.shape[0] * ref.shape[1]
-        nll -= float(logq[:, :-1].gather(-1, batch[:, 1:, None]).sum())
-        predicted += batch[:, 1:].numel()
-    return {"kl": kl / count, "top1": agree / count, "perplexity": float(np.exp(nll / predicted))}
 
 
 def synthetic_ilp_timing() -> list[dict]:

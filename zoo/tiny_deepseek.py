@@ -20,6 +20,7 @@ does not train that buffer) plus a small complementary sequence-wise balance los
 """
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -64,8 +65,7 @@ MICRO = ZooModel(
     description="micro DeepSeek-V3-style MoE (1 dense + 1 MoE layer, 16 routed experts top-4 + 1 shared) for CI",
     model_type="deepseek_v3",
     config={**MODEL.config, "num_hidden_layers": 2},
-    train=TrainConfig(steps=200, batch_size=8, lr=3e-3, warmup_steps=20, score="sigmoid",
-                      aux_coef=1e-3, bias_gamma=1e-3, seed=0),
+    train=replace(MODEL.train, steps=200, warmup_steps=20),
 )
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Softmax router trained with a Switch-style load-balancing loss (coefficient 0.01
 """
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,8 +44,7 @@ MICRO = ZooModel(
     description="micro Mixtral-style MoE (2 layers, 8 experts, top-2) for CI, trained on KJV + Austen + Shakespeare",
     model_type="mixtral",
     config={**MODEL.config, "num_hidden_layers": 2},
-    train=TrainConfig(steps=200, batch_size=8, lr=3e-3, warmup_steps=20, score="softmax",
-                      aux_coef=0.01, bias_gamma=0.0, seed=0),
+    train=replace(MODEL.train, steps=200, warmup_steps=20),
 )
 
 if __name__ == "__main__":

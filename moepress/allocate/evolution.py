@@ -45,7 +45,8 @@ class PlanEvaluator:
         self.original = [t.detach().clone() for t in self.targets]
         self.current = {}  # row -> option index currently installed (absent: original weights)
         with torch.no_grad():
-            self.reference = [torch.log_softmax(self._logits(b), -1) for b in self._batches()]
+            self.reference = [torch.log_softmax(self.model(input_ids=b, use_cache=False).logits.float(), -1)
+                              for b in self._batches()]
         self.evaluations = 0
 
     def _target(self, row):
@@ -62,9 +63,6 @@ class PlanEvaluator:
     def _batches(self):
         return [self.tokens[i:i + self.batch_size] for i in range(0, len(self.tokens), self.batch_size)]
 
-    def _logits(self, batch):
-        return self.model(input_ids=batch, use_cache=False).logits.float()
-
     @torch.no_grad()
     def install(self, row_options: np.ndarray) -> None:
         for i, o in enumerate(row_options):
@@ -76,14 +74,14 @@ class PlanEvaluator:
             self.current[i] = o
 
     @torch.no_grad()
-    def metrics(self, row_options: np.ndarray) -> dict:
-        """KL divergence, top-1 agreement and perplexity of the candidate on the evaluator's windows
-        (KL and top-1 over every position; perplexity over next-token predictions)."""
-        self.install(row_options)
+    def score(self, model) -> dict:
+        """KL divergence, top-1 agreement and perplexity of ``model`` (any model with the reference's
+        vocabulary: the candidate, or a really compressed one) on the evaluator's windows, against
+        the reference. KL and top-1 over every position; perplexity over next-token predictions."""
         kl = agree = nll = 0.0
         count = predicted = 0
         for ref, batch in zip(self.reference, self._batches()):
-            logq = torch.log_softmax(self._logits(batch), -1)
+            logq = torch.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), -1)
             kl += float((ref.exp() * (ref - logq)).sum(-1).sum())
             agree += float((ref.argmax(-1) == logq.argmax(-1)).sum())
             count += ref.shape[0] * ref.shape[1]
@@ -91,16 +89,15 @@ class PlanEvaluator:
             predicted += batch[:, 1:].numel()
         return {"kl": kl / count, "top1": agree / count, "perplexity": float(np.exp(nll / predicted))}
 
-    @torch.no_grad()
-    def __call__(self, row_options: np.ndarray) -> float:
+    def metrics(self, row_options: np.ndarray) -> dict:
+        """:meth:`score` of the candidate plan ``row_options`` (table option index per row)."""
         self.install(row_options)
-        total, count = 0.0, 0
-        for ref, batch in zip(self.reference, self._batches()):
-            logq = torch.log_softmax(self._logits(batch), -1)
-            total += float((ref.exp() * (ref - logq)).sum(-1).sum())
-            count += ref.shape[0] * ref.shape[1]
+        return self.score(self.model)
+
+    def __call__(self, row_options: np.ndarray) -> float:
+        """The search's fitness: the candidate's KL divergence."""
         self.evaluations += 1
-        return total / count
+        return self.metrics(row_options)["kl"]
 
 
 def row_options(problem: Problem, choice: np.ndarray, fixed: np.ndarray) -> np.ndarray:

@@ -31,7 +31,7 @@ from ..costs import KEEP_BITS, CostTable, Option, Row
 from ..errors import MoepressError
 from .budget import Budget
 from .heuristic import priority
-from .solvers import Problem, greedy, ilp, random_split, uniform, upgrade_in_order
+from .solvers import Problem, greedy, ilp, random_split, split, uniform, upgrade_in_order
 
 FORMAT_VERSION = 1
 
@@ -260,14 +260,7 @@ def _bracket(problem: Problem, budget: Budget, group_size) -> tuple[int, int]:
 def _two_level(problem: Problem, low: int, high: int, order) -> np.ndarray:
     """Everything at ``low``; units in priority ``order`` move to ``high`` while it fits; what is
     left is spent one step at a time, in the same order."""
-    choice = uniform(problem, low)
-    spent = problem.total_bytes(choice)
-    extra = problem.bytes[:, high] - problem.bytes[:, low]
-    for g in order:
-        if spent + extra[g] <= problem.budget_bytes:
-            choice[g] = high
-            spent += extra[g]
-    return upgrade_in_order(problem, choice, order)
+    return upgrade_in_order(problem, split(problem, low, high, order), order)
 
 
 def _uniform_choice(problem: Problem, budget: Budget, group_size, seed: int) -> np.ndarray:

@@ -57,17 +57,22 @@ def uniform(problem: Problem, column: int) -> np.ndarray:
     return np.full(len(problem.groups.names), column, dtype=np.int64)
 
 
-def random_split(problem: Problem, low: int, high: int, seed: int) -> np.ndarray:
-    """Every unit at column ``low``, then units in a random order moved to ``high`` while the
-    budget allows: the baseline for fractional budgets (a random 2/3-bit split at the same bytes)."""
+def split(problem: Problem, low: int, high: int, order) -> np.ndarray:
+    """Every unit at column ``low``, then units in ``order`` moved to ``high`` while the budget allows."""
     choice = uniform(problem, low)
     spent = problem.total_bytes(choice)
     extra = problem.bytes[:, high] - problem.bytes[:, low]
-    for g in np.random.default_rng(seed).permutation(len(choice)):
+    for g in order:
         if spent + extra[g] <= problem.budget_bytes:
             choice[g] = high
             spent += extra[g]
     return choice
+
+
+def random_split(problem: Problem, low: int, high: int, seed: int) -> np.ndarray:
+    """A random order of :func:`split`: the baseline for fractional budgets (a random 2/3-bit
+    split at the same bytes)."""
+    return split(problem, low, high, np.random.default_rng(seed).permutation(len(problem.groups.names)))
 
 
 def upgrade_in_order(problem: Problem, choice: np.ndarray, order) -> np.ndarray:
