@@ -105,8 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--strategy", choices=("uniform", "greedy", "heuristic", "ilp", "evolution"), default="ilp")
     pl.add_argument("--estimator", choices=("gptq", "gptq_routed", "hawq"), default="gptq_routed",
                     help="damage estimate: GPTQ loss (001), x routing mass (003, default), or Hessian trace x perturbation (HAWQ)")
-    pl.add_argument("--granularity", choices=("expert", "linear"), default="expert",
-                    help="a unit is a whole expert (default) or one linear (gate/up/down) of an expert")
+    pl.add_argument("--granularity", choices=("expert", "linear", "channel"), default="expert",
+                    help="a unit is a whole expert (default), one linear (gate/up/down) of an expert, or a group of "
+                         "--channel-group intermediate neurons of an expert (its rows of gate/up, columns of down)")
+    pl.add_argument("--channel-group", type=int, default=None,
+                    help="channel granularity: neurons per group, a multiple of --group-size (default: the group "
+                         "size; 32 with per-channel options)")
     pl.add_argument("--options", default="2,3,4,8,16", help="bit widths units may take (16 = keep; default 2,3,4,8,16)")
     pl.add_argument("--group-size", type=_group_size, default=128, help="group size of every option (default 128; 0 = per-channel)")
     pl.add_argument("--others", default="4b", help="option of the units outside --scope experts (default 4b)")

@@ -81,6 +81,16 @@ class UnitRecord:
     act_order: bool
     method: str
     error: float  # trace((W-Q) H (W-Q)^T) with H = X^T X / n: mean squared output error per token
+    # An expert linear split along its intermediate neurons (channel-level plans): each piece's
+    # bits/group_size/width, rows of gate/up (axis 0) or columns of down (axis 1); ``bits`` is the widest.
+    pieces: list | None = None
+    axis: int | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if self.pieces is None:
+            del d["pieces"], d["axis"]
+        return d
 
 
 @dataclass
@@ -121,7 +131,7 @@ class CompressResult:
                 "rare_experts": self.config.rare_experts,
             },
             "seconds": round(self.seconds, 2),
-            "units": {name: asdict(rec) for name, rec in self.units.items()},
+            "units": {name: rec.to_dict() for name, rec in self.units.items()},
         }
 
 
@@ -139,7 +149,8 @@ def quantize_batch(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
 
 class UnitSpecs:
     """Which :class:`QuantSpec` each unit gets: one for all (``--bits``), or a plan's per-unit
-    options (None = keep the unit in 16 bits). Method, symmetry, act-order and damping are shared."""
+    options (None = keep the unit in 16 bits; a list = one spec or None per neuron group of a split
+    expert linear). Method, symmetry, act-order and damping are shared."""
 
     def __init__(self, config: CompressConfig, options: dict | None = None):
         self.default = config.quant_spec()
@@ -149,11 +160,16 @@ class UnitSpecs:
         if self.options is None:
             return self.default
         option = self.options[name]
+        if isinstance(option, tuple):
+            return [self._spec(o, act_order=False) for o in option]
+        return self._spec(option)
+
+    def _spec(self, option, act_order: bool | None = None) -> QuantSpec | None:
         if option.keep:
             return None
         d = self.default
         return QuantSpec(bits=option.bits, group_size=option.group_size, symmetric=d.symmetric,
-                         act_order=d.act_order, damp=d.damp, method=d.method)
+                         act_order=d.act_order if act_order is None else act_order, damp=d.damp, method=d.method)
 
 
 def _keep_record(spec: QuantSpec) -> "UnitRecord":
@@ -200,9 +216,16 @@ def _quantize_experts(store: ExpertStore, stats, specs: UnitSpecs, records) -> N
     weights = {linear: store.weight(linear) for linear in EXPERT_LINEARS}
     for linears, hessian in ((("gate_proj", "up_proj"), in_hessian), (("down_proj",), mid_hessian)):
         batches: dict[QuantSpec | None, list[tuple[str, int]]] = {}
+        splits: list[tuple[str, int, list]] = []
         for linear in linears:
             for e in range(E):
-                batches.setdefault(specs(store.unit_name(e, linear)), []).append((linear, e))
+                spec = specs(store.unit_name(e, linear))
+                if isinstance(spec, list):
+                    splits.append((linear, e, spec))
+                else:
+                    batches.setdefault(spec, []).append((linear, e))
+        if splits:
+            _quantize_splits(store, weights, hessian, splits, specs.default, packed, records)
         for spec, members in batches.items():
             if spec is None:  # kept in 16 bits
                 for linear, e in members:
@@ -218,6 +241,64 @@ def _quantize_experts(store: ExpertStore, stats, specs: UnitSpecs, records) -> N
     if all(isinstance(w, torch.Tensor) for linear in EXPERT_LINEARS for w in packed[linear]):
         return  # every expert kept: the layer stays as it is
     store.install_packed(packed)
+
+
+def _quantize_splits(store: ExpertStore, weights, hessian, splits, default: QuantSpec, packed, records) -> None:
+    """Expert linears whose intermediate neurons are split into equal groups with their own specs.
+
+    Gate and up are split by rows, which GPTQ treats independently: every (linear, expert, group)
+    row block with the same spec is one batched call on its expert's Hessian, exactly what quantizing
+    the whole matrix would give those rows. Down is split by columns: one GPTQ pass per expert over
+    all its columns (``gptq_quantize_segments``) so later groups still absorb earlier groups' error.
+    """
+    from .quantize import gptq_quantize_segments
+    from .runtime import SplitWeight
+
+    pieces: dict[tuple[str, int], list] = {}
+    row_batches: dict[QuantSpec | None, list[tuple[str, int, int, int]]] = {}
+    for linear, e, piece_specs in splits:
+        n = len(piece_specs)
+        width = store.intermediate_size // n
+        pieces[linear, e] = [None] * n
+        if linear == "down_proj":
+            w = weights[linear][e].detach().float()
+            if default.method == "gptq":
+                got, _ = gptq_quantize_segments(w, hessian[e], [(width, s) for s in piece_specs],
+                                                name=store.unit_name(e, linear))
+            else:
+                got = [w[:, k * width:(k + 1) * width].clone() if s is None else
+                       rtn_quantize(w[:, k * width:(k + 1) * width], s, name=store.unit_name(e, linear))
+                       for k, s in enumerate(piece_specs)]
+            dtype = weights[linear][e].dtype
+            pieces[linear, e] = [p.to(dtype) if isinstance(p, torch.Tensor) else p for p in got]
+        else:
+            for k, s in enumerate(piece_specs):
+                row_batches.setdefault(s, []).append((linear, e, k, width))
+    for spec, members in row_batches.items():
+        rows = [weights[linear][e][k * width:(k + 1) * width] for linear, e, k, width in members]
+        if spec is None:
+            for (linear, e, k, _), w in zip(members, rows):
+                pieces[linear, e][k] = w.detach().clone()
+            continue
+        q, _ = quantize_batch(torch.stack(rows), torch.stack([hessian[e] for _, e, _, _ in members]), spec,
+                              f"layers.{store.layer}.experts (neuron groups)")
+        for i, (linear, e, k, _) in enumerate(members):
+            pieces[linear, e][k] = q.select(i)
+    for linear, e, piece_specs in splits:
+        axis = 1 if linear == "down_proj" else 0
+        weight = SplitWeight(pieces[linear, e], axis)
+        packed[linear][e] = weight
+        w = weights[linear][e].detach().float()
+        error = hessian_weighted_error(w, weight.dequantize(torch.float32).to(w.device), hessian[e])
+        width = store.intermediate_size // len(piece_specs)
+        quantized = [s for s in piece_specs if s is not None]  # resolve() never splits into all-kept pieces
+        records[store.unit_name(e, linear)] = UnitRecord(
+            bits=16 if len(quantized) < len(piece_specs) else max(s.bits for s in quantized),
+            group_size=quantized[0].group_size, symmetric=default.symmetric, act_order=False, method=default.method,
+            error=float(error), axis=axis,
+            pieces=[{"bits": 16 if s is None else s.bits, "group_size": None if s is None else s.group_size,
+                     "width": width} for s in piece_specs],
+        )
 
 
 def quantize_model(

@@ -9,6 +9,12 @@ Rows are the finest units moepress quantizes as a whole: every attention project
 whole expert, a whole shared expert) are groups of rows that take one option together
 (:meth:`CostTable.groups`); their bytes and damage are the sums over their rows.
 
+Channel granularity (001's neuron groups) splits every routed expert into groups of ``c`` intermediate
+neurons (a group owns rows of gate and up and columns of down). Its damage comes from per-neuron
+attributions kept for every expert row (``CostTable.neuron``): with D = W - Q and the elementwise
+product P = D * (D H), trace(D H D^T) = sum(P); a row of gate/up owns its row sum of P (exact: GPTQ
+treats rows independently), a column of down its column sum (additive, cross terms split evenly).
+
 Damage estimators (all in units of mean squared layer-output error per calibration token, so they
 add up across units of a layer):
 
@@ -37,7 +43,7 @@ from torch import nn
 from .calibrate import LayerwiseRunner, collect_layer_stats, resolve_device
 from .errors import MoepressError
 from .model.view import EXPERT_LINEARS, MoEView
-from .quantize import QuantSpec, gptq_quantize, hessian_weighted_error, rtn_quantize
+from .quantize import QuantSpec, gptq_quantize, rtn_quantize
 from .quantize.packing import packed_width
 
 ESTIMATORS = ("gptq", "gptq_routed", "hawq")
@@ -148,7 +154,37 @@ class Row:
         return self.name
 
 
-GRANULARITIES = ("linear", "expert")
+GRANULARITIES = ("linear", "expert", "channel")
+
+
+def channel_key(group: str, k: int) -> str:
+    """The plan key of neuron group ``k`` of an expert (``layers.3.experts.5`` -> ``...5.channels.k``)."""
+    return f"{group}.channels.{k}"
+
+
+def split_piece_bytes(option: Option, hidden: int, width: int, *, symmetric: bool = False,
+                      keep_element_size: int = 2) -> int:
+    """Bytes of one neuron group of ``width`` neurons of an expert at ``option``: its rows of gate and
+    up ([width, hidden] each) and its columns of down ([hidden, width]), each stored as its own piece."""
+    rows = option_bytes(option, width, hidden, symmetric=symmetric, keep_element_size=keep_element_size)
+    cols = option_bytes(option, hidden, width, symmetric=symmetric, keep_element_size=keep_element_size)
+    return 2 * rows + cols
+
+
+def check_channel_group(options, intermediate: int, hidden: int, width: int) -> None:
+    """Refuse a neuron-group width the options cannot tile (one line, saying what to do)."""
+    if width < 1 or intermediate % width:
+        raise MoepressError(f"channel group of {width} neurons does not divide the experts' {intermediate} "
+                            "intermediate neurons; pick a divisor (--channel-group)")
+    for option in options:
+        if option.keep:
+            continue
+        for n, what in ((hidden, "hidden size"), (width, "channel group")):
+            try:
+                option.spec().check_in_features(n, what)
+            except ValueError:
+                raise MoepressError(f"option {option} does not tile a {what} of {n}; use a channel group that "
+                                    "is a multiple of the group size, or per-channel options") from None
 
 
 @dataclass
@@ -169,7 +205,8 @@ class CostTable:
     plus the per-unit facts the heuristics rank by (routing frequency, outlier score, block score)."""
 
     def __init__(self, rows: list[Row], options: list[Option], bytes_: np.ndarray, damage: dict[str, np.ndarray],
-                 stats: dict[str, np.ndarray], meta: dict):
+                 stats: dict[str, np.ndarray], meta: dict, neuron: dict[str, np.ndarray] | None = None,
+                 neuron_rows: np.ndarray | None = None):
         self.rows = rows
         self.options = list(options)
         self.bytes = np.asarray(bytes_, dtype=np.int64)
@@ -178,6 +215,9 @@ class CostTable:
         self.meta = dict(meta)
         self.index = {row.name: i for i, row in enumerate(rows)}
         self.variants: dict[tuple[int, int], object] = {}  # (row, option) -> QuantizedWeight, if kept
+        # Per-neuron damage of the routed experts' rows: {estimator: [len(neuron_rows), options, neurons]}.
+        self.neuron = {k: np.asarray(v, dtype=np.float64) for k, v in (neuron or {}).items()}
+        self.neuron_rows = np.asarray(neuron_rows if neuron_rows is not None else [], dtype=np.int64)
 
     # ------------------------------------------------------------------ queries
     def option_index(self, option: Option) -> int:
@@ -189,8 +229,11 @@ class CostTable:
                 "rebuild the table with it (--options)") from None
 
     def groups(self, granularity: str = "expert", estimator: str = "gptq_routed",
-               kinds: tuple[str, ...] | None = None) -> Groups:
-        """Units at ``granularity`` ("linear" or "expert"), restricted to row ``kinds`` if given."""
+               kinds: tuple[str, ...] | None = None, channel_group: int | None = None) -> Groups:
+        """Units at ``granularity`` ("linear", "expert" or "channel": groups of ``channel_group``
+        neurons of every routed expert, other rows per linear), restricted to row ``kinds`` if given."""
+        if granularity == "channel":
+            return self._channel_groups(estimator, kinds, channel_group)
         if granularity not in GRANULARITIES:
             raise MoepressError(f"granularity must be one of {', '.join(GRANULARITIES)} (got {granularity!r})")
         if estimator not in self.damage:
@@ -214,6 +257,43 @@ class CostTable:
             damage=np.stack([damage[r].sum(0) for r in rows]) if rows else np.zeros((0, len(self.options))),
         )
 
+    def _channel_groups(self, estimator: str, kinds, width: int | None) -> Groups:
+        if estimator not in self.neuron:
+            raise MoepressError(f"this cost table has no per-neuron damage for {estimator!r}; rebuild it with this "
+                                "moepress version for channel granularity")
+        if not width:
+            raise MoepressError("channel granularity needs a channel group size (neurons per group), e.g. 32")
+        linear = self.groups("linear", estimator, kinds)
+        where = {int(r): i for i, r in enumerate(self.neuron_rows)}
+        neuron = self.neuron[estimator]
+        sym, keep = bool(self.meta.get("symmetric", False)), int(self.meta.get("keep_element_size", 2))
+        names, rows, kinds_, layers, params, bytes_, damage = [], [], [], [], [], [], []
+        experts: dict[str, list[int]] = {}
+        for i, (name, r, kind) in enumerate(zip(linear.names, linear.rows, linear.kinds)):
+            if kind == "expert":
+                experts.setdefault(self.rows[r[0]].group, []).append(r[0])
+                continue
+            names.append(name), rows.append(r), kinds_.append(kind), layers.append(linear.layers[i])
+            params.append(linear.params[i]), bytes_.append(linear.bytes[i]), damage.append(linear.damage[i])
+        for group, members in experts.items():
+            gate = self.rows[members[0]]
+            intermediate, hidden = gate.out_features, gate.in_features
+            check_channel_group(self.options, intermediate, hidden, width)
+            piece_bytes = np.array([split_piece_bytes(o, hidden, width, symmetric=sym, keep_element_size=keep)
+                                    for o in self.options])
+            for k in range(intermediate // width):
+                names.append(channel_key(group, k))
+                rows.append(list(members))
+                kinds_.append("expert")
+                layers.append(gate.layer)
+                params.append(3 * width * hidden)
+                bytes_.append(piece_bytes)
+                damage.append(sum(neuron[where[m], :, k * width:(k + 1) * width].sum(-1) for m in members))
+        return Groups(names=names, rows=rows, kinds=kinds_, layers=np.array(layers, dtype=np.int64),
+                      params=np.array(params, dtype=np.int64),
+                      bytes=np.array(bytes_, dtype=np.int64).reshape(len(names), len(self.options)),
+                      damage=np.array(damage, dtype=np.float64).reshape(len(names), len(self.options)))
+
     def uniform_bytes(self, option: Option, kinds: tuple[str, ...] | None = None) -> int:
         o = self.option_index(option)
         return int(sum(self.bytes[i, o] for i, row in enumerate(self.rows) if kinds is None or row.kind in kinds))
@@ -226,6 +306,9 @@ class CostTable:
         tensors = {"bytes": torch.from_numpy(self.bytes.copy())}
         tensors.update({f"damage.{k}": torch.from_numpy(v.copy()) for k, v in self.damage.items()})
         tensors.update({f"stats.{k}": torch.from_numpy(v.copy()) for k, v in self.stats.items()})
+        tensors.update({f"neuron.{k}": torch.from_numpy(v.astype(np.float32)) for k, v in self.neuron.items()})
+        if len(self.neuron_rows):
+            tensors["neuron_rows"] = torch.from_numpy(self.neuron_rows.copy())
         meta = {"rows": [asdict(r) for r in self.rows], "options": [o.label for o in self.options], "meta": self.meta}
         tmp = f"{path}.tmp"
         save_file(tensors, tmp, metadata={"moepress_cost_table": json.dumps(meta)})
@@ -250,6 +333,8 @@ class CostTable:
             damage={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("damage.")},
             stats={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("stats.")},
             meta=info["meta"],
+            neuron={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("neuron.")},
+            neuron_rows=tensors.get("neuron_rows"),
         )
 
 
@@ -276,20 +361,28 @@ def _outlier_score(weight: torch.Tensor) -> torch.Tensor:
     return a.amax(-1) / a.mean(-1).clamp(min=1e-12)
 
 
-def _damage(weight, hessian, option: Option, method_opts: dict, name: str):
+def _damage(weight, hessian, option: Option, method_opts: dict, name: str, neuron_axis: int | None = None):
     """(gptq loss, rtn perturbation ||W - RTN(W)||^2, the GPTQ-quantized weight or None) per matrix,
-    for a batch [E, out, in] or one [out, in]."""
+    for a batch [E, out, in] or one [out, in]. With ``neuron_axis`` (-2: rows of gate/up, -1:
+    columns of down) also both per neuron, [E, neurons] (see the module docstring); else None."""
     if option.keep:
-        zeros = torch.zeros(weight.shape[:-2] if weight.dim() == 3 else ())
-        return zeros.reshape(-1), zeros.reshape(-1), None
+        lead = weight.shape[:-2]
+        zeros = torch.zeros(lead)
+        neurons = None if neuron_axis is None else torch.zeros(*lead, weight.shape[neuron_axis])
+        return zeros.reshape(-1), zeros.reshape(-1), None, neurons, neurons
     w = weight.detach().float()
     spec = option.spec("gptq", **method_opts)
     packed = gptq_quantize(w, hessian, spec, name=name).weight
-    q = packed.dequantize(torch.float32)
-    gptq_loss = hessian_weighted_error(w, q, hessian).reshape(-1).cpu()
+    d = w - packed.dequantize(torch.float32).to(w.device)
+    p = (d @ hessian.float()) * d  # sums to trace(D H D^T)
+    gptq_loss = p.sum(dim=(-1, -2)).reshape(-1).cpu()
     r = rtn_quantize(w, option.spec("rtn", symmetric=method_opts["symmetric"]), name=name).dequantize(torch.float32)
-    perturbation = ((w - r) ** 2).sum(dim=(-1, -2)).reshape(-1).cpu()
-    return gptq_loss, perturbation, packed.to("cpu")
+    dr = (w - r.to(w.device)) ** 2
+    perturbation = dr.sum(dim=(-1, -2)).reshape(-1).cpu()
+    if neuron_axis is None:
+        return gptq_loss, perturbation, packed.to("cpu"), None, None
+    other = -1 if neuron_axis == -2 else -2
+    return gptq_loss, perturbation, packed.to("cpu"), p.sum(other).cpu(), dr.sum(other).cpu()
 
 
 def build_cost_table(
@@ -340,6 +433,8 @@ def build_cost_table(
     outlier = np.zeros(R)
     block = np.zeros(view.num_layers)  # 1 - cos(layer input, layer output), mean over tokens
     variants: dict[tuple[int, int], object] = {}
+    neuron_gptq: dict[int, np.ndarray] = {}  # expert row -> [O, neurons]
+    neuron_pert: dict[int, np.ndarray] = {}
 
     started = time.time()
     runner = LayerwiseRunner(model, view, tokens, resolve_device(device), batch_size)
@@ -363,7 +458,7 @@ def build_cost_table(
             trace[i] = float(hessian.diagonal().mean())
             outlier[i] = float(_outlier_score(weight))
             for o, option in enumerate(options):
-                g, p, packed = _damage(weight, hessian, option, opts, unit.name)
+                g, p, packed, _, _ = _damage(weight, hessian, option, opts, unit.name)
                 gptq[i, o], perturbation[i, o] = float(g[0]), float(p[0])
                 if keep_variants and packed is not None:
                     variants[i, o] = packed
@@ -381,9 +476,15 @@ def build_cost_table(
                 outlier[ids] = _outlier_score(weight).cpu().numpy()
                 seen[ids] = tokens_e / n_tokens
                 mass[ids] = mass_e / n_tokens
+                axis = -1 if linear == "down_proj" else -2
                 for o, option in enumerate(options):
-                    g, p, packed = _damage(weight, hessian, option, opts, f"layers.{layer}.experts.{linear}")
+                    g, p, packed, gn, pn = _damage(weight, hessian, option, opts, f"layers.{layer}.experts.{linear}",
+                                                   neuron_axis=axis)
                     gptq[ids, o], perturbation[ids, o] = g.numpy(), p.numpy()
+                    for e, i in enumerate(ids):
+                        neuron_gptq[i] = neuron_gptq.get(i, np.zeros((O, gn.shape[-1])))
+                        neuron_pert[i] = neuron_pert.get(i, np.zeros((O, pn.shape[-1])))
+                        neuron_gptq[i][o], neuron_pert[i][o] = gn[e].numpy(), pn[e].numpy()
                     if keep_variants and packed is not None:
                         for e, i in enumerate(ids):
                             variants[i, o] = packed.select(e)
@@ -395,6 +496,13 @@ def build_cost_table(
     }
     stats = {"tokens_fraction": seen, "routing_mass": mass, "outlier": outlier, "hessian_trace": trace,
              "block_score": block}
+    neuron_rows = np.array(sorted(neuron_gptq), dtype=np.int64)
+    neuron = {}
+    if len(neuron_rows):
+        ng = np.stack([neuron_gptq[i] for i in neuron_rows])  # [Re, O, I]
+        npert = np.stack([neuron_pert[i] for i in neuron_rows])
+        neuron = {"gptq": ng, "gptq_routed": ng * mass[neuron_rows, None, None],
+                  "hawq": trace[neuron_rows, None, None] * npert * seen[neuron_rows, None, None]}
     meta = {
         "model_type": view.model_type,
         "source": getattr(model.config, "_name_or_path", ""),
@@ -408,7 +516,7 @@ def build_cost_table(
         "seconds": round(time.time() - started, 2),
         "estimators": list(ESTIMATORS),
     }
-    table = CostTable(rows, options, bytes_, damage, stats, meta)
+    table = CostTable(rows, options, bytes_, damage, stats, meta, neuron=neuron, neuron_rows=neuron_rows)
     table.variants = variants
     return table
 
@@ -442,4 +550,5 @@ def synthetic_table(layers: int, experts: int, hidden: int, intermediate: int,
 
 
 __all__ = ["CostTable", "DEFAULT_OPTIONS", "ESTIMATORS", "GRANULARITIES", "Groups", "Option", "Row",
-           "build_cost_table", "model_rows", "option_bytes", "synthetic_table"]
+           "build_cost_table", "channel_key", "check_channel_group", "model_rows", "option_bytes",
+           "split_piece_bytes", "synthetic_table"]

@@ -42,6 +42,15 @@ def make_plan(args) -> None:
         if smallest > budget.bytes:
             raise MoepressError(f"budget of {budget.bytes:,} bytes is below the smallest option: the {budget.scope} "
                                 f"take at least {smallest:,} bytes; raise the budget")
+    if args.channel_group is None:
+        args.channel_group = args.group_size or 32
+    if args.granularity == "channel":  # refuse a width the options cannot tile before calibrating
+        from ..costs import check_channel_group
+
+        gate = next((r for r in rows if r.kind == "expert" and r.linear == "gate_proj"), None)
+        if gate is None:
+            raise MoepressError("channel granularity needs routed experts; this model has none")
+        check_channel_group(options, gate.out_features, gate.in_features, args.channel_group)
     evolving = args.strategy == "evolution"
     table = None
     if args.table and os.path.exists(args.table) and not evolving:
@@ -73,7 +82,7 @@ def make_plan(args) -> None:
             evaluator = PlanEvaluator(model, table, held_out, batch_size=args.batch_size)
         evolution = {"evaluate": evaluator, "population": args.population, "generations": args.generations}
     plan = allocate(table, budget, args.strategy, estimator=args.estimator, granularity=args.granularity,
-                    options=options, others=others, group_size=args.group_size, rules=rules, first_k=args.first_k,
+                    channel_group=args.channel_group, options=options, others=others, group_size=args.group_size, rules=rules, first_k=args.first_k,
                     per_layer=args.per_layer, seed=args.seed, evolution=evolution)
     plan.info["model"] = args.model
     plan.save(args.out)

@@ -11,11 +11,14 @@
       layers.0.attn.q_proj: 4b-g128
       layers.1.experts.3: 3b-g128    # a whole expert: its gate, up and down
       layers.1.experts.3.down_proj: 4b-g128   # a more specific key wins over a whole-expert one
+      layers.2.experts.0.channels.0: 2b-g32   # neuron group 0 (channel granularity, channel_group: 32)
 
 Keys are canonical unit names: a linear (``layers.L.attn.q_proj``, ``layers.L.experts.E.up_proj``,
 ``layers.L.shared.down_proj``, ``layers.L.mlp.gate_proj``) or a group of linears
-(``layers.L.experts.E``, ``layers.L.shared``, ``layers.L.mlp``). Every linear of the model must
-get an option; ``16b`` keeps it as it is.
+(``layers.L.experts.E``, ``layers.L.shared``, ``layers.L.mlp``), or a group of ``channel_group``
+intermediate neurons of an expert (``layers.L.experts.E.channels.K``: rows K*c..(K+1)*c-1 of its gate
+and up, the same columns of its down). Every linear of the model must get an option; ``16b`` keeps
+it as it is. Precedence: a linear's own key, then its expert's channel keys, then the expert's key.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import yaml
 
-from ..costs import KEEP_BITS, CostTable, Option, Row
+from ..costs import KEEP_BITS, CostTable, Option, Row, channel_key, check_channel_group
 from ..errors import MoepressError
 from .budget import Budget
 from .heuristic import priority
@@ -42,6 +45,7 @@ class Plan:
     strategy: str = "manual"
     estimator: str | None = None
     granularity: str | None = None
+    channel_group: int | None = None  # neurons per channel unit (channel granularity)
     budget: dict | None = None
     quantization: dict = field(default_factory=lambda: {"method": "gptq", "symmetric": False,
                                                          "act_order": False, "damp": 0.01})
@@ -49,27 +53,66 @@ class Plan:
     info: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------- resolution
-    def resolve(self, rows: list[Row]) -> dict[str, Option]:
-        """The option of every linear of the model; one-line errors name the offending unit."""
+    def resolve(self, rows: list[Row]) -> dict[str, Option | tuple[Option, ...]]:
+        """The option of every linear of the model, or for an expert linear whose neuron groups differ,
+        the tuple of its groups' options; one-line errors name the offending unit."""
         by_name = {r.name: r for r in rows}
         groups = {r.group for r in rows}
+        channels = self._channel_options(rows)
         for key, option in self.units.items():
-            if key not in by_name and key not in groups:
+            if key not in by_name and key not in groups and key not in channels["keys"]:
                 raise MoepressError(f"plan unit {key!r} does not exist in this model (e.g. {rows[0].name}); "
                                     "was the plan made for another model?")
         resolved = {}
         for row in rows:
-            option = self.units.get(row.name, self.units.get(row.group))
+            option = self.units.get(row.name)
+            if option is None and row.group in channels["groups"]:
+                option = channels["groups"][row.group]
+            if option is None:
+                option = self.units.get(row.group)
             if option is None:
                 raise MoepressError(f"plan gives no option for {row.name} (nor for {row.group}); add one "
                                     "(16b keeps it unquantized)")
-            if not option.keep:
+            for o in option if isinstance(option, tuple) else (option,):
+                if o.keep:
+                    continue
+                in_features = row.in_features if row.linear != "down_proj" or not isinstance(option, tuple) \
+                    else self.channel_group
                 try:
-                    option.spec().check_in_features(row.in_features, row.name)
+                    o.spec().check_in_features(in_features, row.name)
                 except ValueError as exc:
-                    raise MoepressError(f"plan option {option} for {row.name}: {exc}") from None
+                    raise MoepressError(f"plan option {o} for {row.name}: {exc}") from None
             resolved[row.name] = option
         return resolved
+
+    def _channel_options(self, rows: list[Row]) -> dict:
+        """Expert -> the options of its neuron groups (a tuple; one Option when all groups agree)."""
+        out: dict = {"keys": set(), "groups": {}}
+        if not any(".channels." in k for k in self.units):
+            return out
+        if not self.channel_group:
+            raise MoepressError("the plan has channel units (…channels.K) but no channel_group (neurons per "
+                                "group); add e.g. 'channel_group: 32'")
+        width = int(self.channel_group)
+        for row in rows:
+            if row.kind != "expert" or row.linear != "gate_proj":
+                continue
+            n = row.out_features // width
+            keys = [channel_key(row.group, k) for k in range(n)]
+            out["keys"].update(keys)
+            given = [self.units.get(k) for k in keys]
+            if all(g is None for g in given):
+                continue
+            if row.out_features % width:
+                raise MoepressError(f"channel_group {width} does not divide the {row.out_features} neurons of "
+                                    f"{row.group}; pick a divisor")
+            missing = [k for k, g in zip(keys, given) if g is None]
+            if missing:
+                raise MoepressError(f"plan gives options for some neuron groups of {row.group} but not {missing[0]}; "
+                                    "give every group one")
+            check_channel_group([g for g in given], row.out_features, row.in_features, width)
+            out["groups"][row.group] = given[0] if len(set(given)) == 1 else tuple(given)
+        return out
 
     def accounting(self, rows: list[Row], keep_element_size: int | None = None) -> dict:
         """Bytes and average stored bits per parameter (scales and zeros included), by kind.
@@ -85,12 +128,20 @@ class Plan:
         histogram: dict[str, int] = {}
         for row in rows:
             option = resolved[row.name]
-            b = option_bytes(option, row.out_features, row.in_features, symmetric=sym,
-                             act_order=act and not option.keep, keep_element_size=keep_element_size)
-            acc = by_kind.setdefault(row.kind, [0, 0])
-            acc[0] += b
-            acc[1] += row.params
-            histogram[option.label] = histogram.get(option.label, 0) + row.params
+            pieces = option if isinstance(option, tuple) else (option,)
+            for o in pieces:
+                if len(pieces) == 1:
+                    shape = (row.out_features, row.in_features)
+                elif row.linear == "down_proj":
+                    shape = (row.out_features, row.in_features // len(pieces))
+                else:
+                    shape = (row.out_features // len(pieces), row.in_features)
+                b = option_bytes(o, *shape, symmetric=sym, act_order=act and not o.keep and len(pieces) == 1,
+                                 keep_element_size=keep_element_size)
+                acc = by_kind.setdefault(row.kind, [0, 0])
+                acc[0] += b
+                acc[1] += shape[0] * shape[1]
+                histogram[o.label] = histogram.get(o.label, 0) + shape[0] * shape[1]
         total_b = sum(v[0] for v in by_kind.values())
         total_p = sum(v[1] for v in by_kind.values())
         return {
@@ -109,6 +160,7 @@ class Plan:
             "strategy": self.strategy,
             "estimator": self.estimator,
             "granularity": self.granularity,
+            **({"channel_group": self.channel_group} if self.channel_group else {}),
             "budget": self.budget,
             "quantization": self.quantization,
             "totals": self.totals,
@@ -148,7 +200,8 @@ def load_plan(path: str) -> Plan:
         except MoepressError as exc:
             raise MoepressError(f"plan unit {key}: {exc}") from None
     return Plan(units=units, strategy=data.get("strategy", "manual"), estimator=data.get("estimator"),
-                granularity=data.get("granularity"), budget=data.get("budget"), quantization=quantization,
+                granularity=data.get("granularity"), channel_group=data.get("channel_group"),
+                budget=data.get("budget"), quantization=quantization,
                 totals=data.get("totals") or {}, info=data.get("info") or {})
 
 
@@ -161,6 +214,7 @@ def allocate(
     *,
     estimator: str = "gptq_routed",
     granularity: str = "expert",
+    channel_group: int | None = None,
     options: list[Option] | None = None,
     others: Option = Option(4),
     group_size: int | None = 128,
@@ -180,7 +234,7 @@ def allocate(
     if options is None:
         options = [o for o in table.options if not (o.keep and budget.scope == "experts")]
     allowed = sorted({table.option_index(o) for o in options})
-    groups = table.groups(granularity, estimator, budget.kinds)
+    groups = table.groups(granularity, estimator, budget.kinds, channel_group=channel_group)
     problem = Problem(groups, allowed, budget.to_bytes(table, group_size), table)
     problem.check_feasible()
     info: dict = {}
@@ -199,6 +253,8 @@ def allocate(
     elif strategy == "evolution":
         from .evolution import evolve
 
+        if granularity == "channel":
+            raise MoepressError("evolution works at expert or linear granularity; use ilp for channel plans")
         if not evolution or "evaluate" not in evolution:
             raise MoepressError("evolution needs a fitness evaluator (moepress plan builds one from the model)")
         seed_choice = ilp(problem, per_layer=per_layer)
@@ -210,14 +266,20 @@ def allocate(
     chosen = {name: table.options[allowed[c]] for name, c in zip(groups.names, choice)}
     units: dict[str, Option] = {}  # in model order, as a person reads the file
     for row in table.rows:
-        key = row.group if granularity == "expert" else row.name
-        if key not in units:
-            units[key] = chosen.get(key, others)
+        if granularity == "channel" and row.kind == "expert":
+            keys = [channel_key(row.group, k) for k in range(row.out_features // channel_group)] \
+                if row.linear == "gate_proj" else []
+        else:
+            keys = [row.group if granularity == "expert" else row.name]
+        for key in keys:
+            if key not in units:
+                units[key] = chosen.get(key, others)
     plan = Plan(
         units=units,
         strategy=strategy,
         estimator=estimator,
         granularity=granularity,
+        channel_group=channel_group if granularity == "channel" else None,
         budget={"spec": str(budget).split(" over ")[0], "scope": budget.scope, "bytes": problem.budget_bytes},
         quantization={"method": "gptq", "symmetric": bool(table.meta.get("symmetric", False)),
                       "act_order": bool(table.meta.get("act_order", False)), "damp": table.meta.get("damp", 0.01)},

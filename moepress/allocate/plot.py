@@ -22,7 +22,9 @@ def plan_grid(plan, rows: list[Row]) -> tuple[np.ndarray, list[str]]:
     params = np.zeros((layers, len(columns)))
     for row in rows:
         col = side.index(row.kind) if row.kind != "expert" else len(side) + row.expert
-        bits[row.layer, col] += resolved[row.name].bits * row.params
+        option = resolved[row.name]
+        pieces = option if isinstance(option, tuple) else (option,)  # neuron groups share the row equally
+        bits[row.layer, col] += sum(o.bits for o in pieces) / len(pieces) * row.params
         params[row.layer, col] += row.params
     with np.errstate(invalid="ignore"):
         return np.where(params > 0, bits / np.maximum(params, 1), np.nan), columns

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..model.view import EXPERT_LINEARS, MoEView
-from ..runtime import PackedExperts, PackedWeight
+from ..runtime import PackedExperts, PackedWeight, SplitWeight
 
 
 @dataclass
@@ -58,6 +58,8 @@ def _tensor_bytes(tensor: torch.Tensor, stored_dtype: torch.dtype | None) -> int
 
 
 def _weight_bytes(module: nn.Module, stored_dtype: torch.dtype | None) -> int:
+    if isinstance(module, SplitWeight):  # neuron-group pieces, each packed or kept
+        return sum(_weight_bytes(piece, stored_dtype) for piece in module.pieces)
     if isinstance(module, PackedWeight):  # the packed format's own dtypes, always as held
         return sum(t.numel() * t.element_size() for n, t in module.named_buffers(recurse=False))
     return _tensor_bytes(module.weight, stored_dtype)

@@ -114,10 +114,8 @@ def save_compressed(result, out: str, overwrite: bool = False, shard_bytes: int 
 
 def quantization_config_dict(record: dict) -> dict:
     """The ``quantization_config`` entry of config.json: enough to rebuild the packed modules."""
-    units = {
-        name: {k: unit[k] for k in ("bits", "group_size", "symmetric", "act_order", "method")}
-        for name, unit in record["units"].items()
-    }
+    keys = ("bits", "group_size", "symmetric", "act_order", "method", "pieces", "axis")
+    units = {name: {k: unit[k] for k in keys if k in unit} for name, unit in record["units"].items()}
     return {
         "quant_method": "moepress",
         "format_version": record["format_version"],

@@ -147,7 +147,7 @@ class ExpertStore:
     def install_packed(self, packed: dict[str, list[QuantizedWeight | torch.Tensor]]) -> None:
         """Replace the experts' float weights with ``packed[linear][expert]`` (a plain tensor there
         is a weight the plan keeps in 16 bits)."""
-        from ..runtime import PackedExperts, PackedLinear
+        from ..runtime import PackedExperts, PackedLinear, SplitLinear, SplitWeight
 
         if self.layout == "per_expert":
             for linear, per_expert in packed.items():
@@ -156,7 +156,10 @@ class ExpertStore:
                         continue
                     path = self.per_expert_linear_path(e, linear)
                     old = self.model.get_submodule(path)
-                    set_submodule(self.model, path, PackedLinear(qweight, old.bias))
+                    if isinstance(qweight, SplitWeight):  # neuron groups with their own options
+                        set_submodule(self.model, path, SplitLinear(list(qweight.pieces), qweight.axis))
+                    else:
+                        set_submodule(self.model, path, PackedLinear(qweight, old.bias))
             return
         module = PackedExperts(
             num_experts=self.num_experts,

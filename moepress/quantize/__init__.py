@@ -4,7 +4,7 @@ Pure tensor functions with no model knowledge: callers hand in weights
 [*lead, out, in] and Hessians [E, in, in] and get `QuantizedWeight`s back.
 """
 
-from .gptq import GPTQResult, gptq_quantize, hessian_weighted_error
+from .gptq import GPTQResult, gptq_quantize, gptq_quantize_segments, hessian_weighted_error
 from .grid import dequantize_codes, fake_quantize, find_params, quantize_codes
 from .packed import QuantizedWeight
 from .packing import pack_bits, packed_width, unpack_bits
@@ -16,6 +16,7 @@ __all__ = [
     "QuantizedWeight",
     "GPTQResult",
     "gptq_quantize",
+    "gptq_quantize_segments",
     "hessian_weighted_error",
     "rtn_quantize",
     "pack_bits",

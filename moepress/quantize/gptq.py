@@ -91,6 +91,112 @@ def _upper_cholesky_of_inverse(
     )
 
 
+def _prepare(weight: torch.Tensor, hessian: torch.Tensor, name: str):
+    """Validate shapes and values; float32 copies [E, R, C] / [E, C, C] with fasterquant's fixes for
+    experts that saw no token (H = I: plain RTN) and dead inputs (diag(H) == 0: weight zeroed)."""
+    single = weight.ndim == 2
+    if single:
+        weight, hessian = weight.unsqueeze(0), hessian.unsqueeze(0)
+    if weight.ndim != 3:
+        raise ValueError(f"{name}: weight must be [out, in] or [E, out, in] (got {tuple(weight.shape)})")
+    E, R, C = weight.shape
+    if tuple(hessian.shape) != (E, C, C):
+        raise ValueError(
+            f"{name}: Hessian shape {tuple(hessian.shape)} does not match weight {tuple(weight.shape)}; "
+            f"expected {(E, C, C) if not single else (C, C)}"
+        )
+    W = weight.to(torch.float32, copy=True)
+    H = hessian.to(torch.float32, copy=True)
+    if not torch.isfinite(W).all():
+        raise ValueError(f"{name} contains inf or nan; cannot quantize it")
+    bad_h = (~torch.isfinite(H)).flatten(1).any(-1)
+    if bad_h.any():
+        raise ValueError(
+            f"the Hessian of {name} contains inf or nan for experts {bad_h.nonzero().flatten().tolist()}; "
+            "recollect calibration statistics"
+        )
+    eye = torch.eye(C, dtype=torch.float32, device=W.device)
+    # An expert no calibration token was routed to has H == 0: use H = I,
+    # which makes GPTQ's error feedback vanish (U = c*I), i.e. plain RTN.
+    empty = (H == 0).flatten(1).all(-1)  # [E]
+    H = torch.where(empty[:, None, None], eye, H)
+    # fasterquant: dead = diag(H) == 0; H[dead, dead] = 1; W[:, dead] = 0.
+    # An input that is always zero carries no information about its weight.
+    dead = H.diagonal(dim1=-2, dim2=-1) == 0  # [E, C]
+    H = H + torch.diag_embed(dead.to(H.dtype))
+    W.masked_fill_(dead[:, None, :], 0.0)
+    return W, H, single
+
+
+@dataclass
+class _Grid:
+    """Columns [start, start + width) share one (scale, zero) per row, found when GPTQ reaches
+    ``start`` from the error-updated weights; ``bits`` None leaves them unquantized (kept)."""
+
+    start: int
+    width: int
+    bits: int | None
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+
+
+def _block_ends(grids: list[_Grid], C: int, block_size: int) -> list[int]:
+    """Ends of the lazy-update blocks: every ``block_size`` columns, but cut before a grid that
+    would straddle the end, so a grid's parameters are computed from fully updated columns."""
+    ends, i1 = [], 0
+    while i1 < C:
+        i2 = min(i1 + block_size, C)
+        straddling = next((g for g in grids if g.start < i2 < g.start + g.width), None)
+        if straddling is not None and straddling.start > i1:
+            i2 = straddling.start
+        ends.append(i2)
+        i1 = i2
+    return ends
+
+
+def _quantize_columns(W: torch.Tensor, Hinv: torch.Tensor, grids: list[_Grid], block_size: int, symmetric: bool):
+    """GPTQ's column loop over W [E, R, C] (modified in place: kept columns end up error-updated).
+
+    Returns (codes [E, R, C] float32, loss [E]). Each grid's scale/zero are set on it; a grid wider
+    than a block (per-channel) takes them from W at its first column, which is up to date there.
+    """
+    E, R, C = W.shape
+    starts = {g.start: g for g in grids}
+    codes = torch.zeros(E, R, C, dtype=torch.float32, device=W.device)
+    loss = torch.zeros(E, dtype=torch.float32, device=W.device)
+    grid = None
+    i1 = 0
+    for i2 in _block_ends(grids, C, block_size):
+        count = i2 - i1
+        W1 = W[:, :, i1:i2].clone()
+        Err1 = torch.zeros(E, R, count, dtype=torch.float32, device=W.device)
+        Hinv1 = Hinv[:, i1:i2, i1:i2]
+        for i in range(count):
+            col = i1 + i
+            if col in starts:
+                grid = starts[col]
+                if grid.bits is not None:
+                    src = W1[:, :, i : i + grid.width] if i + grid.width <= count else W[:, :, col : col + grid.width]
+                    grid.scale, grid.zero = find_params(src, grid.bits, symmetric)
+            if grid.bits is None:
+                continue  # kept: no error to spread, the column stays as updated so far
+            w = W1[:, :, i]  # [E, R]
+            d = Hinv1[:, i, i].unsqueeze(-1)  # [E, 1]
+            q = quantize_codes(w, grid.scale, grid.zero, grid.bits)
+            codes[:, :, col] = q
+            err = (w - dequantize_codes(q, grid.scale, grid.zero)) / d
+            loss += err.square().sum(-1) / 2
+            # OBS update of the remaining columns of this block
+            W1[:, :, i + 1 :] -= err.unsqueeze(-1) * Hinv1[:, i, i + 1 :].unsqueeze(1)
+            Err1[:, :, i] = err
+        W[:, :, i1:i2] = W1
+        # lazy batch update of everything right of the block
+        if i2 < C:
+            W[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]
+        i1 = i2
+    return codes, loss
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -107,43 +213,12 @@ def gptq_quantize(
     are then computed on the fully error-updated columns (fasterquant reads
     the not-yet-block-updated W when a group starts mid-block).
     """
-    single = weight.ndim == 2
-    if single:
-        weight, hessian = weight.unsqueeze(0), hessian.unsqueeze(0)
-    if weight.ndim != 3:
-        raise ValueError(f"{name}: weight must be [out, in] or [E, out, in] (got {tuple(weight.shape)})")
-    E, R, C = weight.shape
-    if tuple(hessian.shape) != (E, C, C):
-        raise ValueError(
-            f"{name}: Hessian shape {tuple(hessian.shape)} does not match weight {tuple(weight.shape)}; "
-            f"expected {(E, C, C) if not single else (C, C)}"
-        )
-    spec.check_in_features(C, name)
+    spec.check_in_features(weight.shape[-1], name)
     if block_size <= 0:
         raise ValueError(f"block_size must be positive (got {block_size})")
+    W, H, single = _prepare(weight, hessian, name)
+    E, R, C = W.shape
     bits, gs, sym = spec.bits, spec.group_size, spec.symmetric
-
-    W = weight.to(torch.float32, copy=True)
-    H = hessian.to(torch.float32, copy=True)
-    if not torch.isfinite(W).all():
-        raise ValueError(f"{name} contains inf or nan; cannot quantize it")
-    bad_h = (~torch.isfinite(H)).flatten(1).any(-1)
-    if bad_h.any():
-        raise ValueError(
-            f"the Hessian of {name} contains inf or nan for experts {bad_h.nonzero().flatten().tolist()}; "
-            "recollect calibration statistics"
-        )
-    eye = torch.eye(C, dtype=torch.float32, device=W.device)
-
-    # An expert no calibration token was routed to has H == 0: use H = I,
-    # which makes GPTQ's error feedback vanish (U = c*I), i.e. plain RTN.
-    empty = (H == 0).flatten(1).all(-1)  # [E]
-    H = torch.where(empty[:, None, None], eye, H)
-    # fasterquant: dead = diag(H) == 0; H[dead, dead] = 1; W[:, dead] = 0.
-    # An input that is always zero carries no information about its weight.
-    dead = H.diagonal(dim1=-2, dim2=-1) == 0  # [E, C]
-    H = H + torch.diag_embed(dead.to(H.dtype))
-    W.masked_fill_(dead[:, None, :], 0.0)
 
     perm = invperm = None
     if spec.act_order:
@@ -159,42 +234,13 @@ def gptq_quantize(
 
     if gs is None:
         # per-channel: one grid per row, from the whole (dead-zeroed) row up front
-        scale, zero = find_params(W, bits, sym)  # [E, R]
-        scales, zeros = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        grids = [_Grid(0, C, bits)]
     else:
         block_size = gs * math.ceil(block_size / gs)
-        n_groups = math.ceil(C / gs)
-        scales = torch.empty(E, R, n_groups, dtype=torch.float32, device=W.device)
-        zeros = torch.empty_like(scales)
-    codes = torch.empty(E, R, C, dtype=torch.float32, device=W.device)
-    loss = torch.zeros(E, dtype=torch.float32, device=W.device)
-
-    for i1 in range(0, C, block_size):
-        i2 = min(i1 + block_size, C)
-        count = i2 - i1
-        W1 = W[:, :, i1:i2].clone()
-        Err1 = torch.empty(E, R, count, dtype=torch.float32, device=W.device)
-        Hinv1 = Hinv[:, i1:i2, i1:i2]
-        for i in range(count):
-            col = i1 + i
-            if gs is not None and col % gs == 0:
-                # group boundary (in the possibly permuted order): the grid
-                # comes from the current, error-updated weights of the group
-                scale, zero = find_params(W1[:, :, i : i + gs], bits, sym)
-                scales[:, :, col // gs] = scale
-                zeros[:, :, col // gs] = zero
-            w = W1[:, :, i]  # [E, R]
-            d = Hinv1[:, i, i].unsqueeze(-1)  # [E, 1]
-            q = quantize_codes(w, scale, zero, bits)
-            codes[:, :, col] = q
-            err = (w - dequantize_codes(q, scale, zero)) / d
-            loss += err.square().sum(-1) / 2
-            # OBS update of the remaining columns of this block
-            W1[:, :, i + 1 :] -= err.unsqueeze(-1) * Hinv1[:, i, i + 1 :].unsqueeze(1)
-            Err1[:, :, i] = err
-        # lazy batch update of everything right of the block
-        if i2 < C:
-            W[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]
+        grids = [_Grid(start, gs, bits) for start in range(0, C, gs)]
+    codes, loss = _quantize_columns(W, Hinv, grids, block_size, sym)
+    scales = torch.stack([g.scale for g in grids], dim=-1)  # [E, R, G]
+    zeros = torch.stack([g.zero for g in grids], dim=-1)
 
     g_idx = None
     if spec.act_order:
@@ -208,6 +254,60 @@ def gptq_quantize(
     if single:
         return GPTQResult(qw.select(0), loss[0], damp_used[0])
     return GPTQResult(qw, loss, damp_used)
+
+
+def gptq_quantize_segments(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    segments: list[tuple[int, QuantSpec | None]],
+    block_size: int = 128,
+    name: str = "weight",
+) -> tuple[list[QuantizedWeight | torch.Tensor], torch.Tensor]:
+    """GPTQ over column segments that each take their own option: ``segments`` lists (width, spec)
+    left to right (spec None keeps the segment in float), tiling the input dimension.
+
+    This is how a down projection whose intermediate neurons are split into groups of different bit
+    widths is quantized: one GPTQ pass over all columns, so the error of a 2-bit segment is still
+    compensated by the columns after it, but each segment is stored as its own matrix [*, out, width]
+    (a QuantizedWeight, or the error-updated float columns of a kept segment). Symmetry and
+    dampening come from the first quantized spec; act-order is not supported (segments are
+    contiguous). Returns (one weight per segment, GPTQ loss per expert).
+    """
+    quantized = [s for _, s in segments if s is not None]
+    sym = quantized[0].symmetric if quantized else False
+    damp = quantized[0].damp if quantized else 0.01
+    if any(s.act_order for s in quantized):
+        raise ValueError(f"{name}: act-order cannot be combined with per-segment options")
+    C = weight.shape[-1]
+    if sum(w for w, _ in segments) != C:
+        raise ValueError(f"{name}: segments cover {sum(w for w, _ in segments)} columns, the weight has {C}")
+    grids, start = [], 0
+    for width, spec in segments:
+        if spec is not None:
+            spec.check_in_features(width, f"{name} (a {width}-column segment)")
+        if spec is None or spec.group_size is None:
+            grids.append(_Grid(start, width, None if spec is None else spec.bits))
+        else:
+            grids.extend(_Grid(s, spec.group_size, spec.bits) for s in range(start, start + width, spec.group_size))
+        start += width
+    W, H, single = _prepare(weight, hessian, name)
+    Hinv, _ = _upper_cholesky_of_inverse(H, damp, name)
+    del H
+    codes, loss = _quantize_columns(W, Hinv, grids, block_size, sym)
+    out, start = [], 0
+    for width, spec in segments:
+        cols = slice(start, start + width)
+        if spec is None:
+            piece = W[:, :, cols].clone()
+        else:
+            mine = [g for g in grids if start <= g.start < start + width]
+            scales = torch.stack([g.scale for g in mine], dim=-1)
+            zeros = torch.stack([g.zero for g in mine], dim=-1)
+            piece = QuantizedWeight.from_codes(codes[:, :, cols], scales, None if sym else zeros,
+                                               bits=spec.bits, group_size=spec.group_size)
+        out.append((piece[0] if isinstance(piece, torch.Tensor) else piece.select(0)) if single else piece)
+        start += width
+    return out, (loss[0] if single else loss)
 
 
 def hessian_weighted_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..quantize import QuantizedWeight
 from .packed_weight import PackedWeight
+from .split_weight import SplitWeight
 
 EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
@@ -54,7 +55,7 @@ class PackedExperts(nn.ModuleList):
     It is a list of :class:`PackedExpert`, so its state dict reads ``experts.{e}.gate_proj.qweight``:
     the same keys a per-expert-``nn.Linear`` model gets when its linears are packed, so a checkpoint
     loads into either layout. Experts may carry different bit widths (mixed precision per expert and
-    per linear). The forward follows transformers' eager expert loop: tokens are grouped by expert
+    per linear), and a linear may be a :class:`SplitWeight` (per neuron group). The forward follows transformers' eager expert loop: tokens are grouped by expert
     and only the experts a batch hits are dequantized.
     """
 
@@ -64,14 +65,14 @@ class PackedExperts(nn.ModuleList):
         hidden_size: int,
         intermediate_size: int,
         act_fn: nn.Module,
-        packed: dict[str, list[QuantizedWeight | PackedWeight | KeptWeight | torch.Tensor]],
+        packed: dict[str, list[QuantizedWeight | PackedWeight | KeptWeight | SplitWeight | torch.Tensor]],
     ):
         for linear in EXPERT_LINEARS:
             if len(packed[linear]) != num_experts:
                 raise ValueError(f"{linear}: expected {num_experts} packed experts, got {len(packed[linear])}")
 
         def module(w):
-            if isinstance(w, (PackedWeight, KeptWeight)):
+            if isinstance(w, (PackedWeight, KeptWeight, SplitWeight)):
                 return w
             return KeptWeight(w) if isinstance(w, torch.Tensor) else PackedWeight(w)
 
@@ -87,6 +88,8 @@ class PackedExperts(nn.ModuleList):
     def empty(cls, num_experts, hidden_size, intermediate_size, act_fn, metas: dict[str, list[dict]],
               kept_dtype: torch.dtype = torch.bfloat16):
         def empty(m):
+            if "pieces" in m:
+                return SplitWeight.empty(m, kept_dtype)
             if m["bits"] == 16:
                 return KeptWeight.empty(m["out_features"], m["in_features"], kept_dtype)
             return PackedWeight.empty(m)
@@ -94,7 +97,7 @@ class PackedExperts(nn.ModuleList):
         packed = {linear: [empty(m) for m in metas[linear]] for linear in EXPERT_LINEARS}
         return cls(num_experts, hidden_size, intermediate_size, act_fn, packed)
 
-    def packed_weight(self, expert: int, linear: str) -> PackedWeight | KeptWeight:
+    def packed_weight(self, expert: int, linear: str) -> PackedWeight | KeptWeight | SplitWeight:
         return getattr(self[expert], linear)
 
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:

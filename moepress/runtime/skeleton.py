@@ -10,11 +10,25 @@ from ..model.view import EXPERT_LINEARS, MoEView, set_submodule
 from .packed_experts import PackedExperts
 from .packed_linear import PackedLinear
 from .packed_weight import PackedWeight
+from .split_weight import SplitLinear, SplitWeight, split_meta
 
 KEEP_BITS = 16  # a unit the plan keeps unquantized
 
 
+def _kept(meta: dict) -> bool:
+    return "pieces" not in meta and meta["bits"] == KEEP_BITS
+
+
 def _meta(option: dict, out_features: int, in_features: int) -> dict:
+    """Packed-module metadata of one unit from its unit-map entry; an entry with ``pieces`` is an
+    expert linear split along its intermediate neurons (rows of gate/up: axis 0, columns of down: 1)."""
+    if option.get("pieces"):
+        axis = option["axis"]
+        pieces = []
+        for p in option["pieces"]:
+            shape = (p["width"], in_features) if axis == 0 else (out_features, p["width"])
+            pieces.append(_meta({"symmetric": option["symmetric"], "act_order": False, **p}, *shape))
+        return split_meta(pieces, axis)
     return {
         "bits": option["bits"],
         "group_size": option["group_size"],
@@ -36,7 +50,7 @@ def install_packed_skeleton(model: nn.Module, units: dict[str, dict]) -> nn.Modu
     remaining = set(units)
     for layer in range(view.num_layers):
         for unit in view.linear_units(layer):
-            if unit.name in units and units[unit.name]["bits"] == KEEP_BITS:
+            if unit.name in units and _kept(units[unit.name]):
                 remaining.discard(unit.name)  # kept as the model's own nn.Linear
             elif unit.name in units:
                 old = model.get_submodule(unit.module_path)
@@ -60,14 +74,18 @@ def install_packed_skeleton(model: nn.Module, units: dict[str, dict]) -> nn.Modu
             for lin in EXPERT_LINEARS
         }
         remaining.difference_update(names)
-        if all(m["bits"] == KEEP_BITS for lin in EXPERT_LINEARS for m in metas[lin]):
+        if all(_kept(m) for lin in EXPERT_LINEARS for m in metas[lin]):
             continue  # the whole layer's experts kept: nothing to replace
         if store.layout == "per_expert":
             for lin in EXPERT_LINEARS:
                 for e in range(store.num_experts):
-                    if metas[lin][e]["bits"] != KEEP_BITS:
-                        path = store.per_expert_linear_path(e, lin)
-                        set_submodule(model, path, PackedLinear.empty(metas[lin][e]))
+                    meta = metas[lin][e]
+                    if "pieces" in meta:
+                        kept_dtype = store.weight(lin).dtype
+                        empty = SplitWeight.empty(meta, kept_dtype)
+                        set_submodule(model, store.per_expert_linear_path(e, lin), SplitLinear(list(empty.pieces), meta["axis"]))
+                    elif not _kept(meta):
+                        set_submodule(model, store.per_expert_linear_path(e, lin), PackedLinear.empty(meta))
         else:
             kept_dtype = store.weight("down_proj").dtype
             module = PackedExperts.empty(
