@@ -3,13 +3,16 @@
 
     python benchmarks/allocation.py --models zoo/models/tiny-mixtral zoo/models/tiny-deepseek
 
-Per model: one cost table (options 2/3/4/8/16 bits, group 128) from 128 x 256 calibration tokens,
+Per model: one cost table (options 2/3/4/8/16 bits, group 128 or --group-size) from 128 x 256 calibration tokens,
 keeping every unit's GPTQ-quantized variant. Then, at budgets of 2.25, 2.5, 3.0 and 3.5 average
 bits over the routed experts (attention, shared experts and dense MLPs at 4 bits), a plan per
 strategy: uniform (at fractional budgets a random 2/3-bit split at the same bytes, 3 seeds averaged),
 greedy, the heuristic of Li et al. with all rules and with each expert rule alone, the ILP with each
-estimator (expert granularity; also per-linear and per-layer with the routed estimator), and the
-evolutionary search seeded with the ILP (fitness: KL on 8 held-out calibration windows).
+estimator (expert granularity; also per neuron group of --channel-group neurons, per linear and per
+layer with the routed estimator), and the evolutionary search seeded with the ILP (fitness: KL on 8
+held-out calibration windows). With the budget over all linear weights instead (scope "all", no unit
+pinned at 4 bits): uniform, the heuristic with the attention rule alone, the shared-expert rule
+alone and all rules, and the ILP.
 
 Every plan is scored on the evaluation split (64 x 256 tokens, seed 0, as the quality benchmark):
 KL divergence and top-1 agreement against the uncompressed model and perplexity, by swapping the
@@ -72,9 +75,11 @@ def windows(tokenizer, text: str, seq_len: int, samples: int, seed: int) -> torc
     return token_windows(load_text(text) if text.startswith("builtin:") else text, tokenizer, seq_len, samples, seed=seed)
 
 
-def row_options(table, plan) -> np.ndarray:
+def row_options(table, plan) -> list:
+    """Table option index per row (a tuple of them for an expert row split into neuron groups)."""
     resolved = plan.resolve(table.rows)
-    return np.array([table.option_index(resolved[r.name]) for r in table.rows])
+    return [tuple(table.option_index(o) for o in opt) if isinstance(opt, tuple) else table.option_index(opt)
+            for opt in (resolved[r.name] for r in table.rows)]
 
 
 def score(evaluator, table, plan) -> dict:
@@ -85,6 +90,7 @@ def score(evaluator, table, plan) -> dict:
 def plan_row(model_name, label, strategy, budget, plan, metrics, extra=None) -> dict:
     t = plan.totals
     return {"model": model_name, "label": label, "strategy": strategy, "budget_bits": budget,
+            "scope": (plan.budget or {}).get("scope", "experts"),
             "estimator": plan.estimator, "granularity": plan.granularity,
             "expert_bytes": t["bytes_by_kind"].get("expert"), "linear_bytes": t["bytes"],
             "expert_bits": t["average_bits"].get("expert"), "all_bits": t["average_bits"]["all"],
@@ -104,7 +110,9 @@ def run_model(model_dir: str, args) -> tuple[list[dict], dict]:
 
     log(f"{name}: cost table on {calib.numel():,} calibration tokens")
     started = time.time()
-    table = build_cost_table(model, calib, [Option(b) for b in (2, 3, 4, 8, 16)], keep_variants=True, progress=False)
+    gs = args.group_size
+    table = build_cost_table(model, calib, [Option(b, gs) for b in (2, 3, 4, 8, 16)], keep_variants=True,
+                             progress=False)
     table_seconds = time.time() - started
     fitness = PlanEvaluator(model, table, held_out)
     test = PlanEvaluator(model, table, eval_tokens)
@@ -117,8 +125,14 @@ def run_model(model_dir: str, args) -> tuple[list[dict], dict]:
             f"experts {row['expert_bits']} bits/param")
         return plan
 
+    def allocate(table_, budget, strategy, **kw):  # the benchmark's options: group size and the others' option
+        from moepress.allocate import allocate as allocate_
+
+        kw.setdefault("others", args.others)
+        return allocate_(table_, budget, strategy, group_size=gs, **kw)
+
     plans = {}
-    for bits in BUDGETS:
+    for bits in args.budgets:
         budget = Budget.parse(f"{bits}bits")
         seeds = (0, 1, 2) if bits != int(bits) else (0,)
         uniform_rows = []
@@ -138,6 +152,12 @@ def run_model(model_dir: str, args) -> tuple[list[dict], dict]:
         for estimator in ("gptq", "gptq_routed", "hawq"):
             plans[(bits, f"ilp-{estimator}")] = add(f"ilp ({estimator})", "ilp", bits,
                                                    allocate(table, budget, "ilp", others=args.others, estimator=estimator))
+        try:
+            plans[(bits, "ilp-channel")] = add(_label_of("ilp-channel").format(c=args.channel_group), "ilp", bits,
+                                               allocate(table, budget, "ilp", granularity="channel",
+                                                        channel_group=args.channel_group))
+        except MoepressError as exc:
+            log(f"channel ILP at {bits} bits: {exc}")
         add("ilp (gptq_routed, per linear)", "ilp", bits,
             allocate(table, budget, "ilp", others=args.others, granularity="linear"), {"ablation": "granularity"})
         try:
@@ -145,15 +165,34 @@ def run_model(model_dir: str, args) -> tuple[list[dict], dict]:
                 {"ablation": "per_layer"})
         except MoepressError as exc:
             log(f"per-layer ILP at {bits} bits: {exc}")
-        evo = allocate(table, budget, "evolution", others=args.others, evolution={"evaluate": fitness, "population": args.population,
-                                                              "generations": args.generations})
-        plans[(bits, "evolution")] = add("evolution (seeded with ilp gptq_routed)", "evolution", bits, evo,
-                                         {k: evo.info[k] for k in ("seed_fitness_kl", "best_fitness_kl",
-                                                                   "evaluations", "search_seconds")})
+        if not args.skip_evolution:
+            evo = allocate(table, budget, "evolution", evolution={"evaluate": fitness, "population": args.population,
+                                                                  "generations": args.generations})
+            plans[(bits, "evolution")] = add("evolution (seeded with ilp gptq_routed)", "evolution", bits, evo,
+                                             {k: evo.info[k] for k in ("seed_fitness_kl", "best_fitness_kl",
+                                                                       "evaluations", "search_seconds")})
+
+        # The budget over every linear weight: do the attention and shared-expert rules pay?
+        if not args.skip_scope_all:
+            everything = Budget.parse(f"{bits}bits", scope="all")
+            quantized = [o for o in table.options if not o.keep]
+            seeds_all = (0, 1, 2) if bits != int(bits) else (0,)
+            uniform_all = [score(test, table, allocate(table, everything, "uniform", seed=seed, options=quantized))
+                           for seed in seeds_all]
+            mean = {k: float(np.mean([r[k] for r in uniform_all])) for k in uniform_all[0]}
+            add("uniform over all linears" + (" (random 2/3 split, 3 seeds)" if len(seeds_all) > 1 else ""), "uniform",
+                bits, allocate(table, everything, "uniform", options=quantized), {**mean, "ablation": "scope_all"})
+            for label, rules in (("attention only", ("attention",)), ("shared only", ("shared",)),
+                                 ("all rules", None)):
+                kw = {} if rules is None else {"rules": rules}
+                add(f"heuristic over all linears: {label}", "heuristic", bits,
+                    allocate(table, everything, "heuristic", options=quantized, **kw), {"ablation": "scope_all"})
+            add("ilp (gptq_routed) over all linears", "ilp", bits, allocate(table, everything, "ilp", options=quantized),
+                {"ablation": "scope_all"})
 
     # Evolution's population and generations, at 2.5 bits.
     budget = Budget.parse("2.5bits")
-    for population, generations in args.evolution_grid:
+    for population, generations in ([] if args.skip_evolution else args.evolution_grid):
         evo = allocate(table, budget, "evolution", others=args.others, seed=1,
                        evolution={"evaluate": fitness, "population": population, "generations": generations})
         add(f"evolution p{population} g{generations}", "evolution", 2.5, evo,
@@ -162,11 +201,11 @@ def run_model(model_dir: str, args) -> tuple[list[dict], dict]:
 
     # The headline plans, compressed for real.
     if not args.skip_real:
-        for bits in BUDGETS:
+        for bits in args.budgets:
             budget_rows = [r for r in rows if r["budget_bits"] == bits and "ablation" not in r]
             best = min((r for r in budget_rows if r["strategy"] != "uniform"), key=lambda r: r["kl"])
             key = next(k for k in plans if k[0] == bits and plans[k] is not None
-                       and _label_of(k[1]) == best["label"])
+                       and _label_of(k[1]).format(c=args.channel_group) == best["label"])
             for label, plan in (("uniform", plans[(bits, "uniform")]), (best["label"], plans[key])):
                 log(f"{name} {bits} bits: compressing for real with {label}")
                 started = time.time()
@@ -208,7 +247,8 @@ def run_model(model_dir: str, args) -> tuple[list[dict], dict]:
 def _label_of(key: str) -> str:
     return {"uniform": "uniform", "greedy": "greedy (gptq_routed)", "heuristic": "heuristic (all rules)",
             "evolution": "evolution (seeded with ilp gptq_routed)",
-            "ilp-gptq": "ilp (gptq)", "ilp-gptq_routed": "ilp (gptq_routed)", "ilp-hawq": "ilp (hawq)"}.get(key, key)
+            "ilp-gptq": "ilp (gptq)", "ilp-gptq_routed": "ilp (gptq_routed)", "ilp-hawq": "ilp (hawq)",
+            "ilp-channel": "ilp (gptq_routed, per {c} neurons)"}.get(key, key)
 
 
 def synthetic_ilp_timing() -> list[dict]:
@@ -226,17 +266,21 @@ def synthetic_ilp_timing() -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = "| model | budget | plan | experts bits/param | KL | KL / uniform | top-1 | ppl | plan s |"
+    head = "| model | budget | plan | experts bits/param | all bits/param | KL | KL / uniform | top-1 | ppl | plan s |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    uniform = {(r["model"], r["budget_bits"]): r["kl"] for r in rows if r["label"].startswith("uniform") and "ablation" not in r
+    def key(r):
+        return r["model"], r["budget_bits"], r.get("scope", "experts")
+
+    uniform = {key(r): r["kl"] for r in rows if r["label"].startswith("uniform") and r.get("ablation") in (None, "scope_all")
                and not r.get("real")}
-    uniform_real = {(r["model"], r["budget_bits"]): r["kl"] for r in rows if r.get("real") and r["strategy"] == "uniform"}
+    uniform_real = {key(r): r["kl"] for r in rows if r.get("real") and r["strategy"] == "uniform"}
     for r in rows:
         if r.get("ablation") == "domain":
             continue
-        base = (uniform_real if r.get("real") else uniform).get((r["model"], r["budget_bits"]))
+        base = (uniform_real if r.get("real") else uniform).get(key(r))
         ratio = f"{r['kl'] / base:.2f}" if base else ""
-        lines.append(f"| {r['model']} | {r['budget_bits']} | {r['label']} | {r['expert_bits']} | {r['kl']:.5f} | {ratio} | "
+        lines.append(f"| {r['model']} | {r['budget_bits']} | {r['label']} | {r['expert_bits']} | {r['all_bits']} | "
+                     f"{r['kl']:.5f} | {ratio} | "
                      f"{r['top1']:.4f} | {r['perplexity']:.2f} | {r.get('planning_seconds') or ''} |")
     domain = [r for r in rows if r.get("ablation") == "domain"]
     if domain:
@@ -253,7 +297,8 @@ def pareto_plot(rows: list[dict], model: str, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    mine = [r for r in rows if r["model"] == model and r.get("ablation") != "domain" and not r.get("real")]
+    mine = [r for r in rows if r["model"] == model and r.get("ablation") not in ("domain", "scope_all")
+            and not r.get("real")]
     styles = {"uniform": ("k", "o"), "greedy": ("tab:gray", "v"), "heuristic": ("tab:orange", "s"),
               "ilp": ("tab:blue", "D"), "evolution": ("tab:green", "*")}
     for strategy, (color, marker) in styles.items():
@@ -287,12 +332,22 @@ def main(argv=None) -> int:
     p.add_argument("--generations", type=int, default=10)
     p.add_argument("--evolution-grid", type=lambda s: [tuple(map(int, x.split("x"))) for x in s.split(",")],
                    default=[(8, 5), (16, 10), (32, 20)], help="population x generations pairs, e.g. 8x5,16x10")
-    p.add_argument("--others", type=Option.parse, default=Option(4),
+    p.add_argument("--others", default="4b",
                    help="option of attention, shared experts and dense MLPs (default 4b; 16b isolates the experts)")
+    p.add_argument("--group-size", type=lambda v: None if int(v) == 0 else int(v), default=128,
+                   help="group size of every option (default 128; 64 for hidden sizes like 576; 0 = per-channel)")
+    p.add_argument("--channel-group", type=int, default=None,
+                   help="neurons per unit of the channel-granularity ILP (default: the group size)")
+    p.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")], default=list(BUDGETS),
+                   help="comma-separated average bits over the experts (default 2.25,2.5,3,3.5)")
+    p.add_argument("--skip-evolution", action="store_true", help="no evolutionary search (slow on large models)")
+    p.add_argument("--skip-scope-all", action="store_true", help="skip the budget-over-all-linears block")
     p.add_argument("--skip-real", action="store_true", help="do not compress the headline plans for real")
     p.add_argument("--skip-domains", action="store_true", help="skip the calibration-domain ablation")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    args.others = Option.parse(args.others, args.group_size)
+    args.channel_group = args.channel_group or args.group_size or 32
 
     date = datetime.date.today().isoformat()
     out = args.out or os.path.join(ROOT, "benchmarks", "results", f"allocation-{date}.json")

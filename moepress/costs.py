@@ -215,6 +215,7 @@ class CostTable:
         self.meta = dict(meta)
         self.index = {row.name: i for i, row in enumerate(rows)}
         self.variants: dict[tuple[int, int], object] = {}  # (row, option) -> QuantizedWeight, if kept
+        self.hessians: dict[int, torch.Tensor] = {}  # routed down rows -> calibration Hessian, if kept
         # Per-neuron damage of the routed experts' rows: {estimator: [len(neuron_rows), options, neurons]}.
         self.neuron = {k: np.asarray(v, dtype=np.float64) for k, v in (neuron or {}).items()}
         self.neuron_rows = np.asarray(neuron_rows if neuron_rows is not None else [], dtype=np.int64)
@@ -406,7 +407,9 @@ def build_cost_table(
 
     ``keep_variants`` also keeps every GPTQ-quantized weight (packed, so about 1.1x the model's
     bf16 bytes for options 2/3/4/8) in ``table.variants[(row, option)]``: the evolutionary search
-    evaluates plans end to end by swapping these in instead of quantizing again."""
+    evaluates plans end to end by swapping these in instead of quantizing again. It also keeps the
+    routed down projections' Hessians (``table.hessians``), so channel plans, whose down columns are
+    quantized in one GPTQ pass across groups of different widths, can be scored the same way."""
     from tqdm.auto import tqdm
 
     options = sorted(set(options))
@@ -433,6 +436,7 @@ def build_cost_table(
     outlier = np.zeros(R)
     block = np.zeros(view.num_layers)  # 1 - cos(layer input, layer output), mean over tokens
     variants: dict[tuple[int, int], object] = {}
+    hessians: dict[int, torch.Tensor] = {}  # down rows -> their Hessian, with keep_variants
     neuron_gptq: dict[int, np.ndarray] = {}  # expert row -> [O, neurons]
     neuron_pert: dict[int, np.ndarray] = {}
 
@@ -488,6 +492,9 @@ def build_cost_table(
                     if keep_variants and packed is not None:
                         for e, i in enumerate(ids):
                             variants[i, o] = packed.select(e)
+                if keep_variants and linear == "down_proj":  # to quantize neuron-group splits of down later
+                    for e, i in enumerate(ids):
+                        hessians[i] = hessian[e].detach().cpu().clone()
         runner.unload_layer(layer)
     damage = {
         "gptq": gptq,
@@ -518,6 +525,7 @@ def build_cost_table(
     }
     table = CostTable(rows, options, bytes_, damage, stats, meta, neuron=neuron, neuron_rows=neuron_rows)
     table.variants = variants
+    table.hessians = hessians
     return table
 
 

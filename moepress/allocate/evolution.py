@@ -44,6 +44,7 @@ class PlanEvaluator:
         self.targets = [self._target(row) for row in table.rows]
         self.original = [t.detach().clone() for t in self.targets]
         self.current = {}  # row -> option index currently installed (absent: original weights)
+        self._splits = {}  # (row, option indices) -> dequantized split down weight
         with torch.no_grad():
             self.reference = [torch.log_softmax(self.model(input_ids=b, use_cache=False).logits.float(), -1)
                               for b in self._batches()]
@@ -64,14 +65,42 @@ class PlanEvaluator:
         return [self.tokens[i:i + self.batch_size] for i in range(0, len(self.tokens), self.batch_size)]
 
     @torch.no_grad()
-    def install(self, row_options: np.ndarray) -> None:
+    def install(self, row_options) -> None:
+        """Install a table option index per row; a tuple of indices is a routed-expert row split into
+        equal neuron groups (rows of gate/up, columns of down) with those options."""
         for i, o in enumerate(row_options):
-            o = int(o)
+            o = tuple(int(x) for x in o) if isinstance(o, (tuple, list)) else int(o)
             if self.current.get(i, -1) == o:
                 continue
-            variant = self.table.variants.get((i, o))
-            self.targets[i].copy_(self.original[i] if variant is None else variant.dequantize(torch.float32))
+            self.targets[i].copy_(self._weight(i, o))
             self.current[i] = o
+
+    def _weight(self, i: int, o) -> torch.Tensor:
+        if isinstance(o, tuple) and self.table.rows[i].linear == "down_proj":
+            return self._split_down(i, o)
+        if isinstance(o, tuple):  # gate/up rows: GPTQ treats rows independently, so slices are exact
+            return torch.cat([self._weight(i, g).chunk(len(o), dim=0)[k] for k, g in enumerate(o)], dim=0)
+        variant = self.table.variants.get((i, o))
+        return self.original[i] if variant is None else variant.dequantize(torch.float32)
+
+    def _split_down(self, i: int, o: tuple) -> torch.Tensor:
+        """Down columns in neuron groups of different options, quantized as compression does: one GPTQ
+        pass over all columns (slices of uniform variants would lose the cross-group error feedback)."""
+        from ..quantize import gptq_quantize_segments
+
+        key = (i, o)
+        if key not in self._splits:
+            if i not in self.table.hessians:
+                raise MoepressError("scoring a channel plan needs the down projections' Hessians: build the cost "
+                                    "table with keep_variants=True")
+            meta = self.table.meta
+            width = self.original[i].shape[1] // len(o)
+            segments = [(width, self.table.options[g].spec("gptq", symmetric=bool(meta.get("symmetric", False)),
+                                                           damp=float(meta.get("damp", 0.01)))) for g in o]
+            pieces, _ = gptq_quantize_segments(self.original[i], self.table.hessians[i], segments)
+            self._splits[key] = torch.cat([p.float() if isinstance(p, torch.Tensor) else p.dequantize(torch.float32)
+                                           for p in pieces], dim=1)
+        return self._splits[key]
 
     @torch.no_grad()
     def score(self, model) -> dict:
@@ -89,7 +118,7 @@ class PlanEvaluator:
             predicted += batch[:, 1:].numel()
         return {"kl": kl / count, "top1": agree / count, "perplexity": float(np.exp(nll / predicted))}
 
-    def metrics(self, row_options: np.ndarray) -> dict:
+    def metrics(self, row_options) -> dict:
         """:meth:`score` of the candidate plan ``row_options`` (table option index per row)."""
         self.install(row_options)
         return self.score(self.model)
