@@ -53,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--group-size", type=_group_size, default=128, help="32, 64, 128, or 0 for per-channel (default 128)")
     c.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="GPTQ (default) or round-to-nearest")
     c.add_argument("--symmetric", action="store_true", help="symmetric grid without stored zero points")
-    c.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in order of decreasing Hessian diagonal")
+    c.add_argument("--act-order", nargs="?", const="dynamic", default="static", choices=("off", "static", "dynamic"),
+                   help="GPTQ column order: by decreasing Hessian diagonal with each group's grid fixed up front "
+                        "(static, the default: no extra bytes), with grids from the updated weights and an int16 "
+                        "group index per input column (dynamic; --act-order alone), or in storage order (off)")
     c.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of the mean Hessian diagonal (default 0.01)")
     c.add_argument("--calib", default="builtin:calib",
                    help="calibration text: a .txt/.jsonl(.gz) file, builtin:calib (shipped English corpus) or hf:NAME[:CONFIG][:SPLIT]")
@@ -171,7 +174,8 @@ def run_compress(args) -> None:
         plan = load_plan(args.plan)
         q = plan.quantization
         config.method, config.symmetric = q.get("method", "gptq"), bool(q.get("symmetric", False))
-        config.act_order, config.damp = bool(q.get("act_order", False)), float(q.get("damp", 0.01))
+        config.act_order, config.damp = q.get("act_order", "static"), float(q.get("damp", 0.01))
+        config.__post_init__()
     result = compress(args.model, config=config, out=args.out, overwrite=args.overwrite,
                       progress=not args.quiet, trust_remote_code=args.trust_remote_code, plan=plan)
     if args.save_profile:

@@ -36,7 +36,7 @@ class CompressConfig:
     group_size: int | None = 128
     method: str = "gptq"
     symmetric: bool = False
-    act_order: bool = False
+    act_order: str = "static"  # "off" | "static" | "dynamic" (True/False accepted: dynamic/off)
     damp: float = 0.01
     calib: str = "builtin:calib"
     calib_samples: int = 128
@@ -50,6 +50,8 @@ class CompressConfig:
     quantize_mlp: bool = True  # shared experts and dense MLP layers
 
     def __post_init__(self):
+        if isinstance(self.act_order, bool):
+            self.act_order = "dynamic" if self.act_order else "off"
         try:
             self.quant_spec()
         except ValueError as exc:
@@ -61,13 +63,16 @@ class CompressConfig:
             raise MoepressError(f"rare-experts must be 'all_tokens' or 'routed_only' (got {self.rare_experts!r})")
 
     def quant_spec(self) -> QuantSpec:
+        act_order, static = QuantSpec.act_order_flags(self.act_order)
+        gptq = self.method == "gptq"  # act-order needs a Hessian: round-to-nearest ignores it
         return QuantSpec(
             bits=self.bits,
             group_size=self.group_size,
             symmetric=self.symmetric,
-            act_order=self.act_order,
+            act_order=act_order and gptq,
             damp=self.damp,
             method=self.method,
+            static_groups=static and gptq,
         )
 
 
@@ -79,7 +84,7 @@ class UnitRecord:
     group_size: int | None
     symmetric: bool
     act_order: bool
-    method: str
+    method: str  # act_order: whether the packed weight stores a g_idx (dynamic act-order with groups)
     error: float  # trace((W-Q) H (W-Q)^T) with H = X^T X / n: mean squared output error per token
     # An expert linear split along its intermediate neurons (channel-level plans): each piece's
     # bits/group_size/width, rows of gate/up (axis 0) or columns of down (axis 1); ``bits`` is the widest.
@@ -119,7 +124,7 @@ class CompressResult:
             "group_size": None if self.plan is not None else self.config.group_size,
             "plan": None if self.plan is None else {k: v for k, v in self.plan.to_dict().items() if k != "units"},
             "symmetric": self.config.symmetric,
-            "act_order": self.config.act_order,
+            "act_order": self.config.act_order if self.config.method == "gptq" else "off",
             "damp": self.config.damp,
             "calibration": {
                 "source": self.config.calib,
@@ -169,7 +174,8 @@ class UnitSpecs:
             return None
         d = self.default
         return QuantSpec(bits=option.bits, group_size=option.group_size, symmetric=d.symmetric,
-                         act_order=d.act_order if act_order is None else act_order, damp=d.damp, method=d.method)
+                         act_order=d.act_order if act_order is None else act_order, damp=d.damp, method=d.method,
+                         static_groups=d.static_groups)
 
 
 def _keep_record(spec: QuantSpec) -> "UnitRecord":
@@ -201,7 +207,8 @@ def _quantize_linear_units(model, units, stats, specs: UnitSpecs, records) -> No
 
 def _option(spec: QuantSpec) -> dict:
     return dict(
-        bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric, act_order=spec.act_order, method=spec.method
+        bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric, act_order=spec.stores_group_index,
+        method=spec.method
     )
 
 

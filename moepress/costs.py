@@ -99,26 +99,29 @@ class Option:
         group = int(m.group(2)) if m.group(2) else (None if m.group(3) else default_group)
         return cls(bits, group)
 
-    def spec(self, method: str = "gptq", symmetric: bool = False, act_order: bool = False, damp: float = 0.01):
-        """The :class:`QuantSpec` of this option (None for keep)."""
+    def spec(self, method: str = "gptq", symmetric: bool = False, act_order="off", damp: float = 0.01):
+        """The :class:`QuantSpec` of this option (None for keep); ``act_order`` off/static/dynamic."""
         if self.keep:
             return None
+        ordered, static = QuantSpec.act_order_flags(act_order)
+        gptq = method == "gptq"
         return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=symmetric,
-                         act_order=act_order and method == "gptq", damp=damp, method=method)
+                         act_order=ordered and gptq, damp=damp, method=method, static_groups=static and gptq)
 
 
 def option_bytes(option: Option, out_features: int, in_features: int, *, symmetric: bool = False,
                  act_order: bool = False, keep_element_size: int = 2) -> int:
     """Exact bytes of one [out, in] weight stored with ``option``, as moepress packs it:
     uint8 codes packed 8 per ``bits`` bytes, fp16 scales, uint8 zeros (asymmetric), int16 g_idx
-    (act-order); a kept weight costs its own element size (bf16: 2) per parameter."""
+    (``act_order``: dynamic act-order, which stores one); a kept weight costs its own element size
+    (bf16: 2) per parameter."""
     if option.keep:
         return out_features * in_features * keep_element_size
     groups = 1 if option.group_size is None else -(-in_features // option.group_size)
     total = out_features * packed_width(in_features, option.bits) + out_features * groups * 2
     if not symmetric:
         total += out_features * groups
-    if act_order:
+    if act_order and option.group_size is not None:
         total += in_features * 2
     return total
 
@@ -392,7 +395,7 @@ def build_cost_table(
     options: list[Option] = DEFAULT_OPTIONS,
     *,
     symmetric: bool = False,
-    act_order: bool = False,
+    act_order="static",
     damp: float = 0.01,
     device: str | None = None,
     batch_size: int = 8,
@@ -425,9 +428,12 @@ def build_cost_table(
     index = {r.name: i for i, r in enumerate(rows)}
     R, O = len(rows), len(options)
     keep_size = next(model.parameters()).element_size()
-    opts = dict(symmetric=symmetric, act_order=act_order, damp=damp)
+    act_mode = {True: "dynamic", False: "off"}.get(act_order, act_order)
+    QuantSpec.act_order_flags(act_mode)  # a one-line error for a bad mode
+    opts = dict(symmetric=symmetric, act_order=act_mode, damp=damp)
     bytes_ = np.array([[option_bytes(o, r.out_features, r.in_features, symmetric=symmetric,
-                                     act_order=act_order, keep_element_size=keep_size) for o in options] for r in rows])
+                                     act_order=act_mode == "dynamic", keep_element_size=keep_size)
+                        for o in options] for r in rows])
     gptq = np.zeros((R, O))
     perturbation = np.zeros((R, O))
     trace = np.zeros(R)  # mean diagonal of H
@@ -517,7 +523,7 @@ def build_cost_table(
         "samples": int(tokens.shape[0]),
         "seq_len": int(tokens.shape[1]),
         "symmetric": symmetric,
-        "act_order": act_order,
+        "act_order": act_mode,
         "damp": damp,
         "keep_element_size": keep_size,
         "seconds": round(time.time() - started, 2),

@@ -125,3 +125,26 @@ def test_dtype_casts_leave_the_packed_format_alone(tiny_model_dir, calib_file, t
     assert dtypes == {("PackedWeight", torch.uint8), ("PackedWeight", torch.float16),
                       ("PackedLinear", torch.uint8), ("PackedLinear", torch.float16)}
     assert (half.argmax(-1) == full.argmax(-1)).float().mean() > 0.9
+
+
+def test_act_order_modes_from_the_command_line(tiny_model_dir, calib_file, tmp_path):
+    """Static act-order is the default and stores no group index; --act-order alone is dynamic (g_idx
+    per input column); both reload through from_pretrained to the same logits as in memory."""
+    from safetensors import safe_open
+
+    from moepress.cli import main
+
+    source = tiny_model_dir("mixtral")
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    for flags, mode, has_g_idx in (([], "static", False), (["--act-order"], "dynamic", True),
+                                   (["--act-order", "off"], "off", False)):
+        out = str(tmp_path / mode)
+        assert main(["compress", "--model", source, "--out", out, "--calib", calib_file, "--calib-samples", "4",
+                     "--seq-len", "64", "--bits", "3", "--group-size", "32", "--quiet", *flags]) == 0
+        record = json.load(open(os.path.join(out, "moepress.json")))
+        assert record["act_order"] == mode
+        with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+            assert any(k.endswith("g_idx") for k in f.keys()) == has_g_idx
+        with torch.no_grad():
+            torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out)(ids).logits,
+                                       moepress.load(out)(ids).logits)

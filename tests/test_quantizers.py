@@ -161,10 +161,11 @@ def calib():
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group_size", [128, None])
 @pytest.mark.parametrize("symmetric", [False, True])
-@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("act_order", ["off", "dynamic", "static"])
 def test_gptq_beats_rtn_on_correlated_activations(calib, bits, group_size, symmetric, act_order):
     W, H = calib
-    res = gptq_quantize(W, H, QuantSpec(bits, group_size, symmetric, act_order))
+    ordered, static = QuantSpec.act_order_flags(act_order)
+    res = gptq_quantize(W, H, QuantSpec(bits, group_size, symmetric, ordered, static_groups=static))
     rtn = rtn_quantize(W, QuantSpec(bits, group_size, symmetric, method="rtn"))
     err_gptq = hessian_weighted_error(W, res.weight.dequantize(), H)
     err_rtn = hessian_weighted_error(W, rtn.dequantize(), H)
@@ -177,7 +178,7 @@ def test_gptq_beats_rtn_on_correlated_activations(calib, bits, group_size, symme
     expected = hessian_weighted_error(W, res.weight.dequantize(), damped(H, res.damp_used)) / 2
     torch.testing.assert_close(res.loss, expected, rtol=1e-3, atol=1e-4)
     assert torch.equal(res.damp_used, torch.full((E,), 0.01))
-    if act_order and group_size is not None:
+    if act_order == "dynamic" and group_size is not None:
         # each group holds exactly group_size columns, scattered by the permutation
         counts = torch.stack([torch.bincount(g.long(), minlength=C // group_size) for g in res.weight.g_idx])
         assert (counts == group_size).all()
@@ -279,3 +280,26 @@ def test_gptq_input_dtype_and_shape_checks():
     H[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"inf or nan for experts \[0\]"):
         gptq_quantize(W, H, QuantSpec(4))
+
+
+def test_static_act_order_keeps_plain_bytes_and_fixes_grids_before_gptq():
+    """Static act-order (llm-compressor's and GPTQModel's default): columns in act-order, each
+    original group's grid fixed from the original weights, no group index stored. On inputs whose
+    scales differ a lot across columns it beats storage-order GPTQ at exactly the same bytes."""
+    g = torch.Generator().manual_seed(11)
+    cols = 512
+    x = torch.randn(2048, cols, generator=g) * torch.rand(cols, generator=g).pow(3) * 3
+    x = x @ (torch.eye(cols) + 0.1 * torch.randn(cols, cols, generator=g))
+    H = (x.T @ x / len(x)).expand(2, cols, cols)
+    W = torch.randn(2, 64, cols, generator=g)
+    plain = gptq_quantize(W, H, QuantSpec(3, 128)).weight
+    static = gptq_quantize(W, H, QuantSpec(3, 128, act_order=True, static_groups=True)).weight
+    assert static.g_idx is None and static.nbytes() == plain.nbytes()
+    assert (hessian_weighted_error(W, static.dequantize(), H) < 0.9 * hessian_weighted_error(W, plain.dequantize(), H)).all()
+    # The grids are the round-to-nearest grids of the original weights, group by group.
+    rtn = rtn_quantize(W, QuantSpec(3, 128, method="rtn"))
+    assert torch.equal(static.scales, rtn.scales) and torch.equal(static.zeros, rtn.zeros)
+    assert not QuantSpec(3, 128, act_order=True, static_groups=True).stores_group_index
+    assert QuantSpec(3, 128, act_order=True).stores_group_index and not QuantSpec(3, None, act_order=True).stores_group_index
+    with pytest.raises(ValueError, match="off, static or dynamic"):
+        QuantSpec.act_order_flags("sometimes")

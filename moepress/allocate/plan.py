@@ -5,7 +5,7 @@
     estimator: gptq_routed
     granularity: expert
     budget: {spec: 2.5bits, scope: experts, bytes: 1234567}
-    quantization: {method: gptq, symmetric: false, act_order: false, damp: 0.01}
+    quantization: {method: gptq, symmetric: false, act_order: static, damp: 0.01}
     totals: {...}                    # what the plan adds up to (informational, recomputed on load)
     units:
       layers.0.attn.q_proj: 4b-g128
@@ -48,7 +48,7 @@ class Plan:
     channel_group: int | None = None  # neurons per channel unit (channel granularity)
     budget: dict | None = None
     quantization: dict = field(default_factory=lambda: {"method": "gptq", "symmetric": False,
-                                                         "act_order": False, "damp": 0.01})
+                                                         "act_order": "static", "damp": 0.01})
     totals: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
@@ -123,7 +123,8 @@ class Plan:
         if keep_element_size is None:
             keep_element_size = int(self.info.get("keep_element_size", 2))
         resolved = self.resolve(rows)
-        sym, act = bool(self.quantization.get("symmetric")), bool(self.quantization.get("act_order"))
+        sym = bool(self.quantization.get("symmetric"))
+        act = self.quantization.get("act_order") in (True, "dynamic")  # only dynamic act-order stores a g_idx
         by_kind: dict[str, list[int]] = {}
         histogram: dict[str, int] = {}
         for row in rows:
@@ -191,7 +192,7 @@ def load_plan(path: str) -> Plan:
     version = data.get("moepress_plan")
     if version != FORMAT_VERSION:
         raise MoepressError(f"plan {path}: format version {version!r} is not {FORMAT_VERSION}")
-    quantization = {"method": "gptq", "symmetric": False, "act_order": False, "damp": 0.01}
+    quantization = {"method": "gptq", "symmetric": False, "act_order": "static", "damp": 0.01}
     quantization.update(data.get("quantization") or {})
     units = {}
     for key, value in data["units"].items():
@@ -282,7 +283,7 @@ def allocate(
         channel_group=channel_group if granularity == "channel" else None,
         budget={"spec": str(budget).split(" over ")[0], "scope": budget.scope, "bytes": problem.budget_bytes},
         quantization={"method": "gptq", "symmetric": bool(table.meta.get("symmetric", False)),
-                      "act_order": bool(table.meta.get("act_order", False)), "damp": table.meta.get("damp", 0.01)},
+                      "act_order": table.meta.get("act_order", "off"), "damp": table.meta.get("damp", 0.01)},
         info={**info, "seed": seed, "planning_seconds": round(time.time() - started, 3),
               "keep_element_size": int(table.meta.get("keep_element_size", 2)),
               "others": others.label if budget.scope == "experts" else None},

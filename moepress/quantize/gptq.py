@@ -175,7 +175,7 @@ def _quantize_columns(W: torch.Tensor, Hinv: torch.Tensor, grids: list[_Grid], b
             col = i1 + i
             if col in starts:
                 grid = starts[col]
-                if grid.bits is not None:
+                if grid.bits is not None and grid.scale is None:  # (static grids come preset)
                     src = W1[:, :, i : i + grid.width] if i + grid.width <= count else W[:, :, col : col + grid.width]
                     grid.scale, grid.zero = find_params(src, grid.bits, symmetric)
             if grid.bits is None:
@@ -232,22 +232,37 @@ def gptq_quantize(
     Hinv, damp_used = _upper_cholesky_of_inverse(H, spec.damp, name)
     del H
 
+    static = spec.act_order and spec.static_groups and gs is not None
     if gs is None:
         # per-channel: one grid per row, from the whole (dead-zeroed) row up front
         grids = [_Grid(0, C, bits)]
+    elif static:
+        # static act-order: each original group's grid from the original weights, fixed before any
+        # error feedback; permuted column c uses the grid of its original group perm[c] // gs
+        original = W.gather(-1, invperm[:, None, :].expand(E, R, C)).reshape(E, R, C // gs, gs)
+        static_scale, static_zero = find_params(original, bits, sym)  # [E, R, G]
+        group_of = perm // gs  # [E, C]
+        grids = [_Grid(c, 1, bits,
+                       static_scale.gather(-1, group_of[:, c, None, None].expand(E, R, 1)).squeeze(-1),
+                       static_zero.gather(-1, group_of[:, c, None, None].expand(E, R, 1)).squeeze(-1))
+                 for c in range(C)]
+        block_size = gs * math.ceil(block_size / gs)
     else:
         block_size = gs * math.ceil(block_size / gs)
         grids = [_Grid(start, gs, bits) for start in range(0, C, gs)]
     codes, loss = _quantize_columns(W, Hinv, grids, block_size, sym)
-    scales = torch.stack([g.scale for g in grids], dim=-1)  # [E, R, G]
-    zeros = torch.stack([g.zero for g in grids], dim=-1)
+    if static:
+        scales, zeros = static_scale, static_zero
+    else:
+        scales = torch.stack([g.scale for g in grids], dim=-1)  # [E, R, G]
+        zeros = torch.stack([g.zero for g in grids], dim=-1)
 
     g_idx = None
     if spec.act_order:
         # back to the original column order; groups stay contiguous in the
         # permuted order, so record each original column's group
         codes = codes.gather(-1, invperm[:, None, :].expand(E, R, C))
-        if gs is not None:
+        if gs is not None and not static:
             g_idx = (torch.arange(C, device=W.device) // gs)[invperm]  # [E, C]
 
     qw = QuantizedWeight.from_codes(codes, scales, None if sym else zeros, bits=bits, group_size=gs, g_idx=g_idx)

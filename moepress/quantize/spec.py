@@ -31,6 +31,11 @@ class QuantSpec:
     act_order:   GPTQ only: quantize columns in descending diag(H) order, so
                  the most activated inputs are quantized first while there is
                  the most freedom left to compensate (Frantar et al. 2022).
+    static_groups: GPTQ act_order only: every group's (scale, zero) is fixed up front from the
+                 original weights, groups in the original column order (llm-compressor's and
+                 GPTQModel's "static" act-order). No group index is stored, so the checkpoint
+                 costs what plain GPTQ costs; without it (dynamic act-order) groups are contiguous
+                 in the permuted order and an int16 g_idx per input column says where each went.
     damp:        GPTQ only: lambda = damp * mean(diag(H)) added to diag(H).
     method:      "gptq" (second-order error feedback) or "rtn" (round to nearest).
     """
@@ -41,6 +46,7 @@ class QuantSpec:
     act_order: bool = False
     damp: float = 0.01
     method: str = "gptq"
+    static_groups: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in ALLOWED_BITS:
@@ -63,8 +69,29 @@ class QuantSpec:
         object.__setattr__(self, "damp", float(self.damp))
         if self.method not in ALLOWED_METHODS:
             raise ValueError(f"method must be 'gptq' or 'rtn' (got {self.method!r})")
+        if not isinstance(self.static_groups, bool):
+            raise ValueError(f"static_groups must be true or false (got {self.static_groups!r})")
+        if self.static_groups and not self.act_order:
+            object.__setattr__(self, "static_groups", False)  # only meaningful with act_order
         if self.method == "rtn" and self.act_order:
             raise ValueError("act_order needs a Hessian and only applies to method 'gptq'; drop act_order or use gptq")
+
+    @property
+    def stores_group_index(self) -> bool:
+        """Whether packed weights carry a g_idx: dynamic act-order with groups."""
+        return self.act_order and not self.static_groups and self.group_size is not None
+
+    @classmethod
+    def act_order_flags(cls, mode) -> tuple[bool, bool]:
+        """(act_order, static_groups) of an act-order mode: "off", "static", "dynamic" (True means
+        dynamic, False off), with a one-line error for anything else."""
+        if mode is True or mode == "dynamic":
+            return True, False
+        if mode is False or mode in (None, "off"):
+            return False, False
+        if mode == "static":
+            return True, True
+        raise ValueError(f"act-order must be off, static or dynamic (got {mode!r})")
 
     @property
     def maxq(self) -> int:
