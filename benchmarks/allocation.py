@@ -182,8 +182,11 @@ def run_model(model_dir: str, args) -> tuple[list[dict], dict]:
             mean = {k: float(np.mean([r[k] for r in uniform_all])) for k in uniform_all[0]}
             add("uniform over all linears" + (" (random 2/3 split, 3 seeds)" if len(seeds_all) > 1 else ""), "uniform",
                 bits, allocate(table, everything, "uniform", options=quantized), {**mean, "ablation": "scope_all"})
+            has_shared = any(r.kind in ("shared", "dense_mlp") for r in table.rows)
             for label, rules in (("attention only", ("attention",)), ("shared only", ("shared",)),
                                  ("all rules", None)):
+                if rules == ("shared",) and not has_shared:
+                    continue  # no shared expert or dense MLP: the rule ranks nothing
                 kw = {} if rules is None else {"rules": rules}
                 add(f"heuristic over all linears: {label}", "heuristic", bits,
                     allocate(table, everything, "heuristic", options=quantized, **kw), {"ablation": "scope_all"})
@@ -201,7 +204,7 @@ def run_model(model_dir: str, args) -> tuple[list[dict], dict]:
 
     # The headline plans, compressed for real.
     if not args.skip_real:
-        for bits in args.budgets:
+        for bits in args.real_budgets or args.budgets:
             budget_rows = [r for r in rows if r["budget_bits"] == bits and "ablation" not in r]
             best = min((r for r in budget_rows if r["strategy"] != "uniform"), key=lambda r: r["kl"])
             key = next(k for k in plans if k[0] == bits and plans[k] is not None
@@ -341,6 +344,8 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")], default=list(BUDGETS),
                    help="comma-separated average bits over the experts (default 2.25,2.5,3,3.5)")
     p.add_argument("--skip-evolution", action="store_true", help="no evolutionary search (slow on large models)")
+    p.add_argument("--real-budgets", type=lambda s: [float(x) for x in s.split(",")], default=None,
+                   help="compress for real only at these budgets (default: every budget)")
     p.add_argument("--skip-scope-all", action="store_true", help="skip the budget-over-all-linears block")
     p.add_argument("--skip-real", action="store_true", help="do not compress the headline plans for real")
     p.add_argument("--skip-domains", action="store_true", help="skip the calibration-domain ablation")

@@ -80,6 +80,8 @@ def main(argv=None) -> int:
     p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
     p.add_argument("--group-sizes", nargs="+", type=int, default=[128, 0], help="0 = per-channel")
     p.add_argument("--methods", nargs="+", default=["rtn", "gptq"])
+    p.add_argument("--act-order", default="static", choices=("off", "static", "dynamic"),
+                   help="moepress GPTQ's column order (default static, moepress's default)")
     p.add_argument("--peers", default="", help="comma-separated: " + ",".join(PEERS))
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--eval-samples", type=int, default=64)
@@ -129,7 +131,8 @@ def main(argv=None) -> int:
                 option = common + ["--bits", str(bits), "--group-size", str(group)]
                 for method in args.methods:
                     record({"model": name, "tool": "moepress", "method": method, "bits": bits, "group_size": group or None,
-                            **run_worker(sys.executable, "benchmarks.workers.moepress_worker", option + ["--method", method],
+                            **run_worker(sys.executable, "benchmarks.workers.moepress_worker",
+                                       option + ["--method", method, "--act-order", args.act_order],
                                          args.timeout)})
                 for tool in peers:
                     python = peer_python(tool)

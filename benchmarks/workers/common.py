@@ -35,6 +35,8 @@ def worker_args(extra=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--workdir", required=True)
     p.add_argument("--iters", type=int, default=200, help="AutoRound only: SignRound steps per block")
+    p.add_argument("--act-order", default="static", choices=("off", "static", "dynamic"),
+                   help="moepress GPTQ only: column order (the default is moepress's own)")
     if extra:
         extra(p)
     return p.parse_args()

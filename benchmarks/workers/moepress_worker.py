@@ -28,8 +28,10 @@ def main(args, row):
     if args.bits == 16:
         row.update(tool="baseline", method="uncompressed", group_size=None, compress_seconds=0.0)
         return evaluate_row(moepress.load(args.model, dtype=torch.float32), reference, windows, args.model, params, row)
+    act_order = getattr(args, "act_order", None) or "static"  # moepress's default
     config = CompressConfig(bits=args.bits, group_size=args.group_size or None, method=args.method,
-                            calib_samples=args.calib_samples, seq_len=args.seq_len, calib=args.calib)
+                            calib_samples=args.calib_samples, seq_len=args.seq_len, calib=args.calib,
+                            act_order=act_order)
     tokens = calib_windows(tokenizer, args.calib, args.seq_len, args.calib_samples)
     # Load in the checkpoint's own dtype (as `moepress compress` does): the parts that stay unquantized
     # (embeddings, norms, routers) are saved in it; calibration still computes in float32 on CPU.
@@ -39,7 +41,8 @@ def main(args, row):
     seconds = time.time() - started
     out = os.path.join(args.workdir, "out")
     save_compressed(CompressResult(model, tokenizer, config, records, profile, seconds, tokens.numel()), out, overwrite=True)
-    row.update(tool="moepress", method=args.method, compress_seconds=round(seconds, 2))
+    row.update(tool="moepress", method=args.method, compress_seconds=round(seconds, 2),
+               act_order=act_order if args.method == "gptq" else "off")
     return evaluate_row(moepress.load(out, dtype=torch.float32), reference, windows, out, params, row)
 
 
