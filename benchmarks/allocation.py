@@ -256,15 +256,16 @@ def _label_of(key: str) -> str:
 
 def synthetic_ilp_timing() -> list[dict]:
     out = []
-    table = synthetic_table(layers=32, experts=8, hidden=4096, intermediate=14336, seed=0)
-    for granularity in ("expert", "linear"):
+    table = synthetic_table(layers=32, experts=8, hidden=4096, intermediate=14336, seed=0, neurons=True)
+    for granularity, channel_group in (("expert", None), ("linear", None), ("channel", 512), ("channel", 128)):
         started = time.time()
-        plan = allocate(table, Budget.parse("2.5bits"), "ilp", granularity=granularity)
+        plan = allocate(table, Budget.parse("2.5bits"), "ilp", granularity=granularity, channel_group=channel_group)
         seconds = time.time() - started
+        label = granularity if channel_group is None else f"channel ({channel_group} neurons)"
         out.append({"table": "synthetic Mixtral-8x7B (32 layers x 8 experts x 3 linears x 5 options)",
-                    "granularity": granularity, "units": len(plan.units), "seconds": round(seconds, 3),
+                    "granularity": label, "units": len(plan.units), "seconds": round(seconds, 3),
                     "within_budget": plan.totals["budget_scope_bytes"] <= plan.budget["bytes"]})
-        log(f"synthetic Mixtral-8x7B ILP ({granularity}): {seconds:.2f} s")
+        log(f"synthetic Mixtral-8x7B ILP ({label}): {seconds:.2f} s")
     return out
 
 

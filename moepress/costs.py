@@ -220,7 +220,7 @@ class CostTable:
         self.variants: dict[tuple[int, int], object] = {}  # (row, option) -> QuantizedWeight, if kept
         self.hessians: dict[int, torch.Tensor] = {}  # routed down rows -> calibration Hessian, if kept
         # Per-neuron damage of the routed experts' rows: {estimator: [len(neuron_rows), options, neurons]}.
-        self.neuron = {k: np.asarray(v, dtype=np.float64) for k, v in (neuron or {}).items()}
+        self.neuron = {k: np.asarray(v, dtype=np.float32) for k, v in (neuron or {}).items()}
         self.neuron_rows = np.asarray(neuron_rows if neuron_rows is not None else [], dtype=np.int64)
 
     # ------------------------------------------------------------------ queries
@@ -536,9 +536,10 @@ def build_cost_table(
 
 
 def synthetic_table(layers: int, experts: int, hidden: int, intermediate: int,
-                    options: list[Option] = DEFAULT_OPTIONS, seed: int = 0) -> CostTable:
+                    options: list[Option] = DEFAULT_OPTIONS, seed: int = 0, neurons: bool = False) -> CostTable:
     """A table of the given shape with plausible random damage (decreasing in bits), for
-    solver benchmarks at real model sizes (e.g. Mixtral-8x7B: 32 x 8 x 4096 x 14336)."""
+    solver benchmarks at real model sizes (e.g. Mixtral-8x7B: 32 x 8 x 4096 x 14336). ``neurons``
+    also spreads every expert row's damage over its neurons (for channel granularity)."""
     rng = np.random.default_rng(seed)
     rows = []
     for layer in range(layers):
@@ -556,11 +557,18 @@ def synthetic_table(layers: int, experts: int, hidden: int, intermediate: int,
     damage = scale[:, None] * np.where(bits >= KEEP_BITS, 0.0, 4.0 ** (-bits))[None, :]
     mass = rng.dirichlet(np.ones(experts), size=layers)
     routed = np.array([mass[r.layer, r.expert] * 2 if r.kind == "expert" else 1.0 for r in rows])
+    neuron, neuron_rows = None, None
+    if neurons:
+        neuron_rows = np.array([i for i, r in enumerate(rows) if r.kind == "expert"], dtype=np.int64)
+        share = rng.gamma(1.0, size=(len(neuron_rows), 1, intermediate)).astype(np.float32)
+        share /= share.sum(-1, keepdims=True)
+        base = (damage * routed[:, None])[neuron_rows].astype(np.float32)[:, :, None] * share
+        neuron = {"gptq": base, "gptq_routed": base, "hawq": base}
     return CostTable(rows, options, bytes_, {"gptq": damage, "gptq_routed": damage * routed[:, None],
                                               "hawq": damage * routed[:, None]},
                      {"tokens_fraction": routed, "routing_mass": routed, "outlier": scale,
                       "hessian_trace": scale, "block_score": rng.random(layers)},
-                     {"synthetic": True, "seed": seed})
+                     {"synthetic": True, "seed": seed}, neuron=neuron, neuron_rows=neuron_rows)
 
 
 __all__ = ["CostTable", "DEFAULT_OPTIONS", "ESTIMATORS", "GRANULARITIES", "Groups", "Option", "Row",
