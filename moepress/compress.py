@@ -398,6 +398,9 @@ def compress(
         options = {**options, **{k: v for k, v in plan.quantization.items()
                                  if k in ("method", "symmetric", "act_order", "damp")}}
     config = config or CompressConfig(**options)
+    if plan is not None and not (config.quantize_attention and config.quantize_mlp):
+        raise MoepressError("a plan gives every unit its option, so --keep-attention does not combine with --plan; "
+                            "write 16b for the attention units in the plan instead")
     if out is not None:
         from .export.checkpoint import check_output_dir
 

@@ -233,6 +233,9 @@ def test_plan_command_at_channel_granularity(tiny_model_dir, calib_file, tmp_pat
     assert not os.path.exists(plan_path)
     assert main(common + ["--plot", str(tmp_path / "plan.png")]) == 0
     plan = load_plan(plan_path)
+    assert main(["compress", "--model", source, "--plan", plan_path, "--keep-attention", "--out",
+                 str(tmp_path / "no"), "--quiet"]) == 2
+    assert "does not combine with --plan" in capsys.readouterr().err and not os.path.exists(tmp_path / "no")
     assert plan.channel_group == 32 and channel_key("layers.1.experts.3", 3) in plan.units
     out = str(tmp_path / "out")
     assert main(["compress", "--model", source, "--plan", plan_path, "--calib", calib_file, "--calib-samples", "4",
