@@ -16,7 +16,7 @@ So every layer is calibrated on the outputs of the already-quantized layers befo
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -83,8 +83,8 @@ class UnitRecord:
     bits: int
     group_size: int | None
     symmetric: bool
-    act_order: bool
-    method: str  # act_order: whether the packed weight stores a g_idx (dynamic act-order with groups)
+    act_order: bool  # whether the packed weight stores a g_idx (dynamic act-order with groups)
+    method: str
     error: float  # trace((W-Q) H (W-Q)^T) with H = X^T X / n: mean squared output error per token
     # An expert linear split along its intermediate neurons (channel-level plans): each piece's
     # bits/group_size/width, rows of gate/up (axis 0) or columns of down (axis 1); ``bits`` is the widest.
@@ -165,17 +165,17 @@ class UnitSpecs:
         if self.options is None:
             return self.default
         option = self.options[name]
-        if isinstance(option, tuple):
-            return [self._spec(o, act_order=False) for o in option]
+        if isinstance(option, tuple):  # neuron-group pieces never store a g_idx: dynamic act-order is dropped
+            specs = [self._spec(o) for o in option]
+            return [replace(s, act_order=False) if s is not None and s.stores_group_index else s for s in specs]
         return self._spec(option)
 
-    def _spec(self, option, act_order: bool | None = None) -> QuantSpec | None:
+    def _spec(self, option) -> QuantSpec | None:
         if option.keep:
             return None
         d = self.default
         return QuantSpec(bits=option.bits, group_size=option.group_size, symmetric=d.symmetric,
-                         act_order=d.act_order if act_order is None else act_order, damp=d.damp, method=d.method,
-                         static_groups=d.static_groups)
+                         act_order=d.act_order, damp=d.damp, method=d.method, static_groups=d.static_groups)
 
 
 def _keep_record(spec: QuantSpec) -> "UnitRecord":
@@ -269,9 +269,9 @@ def _quantize_splits(store: ExpertStore, weights, hessian, splits, default: Quan
         pieces[linear, e] = [None] * n
         if linear == "down_proj":
             w = weights[linear][e].detach().float()
-            if default.method == "gptq":
-                got, _ = gptq_quantize_segments(w, hessian[e], [(width, s) for s in piece_specs],
-                                                name=store.unit_name(e, linear))
+            if default.method == "gptq":  # segments are contiguous: no act-order across them
+                segments = [(width, s and replace(s, act_order=False, static_groups=False)) for s in piece_specs]
+                got, _ = gptq_quantize_segments(w, hessian[e], segments, name=store.unit_name(e, linear))
             else:
                 got = [w[:, k * width:(k + 1) * width].clone() if s is None else
                        rtn_quantize(w[:, k * width:(k + 1) * width], s, name=store.unit_name(e, linear))
