@@ -12,7 +12,10 @@ estimator (expert granularity; also per neuron group of --channel-group neurons,
 layer with the routed estimator), and the evolutionary search seeded with the ILP (fitness: KL on 8
 held-out calibration windows). With the budget over all linear weights instead (scope "all", no unit
 pinned at 4 bits): uniform, the heuristic with the attention rule alone, the shared-expert rule
-alone and all rules, and the ILP.
+alone and all rules, and the ILP (with gptq_routed and with kl_scaled damage).
+
+``kl_scaled`` is gptq_routed damage rescaled per (layer, kind) by the KL measured when that block
+alone is quantized at 2, 3 and 4 bits, on the same 8 held-out calibration windows as evolution's fitness.
 
 Every plan is scored on the evaluation split (64 x 256 tokens, seed 0, as the quality benchmark):
 KL divergence and top-1 agreement against the uncompressed model and perplexity, by swapping the
@@ -45,7 +48,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from moepress.allocate import Budget, allocate  # noqa: E402
+from moepress.allocate import Budget, add_kl_scaled, allocate  # noqa: E402
 from moepress.allocate.evolution import PlanEvaluator  # noqa: E402
 from moepress.costs import Option, build_cost_table, synthetic_table  # noqa: E402
 from moepress.errors import MoepressError  # noqa: E402
@@ -116,6 +119,9 @@ def run_model(model_dir: str, args) -> tuple[list[dict], dict]:
     table_seconds = time.time() - started
     fitness = PlanEvaluator(model, table, held_out)
     test = PlanEvaluator(model, table, eval_tokens)
+    # kl_scaled: the table's damage weighed per (layer, kind) by KL measured on the held-out windows.
+    sensitivity = add_kl_scaled(table, fitness)
+    log(f"{name}: layer sensitivity, {sensitivity['evaluations']} evaluations in {sensitivity['seconds']} s")
     rows: list[dict] = []
 
     def add(label, strategy, bits, plan, extra=None):
@@ -149,7 +155,7 @@ def run_model(model_dir: str, args) -> tuple[list[dict], dict]:
         for rule in EXPERT_RULES:
             add(f"heuristic: {rule} only", "heuristic", bits, allocate(table, budget, "heuristic", others=args.others, rules=(rule,)),
                 {"ablation": "rule"})
-        for estimator in ("gptq", "gptq_routed", "hawq"):
+        for estimator in ("gptq", "gptq_routed", "hawq", "kl_scaled"):
             plans[(bits, f"ilp-{estimator}")] = add(f"ilp ({estimator})", "ilp", bits,
                                                    allocate(table, budget, "ilp", others=args.others, estimator=estimator))
         try:
@@ -190,8 +196,9 @@ def run_model(model_dir: str, args) -> tuple[list[dict], dict]:
                 kw = {} if rules is None else {"rules": rules}
                 add(f"heuristic over all linears: {label}", "heuristic", bits,
                     allocate(table, everything, "heuristic", options=quantized, **kw), {"ablation": "scope_all"})
-            add("ilp (gptq_routed) over all linears", "ilp", bits, allocate(table, everything, "ilp", options=quantized),
-                {"ablation": "scope_all"})
+            for estimator in ("gptq_routed", "kl_scaled"):
+                add(f"ilp ({estimator}) over all linears", "ilp", bits,
+                    allocate(table, everything, "ilp", options=quantized, estimator=estimator), {"ablation": "scope_all"})
 
     # Evolution's population and generations, at 2.5 bits.
     budget = Budget.parse("2.5bits")
@@ -243,7 +250,8 @@ def run_model(model_dir: str, args) -> tuple[list[dict], dict]:
                                     plans[(2.5, "uniform")], m),
                          "ablation": "domain", "plan_domain": "-", "eval_domain": target})
     info = {"table_seconds": round(table_seconds, 1), "calibration_tokens": int(calib.numel()),
-            "units": len(table.rows), "fitness_evaluations": fitness.evaluations}
+            "units": len(table.rows), "fitness_evaluations": fitness.evaluations,
+            "sensitivity_seconds": sensitivity["seconds"], "sensitivity_blocks": sensitivity["blocks"]}
     return rows, info
 
 
@@ -251,6 +259,7 @@ def _label_of(key: str) -> str:
     return {"uniform": "uniform", "greedy": "greedy (gptq_routed)", "heuristic": "heuristic (all rules)",
             "evolution": "evolution (seeded with ilp gptq_routed)",
             "ilp-gptq": "ilp (gptq)", "ilp-gptq_routed": "ilp (gptq_routed)", "ilp-hawq": "ilp (hawq)",
+            "ilp-kl_scaled": "ilp (kl_scaled)",
             "ilp-channel": "ilp (gptq_routed, per {c} neurons)"}.get(key, key)
 
 

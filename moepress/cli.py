@@ -106,8 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--scope", choices=("experts", "all"), default="experts",
                     help="what the budget covers: routed experts (others at --others; default) or all linear weights")
     pl.add_argument("--strategy", choices=("uniform", "greedy", "heuristic", "ilp", "evolution"), default="ilp")
-    pl.add_argument("--estimator", choices=("gptq", "gptq_routed", "hawq"), default="gptq_routed",
-                    help="damage estimate: GPTQ loss (001), x routing mass (003, default), or Hessian trace x perturbation (HAWQ)")
+    pl.add_argument("--estimator", choices=("gptq", "gptq_routed", "hawq", "kl_scaled"), default="gptq_routed",
+                    help="damage estimate: GPTQ loss (001), x routing mass (003, default), Hessian trace x perturbation "
+                         "(HAWQ), or gptq_routed rescaled per layer and kind by the output KL measured end to end "
+                         "(kl_scaled: one extra evaluation per layer and kind)")
     pl.add_argument("--granularity", choices=("expert", "linear", "channel"), default="expert",
                     help="a unit is a whole expert (default), one linear (gate/up/down) of an expert, or a group of "
                          "--channel-group intermediate neurons of an expert (its rows of gate/up, columns of down)")
@@ -124,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--population", type=int, default=16, help="evolution: plans per generation (default 16)")
     pl.add_argument("--generations", type=int, default=10, help="evolution: generations (default 10)")
     pl.add_argument("--fitness-samples", type=int, default=8,
-                    help="evolution: held-out calibration windows the KL fitness is measured on (default 8)")
+                    help="evolution and kl_scaled: held-out calibration windows KL is measured on (default 8)")
     pl.add_argument("--symmetric", action="store_true", help="symmetric grids without stored zero points")
     pl.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening (default 0.01)")
     pl.add_argument("--calib", default="builtin:calib", help="calibration text (as for compress)")

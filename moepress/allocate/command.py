@@ -52,27 +52,29 @@ def make_plan(args) -> None:
             raise MoepressError("channel granularity needs routed experts; this model has none")
         check_channel_group(options, gate.out_features, gate.in_features, args.channel_group)
     evolving = args.strategy == "evolution"
+    scaling = args.estimator == "kl_scaled"
     table = None
     if args.table and os.path.exists(args.table) and not evolving:
         table = CostTable.load(args.table)
         if [r.name for r in table.rows] != [r.name for r in rows]:
             raise MoepressError(f"cost table {args.table} was built for another model; delete it or pick another path")
-        print(f"cost table: read {args.table}", file=sys.stderr)
+        if scaling and "kl_scaled" not in table.damage:
+            print(f"cost table: {args.table} has no kl_scaled damage yet; rebuilding it to measure it", file=sys.stderr)
+            table = None
+        else:
+            print(f"cost table: read {args.table}", file=sys.stderr)
+    fresh = table is None  # built (or measured) here: saved to --table once complete
     if table is None:
         text = load_text(args.calib)
         tokens = token_windows(text, tokenizer, args.seq_len, args.calib_samples, seed=args.seed, what="calibration")
         all_options = sorted(set(options) | {others})
         table = build_cost_table(model, tokens, all_options, symmetric=args.symmetric, damp=args.damp,
                                  device=args.device, batch_size=args.batch_size, progress=not args.quiet,
-                                 keep_variants=evolving)
+                                 keep_variants=evolving or scaling)
         table.meta["calibration"] = {"source": args.calib, "samples": args.calib_samples, "seq_len": args.seq_len,
                                      "seed": args.seed}
-        if args.table:
-            table.save(args.table)
-            print(f"cost table: saved {args.table} ({table.meta['seconds']} s)", file=sys.stderr)
-
-    evolution = None
-    if evolving:
+    evaluator = None
+    if table.variants:
         from .evolution import PlanEvaluator
 
         # Held-out calibration windows: drawn from the same text with another seed.
@@ -80,6 +82,19 @@ def make_plan(args) -> None:
                                  seed=args.seed + 1, what="held-out calibration")
         with torch.no_grad():
             evaluator = PlanEvaluator(model, table, held_out, batch_size=args.batch_size)
+    if scaling and "kl_scaled" not in table.damage:
+        from .sensitivity import add_kl_scaled
+
+        with torch.no_grad():
+            info = add_kl_scaled(table, evaluator, progress=not args.quiet)
+        print(f"layer sensitivity: {info['evaluations']} evaluations ({', '.join(info['probes'])} per layer and kind) "
+              f"on {info['windows']} held-out windows in {info['seconds']} s", file=sys.stderr)
+    if args.table and fresh:
+        table.save(args.table)
+        print(f"cost table: saved {args.table} ({table.meta['seconds']} s)", file=sys.stderr)
+
+    evolution = None
+    if evolving:
         evolution = {"evaluate": evaluator, "population": args.population, "generations": args.generations}
     plan = allocate(table, budget, args.strategy, estimator=args.estimator, granularity=args.granularity,
                     channel_group=args.channel_group, options=options, others=others, group_size=args.group_size, rules=rules, first_k=args.first_k,
