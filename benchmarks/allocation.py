@@ -12,7 +12,9 @@ estimator (expert granularity; also per neuron group of --channel-group neurons,
 layer with the routed estimator), and the evolutionary search seeded with the ILP (fitness: KL on 8
 held-out calibration windows). With the budget over all linear weights instead (scope "all", no unit
 pinned at 4 bits): uniform, the heuristic with the attention rule alone, the shared-expert rule
-alone and all rules, and the ILP (with gptq_routed and with kl_scaled damage).
+alone and all rules, and the ILP (with gptq_routed and with kl_scaled damage). And the ILP over all
+linears given exactly the bytes of the experts-scope uniform plan (attention at 4 bits included),
+compared with that uniform plan.
 
 ``kl_scaled`` is gptq_routed damage rescaled per (layer, kind) by the KL measured when that block
 alone is quantized at 2, 3 and 4 bits, on the same 8 held-out calibration windows as evolution's fitness.
@@ -171,6 +173,13 @@ def run_model(model_dir: str, args) -> tuple[list[dict], dict]:
                 {"ablation": "per_layer"})
         except MoepressError as exc:
             log(f"per-layer ILP at {bits} bits: {exc}")
+        # The same bytes as this budget's uniform plan (experts at the budget, the others at 4 bits),
+        # spent by the ILP over every linear: what a user who only cares about total bytes would do.
+        same_bytes = Budget(bytes=plans[(bits, "uniform")].totals["bytes"], scope="all")
+        plans[(bits, "ilp-kl_scaled-same-bytes")] = add(
+            _label_of("ilp-kl_scaled-same-bytes"), "ilp", bits,
+            allocate(table, same_bytes, "ilp", options=[o for o in table.options if not o.keep], estimator="kl_scaled"),
+            {"compare_scope": "experts"})
         if not args.skip_evolution:
             evo = allocate(table, budget, "evolution", evolution={"evaluate": fitness, "population": args.population,
                                                                   "generations": args.generations})
@@ -223,7 +232,8 @@ def run_model(model_dir: str, args) -> tuple[list[dict], dict]:
                                            seq_len=args.seq_len, progress=False)
                 metrics = test.score(result.model.float().eval())
                 rows.append({**plan_row(name, label + " [real compress]", plan.strategy, bits, plan, metrics),
-                             "real": True, "compress_seconds": round(time.time() - started, 1)})
+                             "real": True, "compress_seconds": round(time.time() - started, 1),
+                             "compare_scope": "experts"})
                 log(f"  real: KL {metrics['kl']:.5f} top1 {metrics['top1']:.4f} ppl {metrics['perplexity']:.2f}")
 
     # Calibration domain: plans from KJV-only and Austen-only tables, scored on each domain's eval text.
@@ -260,6 +270,7 @@ def _label_of(key: str) -> str:
             "evolution": "evolution (seeded with ilp gptq_routed)",
             "ilp-gptq": "ilp (gptq)", "ilp-gptq_routed": "ilp (gptq_routed)", "ilp-hawq": "ilp (hawq)",
             "ilp-kl_scaled": "ilp (kl_scaled)",
+            "ilp-kl_scaled-same-bytes": "ilp (kl_scaled) over all linears, at uniform's bytes",
             "ilp-channel": "ilp (gptq_routed, per {c} neurons)"}.get(key, key)
 
 
@@ -281,8 +292,8 @@ def synthetic_ilp_timing() -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     head = "| model | budget | plan | experts bits/param | all bits/param | KL | KL / uniform | top-1 | ppl | plan s |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    def key(r):
-        return r["model"], r["budget_bits"], r.get("scope", "experts")
+    def key(r):  # the uniform plan a row is compared with: same model, budget and scope
+        return r["model"], r["budget_bits"], r.get("compare_scope") or r.get("scope", "experts")
 
     uniform = {key(r): r["kl"] for r in rows if r["label"].startswith("uniform") and r.get("ablation") in (None, "scope_all")
                and not r.get("real")}

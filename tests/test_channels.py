@@ -115,8 +115,10 @@ def test_channel_ilp_fits_and_is_at_least_as_good_as_expert_ilp(table_and_tokens
         by_expert = allocate(table, budget, "ilp", granularity="expert", group_size=32)
         by_channel = allocate(table, budget, "ilp", granularity="channel", channel_group=32, group_size=32)
         assert by_channel.totals["budget_scope_bytes"] <= by_channel.budget["bytes"]
-        # Every expert plan is also a channel plan (all groups alike), and damages add up exactly.
-        assert by_channel.totals["predicted_damage"]["value"] <= by_expert.totals["predicted_damage"]["value"] + 1e-12
+        # Every expert plan is also a channel plan (all groups alike), and damages add up (to the float32
+        # rounding of the stored per-neuron damage).
+        expert_damage = by_expert.totals["predicted_damage"]["value"]
+        assert by_channel.totals["predicted_damage"]["value"] <= expert_damage * (1 + 1e-6)
 
 
 def _channel_plan(table, path, group, options):
