@@ -16,8 +16,8 @@ alone and all rules, and the ILP (with gptq_routed and with kl_scaled damage). A
 linears given exactly the bytes of the experts-scope uniform plan (attention at 4 bits included),
 compared with that uniform plan.
 
-``kl_scaled`` is gptq_routed damage rescaled per (layer, kind) by the KL measured when that block
-alone is quantized at 2, 3 and 4 bits, on the same 8 held-out calibration windows as evolution's fitness.
+``kl_scaled`` is gptq_routed damage rescaled per (layer, kind) and option by the KL that block adds
+at 2, 3 and 4 bits to a model whose other units are at 4 bits, measured on the same 8 held-out calibration windows as evolution's fitness.
 
 Every plan is scored on the evaluation split (64 x 256 tokens, seed 0, as the quality benchmark):
 KL divergence and top-1 agreement against the uncompressed model and perplexity, by swapping the
@@ -122,7 +122,9 @@ def run_model(model_dir: str, args) -> tuple[list[dict], dict]:
     fitness = PlanEvaluator(model, table, held_out)
     test = PlanEvaluator(model, table, eval_tokens)
     # kl_scaled: the table's damage weighed per (layer, kind) by KL measured on the held-out windows.
-    sensitivity = add_kl_scaled(table, fitness)
+    sensitivity = add_kl_scaled(table, fitness, progress=True)
+    if args.sensitivity_alone:  # ablation: the same, each block measured in the otherwise original model
+        add_kl_scaled(table, fitness, name="kl_scaled_alone", background=None)
     log(f"{name}: layer sensitivity, {sensitivity['evaluations']} evaluations in {sensitivity['seconds']} s")
     rows: list[dict] = []
 
@@ -160,6 +162,9 @@ def run_model(model_dir: str, args) -> tuple[list[dict], dict]:
         for estimator in ("gptq", "gptq_routed", "hawq", "kl_scaled"):
             plans[(bits, f"ilp-{estimator}")] = add(f"ilp ({estimator})", "ilp", bits,
                                                    allocate(table, budget, "ilp", others=args.others, estimator=estimator))
+        if args.sensitivity_alone:
+            add("ilp (kl_scaled_alone)", "ilp", bits, allocate(table, budget, "ilp", estimator="kl_scaled_alone"),
+                {"ablation": "sensitivity"})
         try:
             plans[(bits, "ilp-channel")] = add(_label_of("ilp-channel").format(c=args.channel_group), "ilp", bits,
                                                allocate(table, budget, "ilp", granularity="channel",
@@ -205,7 +210,7 @@ def run_model(model_dir: str, args) -> tuple[list[dict], dict]:
                 kw = {} if rules is None else {"rules": rules}
                 add(f"heuristic over all linears: {label}", "heuristic", bits,
                     allocate(table, everything, "heuristic", options=quantized, **kw), {"ablation": "scope_all"})
-            for estimator in ("gptq_routed", "kl_scaled"):
+            for estimator in ("gptq_routed", "kl_scaled") + (("kl_scaled_alone",) if args.sensitivity_alone else ()):
                 add(f"ilp ({estimator}) over all linears", "ilp", bits,
                     allocate(table, everything, "ilp", options=quantized, estimator=estimator), {"ablation": "scope_all"})
 
@@ -370,6 +375,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-scope-all", action="store_true", help="skip the budget-over-all-linears block")
     p.add_argument("--skip-real", action="store_true", help="do not compress the headline plans for real")
     p.add_argument("--skip-domains", action="store_true", help="skip the calibration-domain ablation")
+    p.add_argument("--sensitivity-alone", action="store_true",
+                   help="ablation: also kl_scaled measured in the otherwise original model (background None)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     args.others = Option.parse(args.others, args.group_size)

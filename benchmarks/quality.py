@@ -79,7 +79,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", required=True, help="model folders (the zoo: zoo/models/*)")
     p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
     p.add_argument("--group-sizes", nargs="+", type=int, default=[128, 0], help="0 = per-channel")
-    p.add_argument("--methods", nargs="+", default=["rtn", "gptq"])
+    p.add_argument("--methods", nargs="*", default=["rtn", "gptq"],
+                   help="moepress methods (rtn gptq); give none (a bare --methods) for peer rows only")
     p.add_argument("--act-order", default="static", choices=("off", "static", "dynamic"),
                    help="moepress GPTQ's column order (default static, moepress's default)")
     p.add_argument("--peers", default="", help="comma-separated: " + ",".join(PEERS))

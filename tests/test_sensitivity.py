@@ -36,7 +36,8 @@ def test_kl_scaled_recovers_each_blocks_exchange_rate_and_fixes_the_ilp():
     weight = {key: float(rng.choice([0.05, 1.0, 20.0])) for key in blocks(table)}
     info = add_kl_scaled(table, _KnownSensitivity(table, weight))
     assert info["probes"] == ["2b-g128", "3b-g128", "4b-g128"]
-    assert len(info["blocks"]) == 3 * len(blocks(table)) == info["evaluations"]
+    assert len(info["blocks"]) == 3 * len(blocks(table))
+    assert info["evaluations"] == 3 * len(blocks(table)) + 1  # unquantized, 2, 3 bits per block; the 4-bit background
     truth = table.damage["gptq_routed"] * np.array([weight[(r.layer, r.kind)] for r in table.rows])[:, None]
     np.testing.assert_allclose(table.damage["kl_scaled"], truth, rtol=1e-9)
     # Per-neuron damage is scaled with its row, so channel plans see the same exchange rate.
@@ -65,14 +66,25 @@ def test_kl_scaled_on_a_real_model_matches_what_it_measured(tiny_model_dir, cali
                              keep_variants=True)
     evaluator = PlanEvaluator(model, table, token_windows(text, tokenizer, 64, 2, seed=1))
     info = add_kl_scaled(table, evaluator)
+    assert info["background"] == "4b-g128" and info["probes"] == ["2b-g128", "3b-g128", "4b-g128"]
     probes = probe_option_indices(table)
     scaled, base = table.damage["kl_scaled"], table.damage["gptq_routed"]
+    four = table.option_index(Option(4))
     for (layer, kind), rows in blocks(table).items():
+        background = np.full(len(table.rows), four)
+        background[rows] = ORIGINAL
+        without = evaluator.metrics(background)["kl"]
         for probe in probes:
-            # Each block's scaled damage at a probed option is the KL of quantizing just that block.
-            candidate = np.full(len(table.rows), ORIGINAL)
+            # Each block's scaled damage at a probed option is the KL it adds to a 4-bit model (where
+            # that is not positive, as can happen on random weights, the median exchange rate).
+            candidate = background.copy()
             candidate[rows] = probe
-            assert scaled[rows, probe].sum() == pytest.approx(evaluator.metrics(candidate)["kl"], rel=1e-5)
+            added = evaluator.metrics(candidate)["kl"] - without
+            entry = next(b for b in info["blocks"] if (b["layer"], b["kind"], b["option"]) ==
+                         (layer, kind, table.options[probe].label))
+            assert entry["kl"] == pytest.approx(added, rel=1e-4, abs=1e-9)
+            expected = added if added > 0 else entry["scale"] * base[rows, probe].sum()
+            assert scaled[rows, probe].sum() == pytest.approx(expected, rel=1e-4, abs=1e-9)
             # Within a block and option the table's ranking is kept: one factor for every row.
             ratio = scaled[rows, probe] / base[rows, probe]
             np.testing.assert_allclose(ratio, ratio[0], rtol=1e-9)
@@ -81,6 +93,13 @@ def test_kl_scaled_on_a_real_model_matches_what_it_measured(tiny_model_dir, cali
                                    scaled[rows[0], probes[-1]] / base[rows[0], probes[-1]], rtol=1e-9)
     scales = [b["scale"] for b in info["blocks"]]
     assert max(scales) > 2 * min(scales)  # the blocks really are weighed differently
+
+    # Measured in the original model instead, a block's damage is the KL of quantizing it alone.
+    add_kl_scaled(table, evaluator, name="alone", background=None)
+    rows = blocks(table)[(0, "expert")] if (0, "expert") in blocks(table) else next(iter(blocks(table).values()))
+    candidate = np.full(len(table.rows), ORIGINAL)
+    candidate[rows] = probes[0]
+    assert table.damage["alone"][rows, probes[0]].sum() == pytest.approx(evaluator.metrics(candidate)["kl"], rel=1e-5)
     assert evaluator.metrics(np.full(len(table.rows), ORIGINAL))["kl"] == pytest.approx(0.0, abs=1e-9)
 
     path = str(tmp_path / "table.safetensors")
