@@ -17,7 +17,8 @@ linears given exactly the bytes of the experts-scope uniform plan (attention at 
 compared with that uniform plan.
 
 ``kl_scaled`` is gptq_routed damage rescaled per (layer, kind) and option by the KL that block adds
-at 2, 3 and 4 bits to a model whose other units are at 4 bits, measured on the same 8 held-out calibration windows as evolution's fitness.
+at 2, 3 and 4 bits to a model whose other units are at 4 bits, measured on the same 8 held-out
+calibration windows as evolution's fitness.
 
 Every plan is scored on the evaluation split (64 x 256 tokens, seed 0, as the quality benchmark):
 KL divergence and top-1 agreement against the uncompressed model and perplexity, by swapping the

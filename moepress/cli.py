@@ -108,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--strategy", choices=("uniform", "greedy", "heuristic", "ilp", "evolution"), default="ilp")
     pl.add_argument("--estimator", choices=("gptq", "gptq_routed", "hawq", "kl_scaled"), default="gptq_routed",
                     help="damage estimate: GPTQ loss (001), x routing mass (003, default), Hessian trace x perturbation "
-                         "(HAWQ), or gptq_routed rescaled per layer and kind by the output KL measured end to end "
-                         "(kl_scaled: one extra evaluation per layer and kind)")
+                         "(HAWQ), or gptq_routed rescaled per layer and kind by the output KL it adds, measured "
+                         "on top of a 4-bit model (kl_scaled: three extra evaluations per layer and kind)")
     pl.add_argument("--granularity", choices=("expert", "linear", "channel"), default="expert",
                     help="a unit is a whole expert (default), one linear (gate/up/down) of an expert, or a group of "
                          "--channel-group intermediate neurons of an expert (its rows of gate/up, columns of down)")

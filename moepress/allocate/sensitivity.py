@@ -50,6 +50,11 @@ def blocks(table: CostTable) -> dict[tuple[int, str], list[int]]:
     return out
 
 
+def _index(table: CostTable, option) -> int:
+    """Table column of ``option``, given as a label ("3b-g128") or an :class:`Option`."""
+    return table.option_index(Option.parse(option) if isinstance(option, str) else option)
+
+
 def probe_option_indices(table: CostTable, probes=None) -> list[int]:
     """The options measured end to end: ``probes`` (option labels or Options), by default every
     quantized option below 8 bits (at 8 bits the KL is too small to be worth an evaluation)."""
@@ -59,7 +64,7 @@ def probe_option_indices(table: CostTable, probes=None) -> list[int]:
     if probes is None:
         chosen = [i for i in quantized if table.options[i].bits < 8] or [min(quantized, key=lambda i: table.options[i].bits)]
     else:
-        chosen = sorted({table.option_index(Option.parse(p) if isinstance(p, str) else p) for p in probes})
+        chosen = sorted({_index(table, p) for p in probes})
         if any(table.options[i].keep for i in chosen):
             raise MoepressError("a 16-bit (keep) option has no error to measure; probe quantized options only")
     return chosen
@@ -71,7 +76,7 @@ def background_option_index(table: CostTable, background) -> int | None:
     if background is None:
         return None
     if background != "auto":
-        return table.option_index(Option.parse(background) if isinstance(background, str) else background)
+        return _index(table, background)
     quantized = [i for i, o in enumerate(table.options) if not o.keep and o.bits < 8]
     if not quantized:
         return None
