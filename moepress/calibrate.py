@@ -27,124 +27,7 @@ from torch import nn
 
 from .errors import MoepressError
 from .model.view import EXPERT_LINEARS, ExpertStore, LinearUnit, MoEView
-
-
-class _StopForward(Exception):
-    """Raised by the hook on the first decoder layer once its inputs are captured."""
-
-
-def _to_device(value: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
-    """Move tensors (in nested tuples/lists/dicts) to ``device``, floating ones also to ``dtype``."""
-    if isinstance(value, torch.Tensor):
-        if dtype is not None and value.is_floating_point():
-            return value.to(device, dtype)
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device, dtype) for v in value)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device, dtype) for k, v in value.items()}
-    return value
-
-
-def compute_dtype(device: torch.device, model: nn.Module) -> torch.dtype | None:
-    """float32 on the CPU, whose bf16/fp16 matmuls are many times slower; the model's own on GPUs.
-
-    Calibration statistics and GPTQ are computed in float32 either way; this only sets the dtype
-    the decoder layers run in while being calibrated (the layer returns to its dtype afterwards).
-    """
-    dtype = next(model.parameters()).dtype
-    return torch.float32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else None
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"`` picks CUDA when present, else the CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MoepressError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    return device
-
-
-class LayerwiseRunner:
-    """Holds the calibration hidden states between layers and runs one decoder layer at a time."""
-
-    def __init__(self, model: nn.Module, view: MoEView, tokens: torch.Tensor, device: torch.device, batch_size: int = 8):
-        self.model = model
-        self.view = view
-        self.device = device
-        self.dtype = compute_dtype(device, model)  # None: run layers in their own dtype
-        self.model_dtype = next(model.parameters()).dtype
-        self.tokens = tokens
-        self.batch_size = batch_size
-        self.hidden: list[torch.Tensor] = []
-        self.layer_kwargs: list[dict] = []
-
-    def _non_layer_modules(self) -> list[nn.Module]:
-        """The model's modules outside the decoder layers (embeddings, rotary tables, final norm)."""
-        layers = self.view.layers
-        base_path = self.view.spec.layers.rpartition(".")[0]
-        base = self.model.get_submodule(base_path) if base_path else self.model
-        return [child for child in base.children() if child is not layers]
-
-    @torch.no_grad()
-    def capture_inputs(self) -> None:
-        """Run the embeddings and record what the first decoder layer receives, batch by batch."""
-        captured: dict[str, Any] = {}
-
-        def grab(_module, args, kwargs):
-            captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-            captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            raise _StopForward
-
-        others = self._non_layer_modules()
-        for module in others:
-            module.to(self.device)
-        handle = self.view.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            for start in range(0, len(self.tokens), self.batch_size):
-                batch = self.tokens[start : start + self.batch_size].to(self.device)
-                try:
-                    self.model(input_ids=batch, use_cache=False)
-                except _StopForward:
-                    pass
-                self.hidden.append(captured["hidden"].to("cpu"))
-                kwargs = dict(captured["kwargs"])
-                kwargs["use_cache"] = False
-                kwargs.pop("past_key_values", None)
-                self.layer_kwargs.append(_to_device(kwargs, torch.device("cpu")))
-        finally:
-            handle.remove()
-            for module in others:
-                module.to("cpu")
-
-    @torch.no_grad()
-    def run_layer(self, layer: int, update: bool) -> None:
-        """Run every batch through decoder layer ``layer`` (already on the device).
-
-        With ``update`` the outputs replace the stored hidden states, becoming the next layer's
-        inputs; without it the pass only feeds the statistics hooks.
-        """
-        module = self.view.layers[layer]
-        for i, hidden in enumerate(self.hidden):
-            kwargs = _to_device(self.layer_kwargs[i], self.device, self.dtype)
-            out = module(_to_device(hidden, self.device, self.dtype), **kwargs)
-            if isinstance(out, tuple):
-                out = out[0]
-            if update:
-                self.hidden[i] = out.to("cpu")
-
-    def load_layer(self, layer: int) -> nn.Module:
-        """Put decoder layer ``layer`` on the compute device (in the compute dtype)."""
-        return self.view.layers[layer].to(self.device, self.dtype)
-
-    def unload_layer(self, layer: int) -> nn.Module:
-        """Return decoder layer ``layer`` to the CPU in the model's dtype (packed buffers keep theirs)."""
-        return self.view.layers[layer].to("cpu", self.model_dtype)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.tokens.numel())
+from .pipeline.runner import LayerLoop, LayerwiseRunner, compute_dtype, resolve_device  # noqa: F401
 
 
 class LinearInputStats:
@@ -356,7 +239,7 @@ class Profile:
 
 
 def calibrate(
-    model: nn.Module,
+    model,
     tokens: torch.Tensor,
     *,
     device: str | torch.device | None = None,
@@ -364,29 +247,37 @@ def calibrate(
     min_expert_tokens: int = 16,
     rare_experts: str = "all_tokens",
     progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> Profile:
-    """Calibration statistics of an uncompressed model, layer by layer, as a :class:`Profile`."""
-    from tqdm.auto import tqdm
+    """Calibration statistics of an uncompressed model, layer by layer, as a :class:`Profile`.
 
-    view = MoEView(model)
-    device = resolve_device(device)
-    runner = LayerwiseRunner(model, view, tokens, device, batch_size)
-    runner.capture_inputs()
-    profile = Profile.start(view.model_type, tokens, min_expert_tokens, rare_experts)
+    ``model`` is a model in memory, or a folder / hub id whose layers are then read from the shards
+    one at a time (memory: one decoder layer, not the model)."""
+    from .pipeline.source import open_source
+
+    source = open_source(model, trust_remote_code=trust_remote_code)
+    view = MoEView(source.model)
+    loop = LayerLoop(source, tokens, device=device, batch_size=batch_size, keep_layers=False, progress=progress,
+                     desc="calibrate")
     started = time.time()
-    for layer in tqdm(range(view.num_layers), desc="calibrate", unit="layer", disable=not progress):
-        runner.load_layer(layer)
+
+    def step(layer: int, runner: LayerwiseRunner):
         stats, handles = collect_layer_stats(view, layer, runner, min_expert_tokens, rare_experts)
         try:
             runner.run_layer(layer, update=True)
         finally:
             for h in handles:
                 h.remove()
+        part = Profile()
         for unit, s in stats["linear"].items():
-            profile.record_linear(unit, s)
+            part.record_linear(unit, s)
         if stats["experts"] is not None:
-            profile.record_experts(layer, stats["experts"])
-        runner.unload_layer(layer)
+            part.record_experts(layer, stats["experts"])
+        return {}, part.tensors
+
+    profile = Profile.start(view.model_type, tokens, min_expert_tokens, rare_experts)
+    for _record, tensors in loop.run(step):
+        profile.tensors.update(tensors)
     profile.meta["seconds"] = round(time.time() - started, 3)
     return profile
 

@@ -1,29 +1,27 @@
 """The main job: calibrate layer by layer and quantize every unit into packed weights.
 
-Each decoder layer is handled in three passes over the calibration tokens, with only that layer on
-the compute device:
-
-1. attention: record the inputs of the attention projections, quantize them, install packed
-   linears;
-2. MLP: with the quantized attention in place, record routing and per-expert inputs (and those of
-   the shared expert or dense MLP), quantize all routed experts of the layer in one batched GPTQ
-   call per linear shape, install packed experts;
-3. output: run the now fully quantized layer to produce the next layer's inputs.
-
-So every layer is calibrated on the outputs of the already-quantized layers before it, as in GPTQ.
+:func:`compress` reads the source one decoder layer at a time (``moepress.pipeline``), hands each
+layer to :class:`QuantizeStep` and writes it to its output shard before the next one is read, so
+every layer is calibrated on the outputs of the already-quantized layers before it (as in GPTQ) and
+memory is one layer, not the model. A killed run resumes after its last finished layer.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
 
-from .calibrate import LayerwiseRunner, Profile, collect_layer_stats, resolve_device
+from .calibrate import Profile, collect_layer_stats
 from .errors import MoepressError
+from .export.format import FORMAT_VERSION
 from .model.view import EXPERT_LINEARS, ExpertStore, MoEView, set_submodule
+from .pipeline.faults import fault_point
+from .pipeline.runner import LayerLoop, LayerwiseRunner, model_dtype, resolve_device
+from .pipeline.source import ResidentModel
 from .quantize import QuantSpec, gptq_quantize, hessian_weighted_error, rtn_quantize
 from .runtime import PackedLinear
 
@@ -48,6 +46,8 @@ class CompressConfig:
     rare_experts: str = "all_tokens"
     quantize_attention: bool = True
     quantize_mlp: bool = True  # shared experts and dense MLP layers
+    expert_chunk: int | None = None  # experts whose Hessians are held at once (None: all of a layer)
+    offload_activations: bool = False  # calibration activations in memory-mapped files beside --out
 
     def __post_init__(self):
         if isinstance(self.act_order, bool):
@@ -59,6 +59,8 @@ class CompressConfig:
         for name in ("calib_samples", "seq_len", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise MoepressError(f"{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.expert_chunk is not None and int(self.expert_chunk) < 1:
+            raise MoepressError(f"expert-chunk must be at least 1 (got {self.expert_chunk})")
         if self.rare_experts not in ("all_tokens", "routed_only"):
             raise MoepressError(f"rare-experts must be 'all_tokens' or 'routed_only' (got {self.rare_experts!r})")
 
@@ -100,7 +102,10 @@ class UnitRecord:
 
 @dataclass
 class CompressResult:
-    model: nn.Module
+    """What a compression did. ``model`` is the compressed model: the one held in memory, or, for a
+    model streamed from its folder into ``saved_to``, loaded from the checkpoint on first use."""
+
+    _model: nn.Module | None
     tokenizer: object
     config: CompressConfig
     units: dict[str, UnitRecord]
@@ -110,13 +115,23 @@ class CompressResult:
     source: str = ""
     saved_to: str | None = None
     plan: object | None = None  # the moepress.allocate.Plan applied, if any
+    layer_seconds: list = field(default_factory=list)
+    resumed_after_layer: int = 0
+
+    @property
+    def model(self) -> nn.Module:
+        if self._model is None and self.saved_to is not None:
+            from .loading import load_model
+
+            self._model = load_model(self.saved_to)
+        return self._model
 
     def record(self) -> dict:
         """The facts written to ``moepress.json``."""
         from . import __version__
 
         return {
-            "format_version": 1,
+            "format_version": FORMAT_VERSION,
             "moepress_version": __version__,
             "source_model": self.source,
             "method": self.config.method,
@@ -136,6 +151,8 @@ class CompressResult:
                 "rare_experts": self.config.rare_experts,
             },
             "seconds": round(self.seconds, 2),
+            "layer_seconds": self.layer_seconds,
+            "resumed_after_layer": self.resumed_after_layer,
             "units": {name: rec.to_dict() for name, rec in self.units.items()},
         }
 
@@ -308,6 +325,58 @@ def _quantize_splits(store: ExpertStore, weights, hessian, splits, default: Quan
         )
 
 
+class QuantizeStep:
+    """The compression of one decoder layer, in three passes over the calibration tokens:
+
+    1. attention: record the inputs of the attention projections, quantize them, install packed linears;
+    2. MLP: with the quantized attention in place, record routing and per-expert inputs (and those of
+       the shared expert or dense MLP), quantize the routed experts (one batched GPTQ call per option,
+       ``expert_chunk`` experts' Hessians at a time), install packed experts;
+    3. output: run the now fully quantized layer to produce the next layer's inputs.
+
+    Returns the layer's unit records (JSON) and its calibration statistics (profile tensors).
+    """
+
+    def __init__(self, view: MoEView, config: CompressConfig, specs: "UnitSpecs"):
+        self.view = view
+        self.config = config
+        self.specs = specs
+
+    def __call__(self, layer: int, runner: LayerwiseRunner):
+        config, view, specs = self.config, self.view, self.specs
+        records: dict[str, UnitRecord] = {}
+        part = Profile()
+        fault_point("mid_layer", layer)
+        if config.quantize_attention:
+            attention = view.attention_units(layer)
+            stats, handles = collect_layer_stats(view, layer, runner, 0, "routed_only", units=attention, experts=False)
+            _run_and_unhook(runner, layer, handles)
+            _quantize_linear_units(view.model, attention, stats["linear"], specs, records)
+            for unit in attention:
+                part.record_linear(unit, stats["linear"][unit])
+        mlp_units = view.mlp_units(layer) if config.quantize_mlp else []
+        stats, handles = collect_layer_stats(view, layer, runner, config.min_expert_tokens, config.rare_experts,
+                                             units=mlp_units)
+        _run_and_unhook(runner, layer, handles)
+        if stats["experts"] is not None:
+            _quantize_experts(stats["experts"].store, stats["experts"], specs, records)
+            part.record_experts(layer, stats["experts"])
+        _quantize_linear_units(view.model, mlp_units, stats["linear"], specs, records)
+        for unit in mlp_units:
+            part.record_linear(unit, stats["linear"][unit])
+        runner.run_layer(layer, update=True)
+        return {name: rec.to_dict() for name, rec in records.items()}, part.tensors
+
+
+def _records_and_profile(results, view: MoEView, tokens, config: CompressConfig):
+    records: dict[str, UnitRecord] = {}
+    profile = Profile.start(view.model_type, tokens, config.min_expert_tokens, config.rare_experts)
+    for layer_records, tensors in results:
+        records.update({name: UnitRecord(**rec) for name, rec in layer_records.items()})
+        profile.tensors.update(tensors)
+    return records, profile
+
+
 def quantize_model(
     model: nn.Module,
     tokens: torch.Tensor,
@@ -315,49 +384,20 @@ def quantize_model(
     progress: bool = True,
     unit_options: dict | None = None,
 ) -> tuple[dict[str, UnitRecord], Profile]:
-    """Quantize ``model`` in place, layer by layer, on calibration ``tokens`` [N, seq_len].
+    """Quantize a model held in memory in place, layer by layer, on calibration ``tokens`` [N, seq_len].
 
     ``unit_options`` (a resolved plan: every linear's canonical name -> :class:`~moepress.costs.Option`)
     replaces ``config``'s single bits/group size; method, symmetry and damping still come from ``config``.
+    (:func:`compress` streams a model from its folder instead; both run the same :class:`QuantizeStep`.)
     """
-    from tqdm.auto import tqdm
-
     view = MoEView(model)
     specs = UnitSpecs(config, unit_options)
     if unit_options is None:
         _check_group_size(view, specs.default, config)
-    device = resolve_device(config.device)
-    runner = LayerwiseRunner(model, view, tokens, device, config.batch_size)
-    runner.capture_inputs()
-    profile = Profile.start(view.model_type, tokens, config.min_expert_tokens, config.rare_experts)
-    records: dict[str, UnitRecord] = {}
-    bar = tqdm(range(view.num_layers), desc="quantize", unit="layer", disable=not progress)
-    experts_done = 0
-    for layer in bar:
-        runner.load_layer(layer)
-        if config.quantize_attention:
-            attention = view.attention_units(layer)
-            stats, handles = collect_layer_stats(view, layer, runner, 0, "routed_only", units=attention, experts=False)
-            _run_and_unhook(runner, layer, handles)
-            _quantize_linear_units(model, attention, stats["linear"], specs, records)
-            for unit in attention:
-                profile.record_linear(unit, stats["linear"][unit])
-        mlp_units = view.mlp_units(layer) if config.quantize_mlp else []
-        stats, handles = collect_layer_stats(
-            view, layer, runner, config.min_expert_tokens, config.rare_experts, units=mlp_units
-        )
-        _run_and_unhook(runner, layer, handles)
-        if stats["experts"] is not None:
-            _quantize_experts(stats["experts"].store, stats["experts"], specs, records)
-            profile.record_experts(layer, stats["experts"])
-            experts_done += stats["experts"].store.num_experts
-        _quantize_linear_units(model, mlp_units, stats["linear"], specs, records)
-        for unit in mlp_units:
-            profile.record_linear(unit, stats["linear"][unit])
-        runner.run_layer(layer, update=True)
-        runner.unload_layer(layer)
-        bar.set_postfix(experts=experts_done, tokens=runner.num_tokens)
-    return records, profile
+    loop = LayerLoop(ResidentModel(model), tokens, device=config.device, batch_size=config.batch_size,
+                     progress=progress, desc="quantize")
+    results = loop.run(QuantizeStep(view, config, specs))
+    return _records_and_profile(results, view, tokens, config)
 
 
 def _run_and_unhook(runner: LayerwiseRunner, layer: int, handles) -> None:
@@ -368,6 +408,20 @@ def _run_and_unhook(runner: LayerwiseRunner, layer: int, handles) -> None:
             handle.remove()
 
 
+def _settings(config: CompressConfig, plan, tokens: torch.Tensor) -> dict:
+    """Everything that changes the output tensors (a resumed run must match them all)."""
+    from . import __version__
+    from .pipeline.resume import tokens_hash
+
+    settings = {k: v for k, v in asdict(config).items() if k not in ("device",)}
+    settings["device"] = str(resolve_device(config.device).type)
+    settings["plan"] = None if plan is None else plan.to_dict()["units"]
+    settings["tokens"] = tokens_hash(tokens)
+    settings["moepress_version"] = __version__
+    settings["format_version"] = FORMAT_VERSION
+    return settings
+
+
 def compress(
     model: str | nn.Module,
     tokenizer=None,
@@ -375,6 +429,7 @@ def compress(
     *,
     out: str | None = None,
     overwrite: bool = False,
+    restart: bool = False,
     progress: bool = True,
     trust_remote_code: bool = False,
     plan=None,
@@ -382,14 +437,20 @@ def compress(
 ) -> CompressResult:
     """Quantize an MoE model with GPTQ (or RTN) into packed weights; optionally save it to ``out``.
 
-    ``model`` is a local directory, a hub id, or an already loaded transformers model (then pass its
-    ``tokenizer``). ``options`` are :class:`CompressConfig` fields (``bits=3, group_size=128, ...``).
+    ``model`` is a local directory or a hub id, read one decoder layer at a time from its safetensors
+    shards (memory: about one layer, not the model), or an already loaded transformers model (then pass
+    its ``tokenizer``). ``options`` are :class:`CompressConfig` fields (``bits=3, group_size=128, ...``).
     ``plan`` (a :class:`~moepress.allocate.Plan` or the path of a plan file) gives every unit its own
     option instead of one ``bits``/``group_size``; its quantization settings (method, symmetric,
     act-order, damping) then apply.
+
+    With ``out``, every finished layer is kept in a working folder beside ``out`` and the folder is
+    renamed into ``out`` when complete; the same call after a crash or ``kill -9`` resumes after the
+    last finished layer and writes the same tensors (``restart=True`` discards the partial run).
     """
     from .data import load_text, token_windows
-    from .loading import load_model, load_tokenizer
+    from .loading import load_tokenizer
+    from .pipeline.source import open_source
 
     if plan is not None:
         from .allocate import load_plan
@@ -402,43 +463,90 @@ def compress(
         raise MoepressError("a plan gives every unit its option, so --keep-attention does not combine with --plan; "
                             "write 16b for the attention units in the plan instead")
     if out is not None:
-        from .export.checkpoint import check_output_dir
-
-        check_output_dir(out, overwrite)
-    source = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+        check_output(out, overwrite)
+    source_name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
     if isinstance(model, str):
         tokenizer = tokenizer or load_tokenizer(model, trust_remote_code=trust_remote_code)
-        model = load_model(model, trust_remote_code=trust_remote_code)
     if tokenizer is None:
         raise MoepressError("compress needs a tokenizer with an in-memory model: compress(model, tokenizer, ...)")
+    source = open_source(model, trust_remote_code=trust_remote_code)
+    view = MoEView(source.model)
     # Fail on an unsupported architecture, a group size or a plan that does not fit before any long work.
     unit_options = None
     if plan is not None:
         from .costs import model_rows
 
-        unit_options = plan.resolve(model_rows(MoEView(model)))
+        unit_options = plan.resolve(model_rows(view))
     else:
-        _check_group_size(MoEView(model), config.quant_spec(), config)
+        _check_group_size(view, config.quant_spec(), config)
     text = load_text(config.calib)
     tokens = token_windows(
         text, tokenizer, config.seq_len, config.calib_samples, seed=config.seed, what="calibration"
     )
+    work = None
+    if out is not None:
+        from .pipeline.resume import WorkFolder
+
+        check_free_space_for(out, source, view, config)
+        # A model held in memory cannot be fingerprinted, and it was changed in place by the run that
+        # died: its runs always start afresh.
+        work = WorkFolder(out, _settings(config, plan, tokens), source.fingerprint(), view.num_layers,
+                          restart=restart or not source.streamed, progress=progress)
     started = time.time()
-    records, profile = quantize_model(model, tokens, config, progress=progress, unit_options=unit_options)
+    specs = UnitSpecs(config, unit_options)
+    loop = LayerLoop(source, tokens, device=config.device, batch_size=config.batch_size, work=work,
+                     write_layers=out is not None, keep_layers=out is None or not source.streamed,
+                     offload_activations=config.offload_activations, progress=progress, desc="quantize")
+    if work is not None and work.finished:
+        results = work.layer_results()
+    else:
+        results = loop.run(QuantizeStep(view, config, specs))
+    records, profile = _records_and_profile(results, view, tokens, config)
     result = CompressResult(
-        model=model,
+        _model=None if (source.streamed and out is not None) else source.model,
         tokenizer=tokenizer,
         config=config,
         units=records,
         profile=profile,
         seconds=time.time() - started,
         calibration_tokens=int(tokens.numel()),
-        source=str(source),
+        source=str(source_name),
         plan=plan,
+        layer_seconds=loop.layer_seconds,
+        resumed_after_layer=loop.resumed_after,
     )
-    if out is not None:
-        from .export.checkpoint import save_compressed
+    if out is None:
+        if source.streamed:
+            source.load_outer()  # the whole (packed) model stays in memory: the caller asked for it
+        return result
+    from .export.checkpoint import write_checkpoint
 
-        save_compressed(result, out, overwrite=overwrite)
-        result.saved_to = out
+    write_checkpoint(work, result, source, overwrite=overwrite)
+    result.saved_to = out
     return result
+
+
+def check_output(out: str, overwrite: bool) -> None:
+    """Refuse an existing output folder unless ``overwrite``, an unwritable parent; before any work."""
+    from .export.checkpoint import check_output_dir
+
+    check_output_dir(out, overwrite)
+
+
+def check_free_space_for(out: str, source, view: MoEView, config: CompressConfig) -> None:
+    """The output takes about (bits + 1) / 16 of the linear weights' 16-bit bytes plus the rest at 16
+    bits; refuse before the run when the disk cannot hold it (with a 10% margin)."""
+    import shutil
+
+    from .costs import model_rows
+
+    element = torch.empty(0, dtype=model_dtype(source.model)).element_size()
+    linear_params = sum(r.params for r in model_rows(view))
+    all_params = sum(p.numel() for p in source.model.parameters())
+    bits = 16 if config.bits is None else config.bits
+    expected = int(linear_params * (bits + 1) / 8 + (all_params - linear_params) * element)
+    parent = os.path.dirname(os.path.abspath(out))
+    free = shutil.disk_usage(parent).free
+    if free < expected * 1.1:
+        raise MoepressError(f"not enough disk space for {out}: about {expected / 1e9:.2f} GB are needed and "
+                            f"{free / 1e9:.2f} GB are free in {parent}; free some space or choose another --out")

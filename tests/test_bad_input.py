@@ -60,7 +60,7 @@ def test_truncated_safetensors(tmp_path, capsys, tiny_model_dir, calib_file):
 def test_truncated_compressed_checkpoint(tmp_path, capsys, compress_args):
     out, args = compress_args
     assert main(args) == 0
-    weights = os.path.join(out, "model.safetensors")
+    weights = os.path.join(out, "model-00002-of-00004.safetensors")  # decoder layer 0
     data = open(weights, "rb").read()
     open(weights, "wb").write(data[: len(data) - 1000])
     line = run_cli(capsys, "eval", "--model", out, "--quiet")

@@ -10,6 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import moepress
+from moepress.export.checkpoint import read_tensors
+from moepress.pipeline.source import safetensors_files
 from moepress.model import MoEView
 from moepress.runtime import PackedExperts, PackedLinear
 
@@ -37,7 +39,10 @@ def test_compress_save_reload_evaluate(arch, tiny_model_dir, calib_file, tmp_pat
 
     # The checkpoint: config with the quantizer's unit map, tokenizer, safetensors, moepress.json.
     files = set(os.listdir(out))
-    assert {"config.json", "moepress.json", "model.safetensors", "tokenizer.json"} <= files
+    assert {"config.json", "moepress.json", "model.safetensors.index.json", "tokenizer.json"} <= files
+    # One shard for the embeddings and head, then one per decoder layer.
+    assert sorted(f for f in files if f.endswith(".safetensors")) == [
+        f"model-{i:05d}-of-{view.num_layers + 1:05d}.safetensors" for i in range(1, view.num_layers + 2)]
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
     record = json.load(open(os.path.join(out, "moepress.json")))
     assert record["bits"] == 3 and record["group_size"] == 128 and record["method"] == "gptq"
@@ -86,8 +91,8 @@ def test_bytes_on_disk_match_bits(tiny_model_dir, calib_file, tmp_path):
         assert bits <= fp["bits_per_param"] <= bits + overhead + 1e-9
         # The file holds the packed linears plus the untouched 32-bit tensors (embeddings, norms, routers).
         float_bytes = fp["model_bytes"] - fp["linear_bytes"]
-        on_disk = os.path.getsize(os.path.join(out, "model.safetensors"))
-        assert fp["linear_bytes"] + float_bytes <= on_disk <= fp["linear_bytes"] + float_bytes + 64_000  # json header
+        on_disk = sum(os.path.getsize(f) for f in safetensors_files(out))
+        assert fp["linear_bytes"] + float_bytes <= on_disk <= fp["linear_bytes"] + float_bytes + 64_000  # json headers
         assert on_disk < original_bytes
 
 
@@ -143,8 +148,7 @@ def test_act_order_modes_from_the_command_line(tiny_model_dir, calib_file, tmp_p
                      "--seq-len", "64", "--bits", "3", "--group-size", "32", "--quiet", *flags]) == 0
         record = json.load(open(os.path.join(out, "moepress.json")))
         assert record["act_order"] == mode
-        with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
-            assert any(k.endswith("g_idx") for k in f.keys()) == has_g_idx
+        assert any(k.endswith("g_idx") for k in read_tensors(out)) == has_g_idx
         with torch.no_grad():
             torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out)(ids).logits,
                                        moepress.load(out)(ids).logits)

@@ -5,31 +5,31 @@ Layout of ``OUT_DIR``::
     config.json                  the model config, with quantization_config.quant_method = "moepress"
     generation_config.json       when the model has one
     tokenizer files
-    model.safetensors            or model-0000i-of-0000n.safetensors + model.safetensors.index.json
-    moepress.json                what was done: method, bits, group size, calibration, version, units
+    model-00001-of-0000N.safetensors   the embeddings, final norm and head
+    model-0000L-of-0000N.safetensors   decoder layer L-2, one shard per layer (written as it finishes)
+    model.safetensors.index.json
+    moepress.json                what was done: method, bits, group size, calibration, version, units,
+                                 seconds per layer
 
 The unit map (every quantized unit's bits, group size, symmetry, act order) is in both
 ``moepress.json`` and ``config.json``, so ``AutoModelForCausalLM.from_pretrained`` (through the
 quantizer registered by ``import moepress``) can rebuild the packed modules before loading weights.
 
-Everything is written to a temporary folder beside ``OUT_DIR`` and renamed only when complete, so
-an interrupted save never leaves a half-written checkpoint. No pickle is written or read.
+Everything is written to a working folder beside ``OUT_DIR`` (``moepress.pipeline.resume``) and
+renamed only when complete, so an interrupted run never leaves a half-written checkpoint, and the
+same command resumes it. No pickle is written or read.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-
 import torch
-from safetensors.torch import save_file
 
 from ..errors import MoepressError
+from ..model.registry import arch_spec
 
 MOEPRESS_JSON = "moepress.json"
-SHARD_BYTES = 2 * 1024**3
 
 
 def check_output_dir(out: str, overwrite: bool) -> None:
@@ -41,11 +41,14 @@ def check_output_dir(out: str, overwrite: bool) -> None:
         raise MoepressError(f"cannot write {out}: its parent folder {parent} does not exist")
 
 
-def _unique_state_dict(model) -> dict[str, torch.Tensor]:
-    """The state dict with tied tensors stored once (safetensors refuses shared storage)."""
+def _unique_state_dict(model, skip_prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """The state dict with tied tensors stored once (safetensors refuses shared storage), without
+    the tensors under ``skip_prefix`` (the decoder layers, when they are written layer by layer)."""
     seen: dict[tuple, str] = {}
     state = {}
     for name, tensor in model.state_dict().items():
+        if skip_prefix is not None and name.startswith(skip_prefix):
+            continue
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
         if tensor.numel() and key in seen:
             continue
@@ -54,62 +57,69 @@ def _unique_state_dict(model) -> dict[str, torch.Tensor]:
     return state
 
 
-def _write_shards(state: dict[str, torch.Tensor], folder: str, shard_bytes: int) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(folder, "model.safetensors"), metadata=metadata)
-        return
-    weight_map = {}
-    total = 0
-    for i, shard in enumerate(shards, 1):
-        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(folder, filename), metadata=metadata)
-        for name, tensor in shard.items():
-            weight_map[name] = filename
-            total += tensor.numel() * tensor.element_size()
-    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+def read_tensors(folder: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder, across its shards (for inspection and tests; a large
+    model's folder is better read shard by shard)."""
+    from safetensors.torch import load_file
+
+    from ..pipeline.source import safetensors_files
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in safetensors_files(folder):
+        tensors.update(load_file(file))
+    return tensors
 
 
-def save_compressed(result, out: str, overwrite: bool = False, shard_bytes: int = SHARD_BYTES) -> str:
-    """Write a :class:`~moepress.compress.CompressResult` to ``out`` atomically."""
+def save_compressed(result, out: str, overwrite: bool = False) -> str:
+    """Write a :class:`~moepress.compress.CompressResult` whose model is held in memory to ``out``,
+    atomically, in the same layout a streamed run writes (one shard per decoder layer)."""
+    from ..model.view import MoEView
+    from ..pipeline.resume import WorkFolder
+    from ..pipeline.source import ResidentModel
+
     check_output_dir(out, overwrite)
-    model, tokenizer = result.model, result.tokenizer
-    record = result.record()
-    out = os.path.abspath(out)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
+    model = result.model
+    view = MoEView(model)
+    work = WorkFolder(out, {"save_compressed": True}, {"in_memory": True}, view.num_layers, restart=True)
     try:
-        config = model.config
-        config.quantization_config = quantization_config_dict(record)
-        config.save_pretrained(tmp)
-        generation_config = getattr(model, "generation_config", None)
-        if generation_config is not None:
-            generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        _write_shards(_unique_state_dict(model), tmp, shard_bytes)
-        with open(os.path.join(tmp, MOEPRESS_JSON), "w") as f:
-            json.dump(record, f, indent=2)
-        if os.path.exists(out):
-            old = f"{tmp}.old"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        state = _unique_state_dict(model)
+        for layer in range(view.num_layers):
+            prefix = f"{view.spec.layers}.{layer}."
+            work.finish_layer(layer, {k: v for k, v in state.items() if k.startswith(prefix)}, {}, {}, [])
+        write_checkpoint(work, result, ResidentModel(model), overwrite=overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        work.discard()
         raise
-    return out
+    return os.path.abspath(out)
+
+
+def write_checkpoint(work, result, source, overwrite: bool = False) -> str:
+    """Complete a run's working folder (its layer shards already written): the embeddings and head
+    shard, the index, config with the unit map, generation config, tokenizer and ``moepress.json``;
+    then rename it into ``OUT``."""
+    record = result.record()
+    model = source.model
+    layers_prefix = arch_spec(model.config.model_type).layers + "."
+    source.load_outer()
+    try:
+        outer = {k: v for k, v in _unique_state_dict(model, skip_prefix=layers_prefix).items()}
+        work.write_outer(outer)
+    finally:
+        if source.streamed:
+            source.release_outer()
+    work.write_index()
+    folder = work.path
+    config = model.config
+    config.quantization_config = quantization_config_dict(record)
+    config.save_pretrained(folder)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(folder)
+    if result.tokenizer is not None:
+        result.tokenizer.save_pretrained(folder)
+    with open(os.path.join(folder, MOEPRESS_JSON), "w") as f:
+        json.dump(record, f, indent=2)
+    return work.finish(overwrite)
 
 
 def quantization_config_dict(record: dict) -> dict:

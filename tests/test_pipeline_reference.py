@@ -1,0 +1,77 @@
+"""The streaming pipeline writes the same tensors as the whole-model code it replaced.
+
+``tests/data/reference_tensors.json`` holds what commit 671c7c4 (the last one that loaded the whole
+model before compressing) wrote for tiny models of all 8 architectures, stored on disk in the hub
+layout (one tensor per expert, GraniteMoE's ``input_linear``) and in the fused in-memory layout
+(``experts.gate_up_proj``). Every case is compressed again here, streamed from its shards, and every
+tensor of the checkpoint must have the same dtype, shape and bytes, and every unit the same option.
+The hashes were taken with one torch thread (a few GPTQ codes flip with the thread count), so this
+test pins one thread too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import moepress
+from moepress.model.tiny import build_tiny_model
+
+DATA = Path(__file__).parent / "data"
+REFERENCE = json.loads((DATA / "reference_tensors.json").read_text())
+_spec = importlib.util.spec_from_file_location("record_reference", DATA / "record_reference.py")
+record = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(record)
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(REFERENCE["torch_num_threads"])
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory, tokenizer):
+    cache: dict[str, dict[str, str]] = {}
+
+    def make(arch: str) -> dict[str, str]:
+        if arch not in cache:
+            model = build_tiny_model(arch, vocab_size=len(tokenizer))
+            cache[arch] = record.save_layouts(model, tokenizer, tmp_path_factory.mktemp(arch), arch)
+        return cache[arch]
+
+    return make
+
+
+def compress_case(name: str, case: dict, layouts, calib_file: str, out: str, **extra):
+    source = layouts(case["arch"])[case["layout"]]
+    kwargs = {**case["compress_kwargs"], "calib": calib_file, **extra}
+    return moepress.compress(source, out=out, **kwargs)
+
+
+def assert_same_as_reference(case: dict, out: str) -> None:
+    got = record.checkpoint_tensors(out)
+    want = case["tensors"]
+    assert sorted(got) == sorted(want), f"tensor names differ: {sorted(set(got) ^ set(want))[:5]}"
+    differing = [k for k in want if got[k] != want[k]]
+    assert not differing, f"{len(differing)} tensor(s) differ from the reference, e.g. {differing[:3]}"
+    units = json.loads(Path(out, "moepress.json").read_text())["units"]
+    assert {k: {f: v for f, v in u.items() if f != "error"} for k, u in units.items()} == case["units"]
+    config = json.loads(Path(out, "config.json").read_text())["quantization_config"]
+    assert config["units"] == case["quantization_config"]["units"]
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE["cases"]))
+def test_streamed_compress_matches_reference(name, layouts, calib_file, tmp_path, one_thread):
+    case = REFERENCE["cases"][name]
+    out = str(tmp_path / "out")
+    compress_case(name, case, layouts, calib_file, out)
+    assert_same_as_reference(case, out)
+    assert not any(n.startswith(".out.moepress") for n in os.listdir(tmp_path)), "working folder left behind"
