@@ -63,19 +63,23 @@ class ExpertInputStats:
     device: torch.device
     rare: set[int] = field(default_factory=set)  # experts calibrated on all tokens
     with_grams: bool = True
+    # The experts whose Gram matrices are gathered (``--expert-chunk``: a layer's Hessians need not all
+    # be held at once; float32 [E, H, H] + [E, I, I] is 7 GB for one Mixtral-8x7B layer). None: all.
+    chunk: range | None = None
 
     def __post_init__(self):
         E, H, I = self.store.num_experts, self.store.hidden_size, self.store.intermediate_size
         dev = self.device
+        self.chunk = range(E) if self.chunk is None else self.chunk
+        C = len(self.chunk)
         self.tokens = torch.zeros(E, dtype=torch.long, device=dev)
         self.routing_mass = torch.zeros(E, dtype=torch.float64, device=dev)
         self.in_sq_norm = torch.zeros(E, H, device=dev)
         self.mid_sq_norm = torch.zeros(E, I, device=dev)
+        self.all_count = 0
         if self.with_grams:
-            self.in_gram = torch.zeros(E, H, H, device=dev)
-            self.mid_gram = torch.zeros(E, I, I, device=dev)
-            self.all_in_gram = torch.zeros(H, H, device=dev)
-            self.all_count = 0
+            self.in_gram = torch.zeros(C, H, H, device=dev)
+            self.mid_gram = torch.zeros(C, I, I, device=dev)
         self._weights = None
 
     def _expert_weights(self):
@@ -100,11 +104,11 @@ class ExpertInputStats:
         self.routing_mass += torch.zeros(E, dtype=torch.float64, device=x.device).index_add_(
             0, flat_index, top_k_weights.reshape(-1).double()
         )
+        self.all_count += x.shape[0]
         if not self.with_grams:
             return
-        self.all_in_gram.addmm_(x.T, x)
-        self.all_count += x.shape[0]
-        for expert in range(E):
+        first = self.chunk.start
+        for expert in self.chunk:
             if expert in self.rare:
                 xe = x
             else:
@@ -113,9 +117,9 @@ class ExpertInputStats:
                     continue
                 xe = x[token]
             mid = self._intermediate(expert, xe)
-            self.in_gram[expert].addmm_(xe.T, xe)
+            self.in_gram[expert - first].addmm_(xe.T, xe)
             self.in_sq_norm[expert] += (xe * xe).sum(0)
-            self.mid_gram[expert].addmm_(mid.T, mid)
+            self.mid_gram[expert - first].addmm_(mid.T, mid)
             self.mid_sq_norm[expert] += (mid * mid).sum(0)
 
     def hook(self):
@@ -134,9 +138,16 @@ class ExpertInputStats:
         return counts
 
     def hessians(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate/up input Hessian [E, H, H], down input Hessian [E, I, I]), each X^T X / n."""
-        n = self.samples().clamp(min=1).float()[:, None, None]
+        """(gate/up input Hessian [C, H, H], down input Hessian [C, I, I]) of the chunk's experts
+        (all E by default), each X^T X / n."""
+        n = self.samples()[self.chunk.start:self.chunk.stop].clamp(min=1).float()[:, None, None]
         return self.in_gram / n, self.mid_gram / n
+
+    def add_norms_of(self, other: "ExpertInputStats") -> None:
+        """Take over another chunk's per-channel norms (each chunk fills only its own experts' rows)."""
+        rows = slice(other.chunk.start, other.chunk.stop)
+        self.in_sq_norm[rows] = other.in_sq_norm[rows]
+        self.mid_sq_norm[rows] = other.mid_sq_norm[rows]
 
 
 def count_routing(view: MoEView, layer: int, runner: LayerwiseRunner) -> torch.Tensor | None:
@@ -282,7 +293,8 @@ def calibrate(
     return profile
 
 
-def collect_layer_stats(view, layer, runner, min_expert_tokens, rare_experts, units=None, experts=True):
+def collect_layer_stats(view, layer, runner, min_expert_tokens, rare_experts, units=None, experts=True,
+                        experts_chunk: range | None = None):
     """Attach statistics hooks to ``layer``'s linear ``units`` (default: all) and its experts.
 
     Returns the stats objects and hook handles; the caller runs the layer, then removes the handles.
@@ -303,7 +315,7 @@ def collect_layer_stats(view, layer, runner, min_expert_tokens, rare_experts, un
         if rare_experts == "all_tokens" and min_expert_tokens > 0:
             counts = count_routing(view, layer, runner)
             rare = set((counts < min_expert_tokens).nonzero().flatten().tolist())
-        expert_stats = ExpertInputStats(store, runner.device, rare=rare)
+        expert_stats = ExpertInputStats(store, runner.device, rare=rare, chunk=experts_chunk)
         handles.append(store.module.register_forward_pre_hook(expert_stats.hook(), with_kwargs=True))
     return {"linear": linear_stats, "experts": expert_stats}, handles
 

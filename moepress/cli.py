@@ -35,6 +35,35 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_allocation(p: argparse.ArgumentParser) -> None:
+    """The allocation flags shared by ``plan`` and ``compress --budget``."""
+    p.add_argument("--scope", choices=("experts", "all"), default="experts",
+                    help="what the budget covers: routed experts (others at --others; default) or all linear weights")
+    p.add_argument("--strategy", choices=("uniform", "greedy", "heuristic", "ilp", "evolution"), default="ilp")
+    p.add_argument("--estimator", choices=("gptq", "gptq_routed", "hawq", "kl_scaled"), default="gptq_routed",
+                    help="damage estimate: GPTQ loss (001), x routing mass (003, default), Hessian trace x perturbation "
+                         "(HAWQ), or gptq_routed rescaled per layer and kind by the output KL it adds, measured "
+                         "on top of a 4-bit model (kl_scaled: three extra evaluations per layer and kind)")
+    p.add_argument("--granularity", choices=("expert", "linear", "channel"), default="expert",
+                    help="a unit is a whole expert (default), one linear (gate/up/down) of an expert, or a group of "
+                         "--channel-group intermediate neurons of an expert (its rows of gate/up, columns of down)")
+    p.add_argument("--channel-group", type=int, default=None,
+                    help="channel granularity: neurons per group, a multiple of --group-size (default: the group "
+                         "size; 32 with per-channel options)")
+    p.add_argument("--options", default="2,3,4,8,16", help="bit widths units may take (16 = keep; default 2,3,4,8,16)")
+    p.add_argument("--others", default="4b", help="option of the units outside --scope experts (default 4b)")
+    p.add_argument("--rules", default="attention,shared,first_k,frequency,outlier,block",
+                    help="heuristic: which of Li et al.'s rules rank the units (comma-separated)")
+    p.add_argument("--first-k", type=int, default=1, help="heuristic first_k rule: how many first MoE layers (default 1)")
+    p.add_argument("--per-layer", action="store_true", help="ilp: split the budget over layers by parameters (MC-MoE)")
+    p.add_argument("--population", type=int, default=16, help="evolution: plans per generation (default 16)")
+    p.add_argument("--generations", type=int, default=10, help="evolution: generations (default 10)")
+    p.add_argument("--fitness-samples", type=int, default=8,
+                    help="evolution and kl_scaled: held-out calibration windows KL is measured on (default 8)")
+    p.add_argument("--table", metavar="FILE.safetensors",
+                    help="cost table cache: read it if it exists (same model), else build it and save it there")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moepress", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"moepress {_version()}")
@@ -49,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--model", required=True, help="local Hugging Face model folder or hub id (safetensors only)")
     c.add_argument("--out", required=True, help="output folder (written atomically; refused if it exists unless --overwrite)")
-    c.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
+    c.add_argument("--bits", type=int, default=None, help="2, 3, 4 or 8 (default 4; not with --budget or --plan)")
     c.add_argument("--group-size", type=_group_size, default=128, help="32, 64, 128, or 0 for per-channel (default 128)")
     c.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="GPTQ (default) or round-to-nearest")
     c.add_argument("--symmetric", action="store_true", help="symmetric grid without stored zero points")
@@ -72,8 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--plan", metavar="PLAN.yaml",
                    help="mixed precision: every unit's option from a plan file (moepress plan); replaces --bits/--group-size, "
                    "and the plan's method/symmetric/act-order/damp apply")
+    c.add_argument("--budget", metavar="BUDGET",
+                   help="plan and compress in one command: allocate options per unit within BUDGET (2.5bits, 11GB; "
+                        "as for `moepress plan`) with --strategy, then compress; plan.yaml and costs.safetensors are "
+                        "saved in --out")
+    _add_allocation(c)
     c.add_argument("--save-profile", metavar="FILE", help="also save the calibration Profile (safetensors) to FILE")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    c.add_argument("--restart", action="store_true",
+                   help="discard the partial run a killed compress left beside --out instead of resuming it")
+    c.add_argument("--expert-chunk", type=int, default=None, metavar="N",
+                   help="hold the Hessians of N experts at a time (default: all experts of a layer); lower it when "
+                        "one layer's Hessians do not fit (float32: E x (H^2 + I^2) x 4 bytes)")
+    c.add_argument("--offload-activations", action="store_true",
+                   help="keep the calibration activations in memory-mapped files beside --out instead of in memory")
     _add_common(c)
 
     e = sub.add_parser(
@@ -103,30 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-o", "--out", required=True, help="plan file to write (YAML)")
     pl.add_argument("--budget", required=True,
                     help="average code bits (2.5bits: the bytes of half 2-bit, half 3-bit) or bytes (11GB, 800MiB)")
-    pl.add_argument("--scope", choices=("experts", "all"), default="experts",
-                    help="what the budget covers: routed experts (others at --others; default) or all linear weights")
-    pl.add_argument("--strategy", choices=("uniform", "greedy", "heuristic", "ilp", "evolution"), default="ilp")
-    pl.add_argument("--estimator", choices=("gptq", "gptq_routed", "hawq", "kl_scaled"), default="gptq_routed",
-                    help="damage estimate: GPTQ loss (001), x routing mass (003, default), Hessian trace x perturbation "
-                         "(HAWQ), or gptq_routed rescaled per layer and kind by the output KL it adds, measured "
-                         "on top of a 4-bit model (kl_scaled: three extra evaluations per layer and kind)")
-    pl.add_argument("--granularity", choices=("expert", "linear", "channel"), default="expert",
-                    help="a unit is a whole expert (default), one linear (gate/up/down) of an expert, or a group of "
-                         "--channel-group intermediate neurons of an expert (its rows of gate/up, columns of down)")
-    pl.add_argument("--channel-group", type=int, default=None,
-                    help="channel granularity: neurons per group, a multiple of --group-size (default: the group "
-                         "size; 32 with per-channel options)")
-    pl.add_argument("--options", default="2,3,4,8,16", help="bit widths units may take (16 = keep; default 2,3,4,8,16)")
+    _add_allocation(pl)
     pl.add_argument("--group-size", type=_group_size, default=128, help="group size of every option (default 128; 0 = per-channel)")
-    pl.add_argument("--others", default="4b", help="option of the units outside --scope experts (default 4b)")
-    pl.add_argument("--rules", default="attention,shared,first_k,frequency,outlier,block",
-                    help="heuristic: which of Li et al.'s rules rank the units (comma-separated)")
-    pl.add_argument("--first-k", type=int, default=1, help="heuristic first_k rule: how many first MoE layers (default 1)")
-    pl.add_argument("--per-layer", action="store_true", help="ilp: split the budget over layers by parameters (MC-MoE)")
-    pl.add_argument("--population", type=int, default=16, help="evolution: plans per generation (default 16)")
-    pl.add_argument("--generations", type=int, default=10, help="evolution: generations (default 10)")
-    pl.add_argument("--fitness-samples", type=int, default=8,
-                    help="evolution and kl_scaled: held-out calibration windows KL is measured on (default 8)")
     pl.add_argument("--symmetric", action="store_true", help="symmetric grids without stored zero points")
     pl.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening (default 0.01)")
     pl.add_argument("--calib", default="builtin:calib", help="calibration text (as for compress)")
@@ -134,8 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     pl.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     pl.add_argument("--seed", type=int, default=0, help="seed for calibration windows and random choices (default 0)")
-    pl.add_argument("--table", metavar="FILE.safetensors",
-                    help="cost table cache: read it if it exists (same model), else build it and save it there")
     pl.add_argument("--plot", metavar="FILE.png", help="also draw the plan: layers x experts coloured by bits (matplotlib)")
     _add_common(pl)
 
@@ -163,13 +180,30 @@ def run_compress(args) -> None:
     from .compress import CompressConfig, compress
 
     config = CompressConfig(
-        bits=args.bits, group_size=args.group_size, method=args.method, symmetric=args.symmetric,
+        bits=4 if args.bits is None else args.bits, group_size=args.group_size, method=args.method, symmetric=args.symmetric,
         act_order=args.act_order, damp=args.damp, calib=args.calib, calib_samples=args.calib_samples,
         seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, device=args.device,
         min_expert_tokens=args.min_expert_tokens, rare_experts=args.rare_experts,
-        quantize_attention=not args.keep_attention,
+        quantize_attention=not args.keep_attention, expert_chunk=args.expert_chunk,
+        offload_activations=args.offload_activations,
     )
+    if args.budget is not None and (args.bits is not None or args.plan):
+        from .errors import MoepressError
+
+        raise MoepressError(f"--budget plans every unit's option, so it does not combine with "
+                            f"{'--bits' if args.bits is not None else '--plan'}; give one of them")
+    if args.bits is not None and args.plan:
+        from .errors import MoepressError
+
+        raise MoepressError("--plan gives every unit its option, so it does not combine with --bits")
+    config.bits = 4 if args.bits is None else args.bits
+    config.__post_init__()
     plan = None
+    planning = None
+    if args.budget is not None:
+        from .allocate.command import PlanOptions
+
+        planning = PlanOptions.from_args(args)
     if args.plan:
         from .allocate import load_plan
 
@@ -178,14 +212,15 @@ def run_compress(args) -> None:
         config.method, config.symmetric = q.get("method", "gptq"), bool(q.get("symmetric", False))
         config.act_order, config.damp = q.get("act_order", "static"), float(q.get("damp", 0.01))
         config.__post_init__()
-    result = compress(args.model, config=config, out=args.out, overwrite=args.overwrite,
-                      progress=not args.quiet, trust_remote_code=args.trust_remote_code, plan=plan)
+    result = compress(args.model, config=config, out=args.out, overwrite=args.overwrite, restart=args.restart,
+                      progress=not args.quiet, trust_remote_code=args.trust_remote_code, plan=plan,
+                      budget=args.budget, planning=planning)
     if args.save_profile:
         result.profile.save(args.save_profile)
-    from .evaluate import measure_footprint
-
-    fp = measure_footprint(result.model)
-    what = f"the options of {args.plan}" if args.plan else f"{config.bits} bits"
+    fp = result.footprint()
+    what = (f"the options of {args.plan}" if args.plan else
+            f"the options of the {args.strategy} plan within {args.budget} (plan.yaml in {args.out})" if args.budget else
+            f"{config.bits} bits")
     print("\nexpert coverage (calibration tokens routed per expert):", file=sys.stderr)
     print(result.profile.coverage_table(), file=sys.stderr)
     print(
@@ -198,6 +233,10 @@ def run_compress(args) -> None:
 def run_eval(args) -> None:
     from .evaluate import evaluate
 
+    if args.json:
+        from .preflight import check_writable_file
+
+        check_writable_file(args.json, "the report (--json)")
     report = evaluate(
         args.model, reference=args.reference, text=args.text, seq_len=args.seq_len,
         samples=args.samples or None, seed=args.seed, batch_size=args.batch_size, device=args.device,

@@ -117,6 +117,13 @@ class CompressResult:
     plan: object | None = None  # the moepress.allocate.Plan applied, if any
     layer_seconds: list = field(default_factory=list)
     resumed_after_layer: int = 0
+    structure: nn.Module | None = None  # the compressed module tree, its streamed layers on ``meta``
+
+    def footprint(self):
+        """Linear weight bytes from the tensors' shapes and dtypes, without loading a streamed model."""
+        from .evaluate import measure_footprint
+
+        return measure_footprint(self._model if self._model is not None else self.structure)
 
     @property
     def model(self) -> nn.Module:
@@ -229,20 +236,33 @@ def _option(spec: QuantSpec) -> dict:
     )
 
 
-def _quantize_experts(store: ExpertStore, stats, specs: UnitSpecs, records) -> None:
-    """All routed experts of a layer, batched: every (expert, linear) pair with the same option is
-    one batched GPTQ call. Gate and up share their input, so they batch together (with the same
-    Hessians); down has its own. With one option for all, that is two calls per layer."""
+class _ByExpert:
+    """A chunk's [C, ...] Hessians indexed by expert number."""
+
+    def __init__(self, tensor: torch.Tensor, first: int):
+        self.tensor, self.first = tensor, first
+
+    def __getitem__(self, expert: int) -> torch.Tensor:
+        return self.tensor[expert - self.first]
+
+
+def _quantize_experts(store: ExpertStore, stats, specs: UnitSpecs, records, packed: dict | None = None) -> None:
+    """The routed experts of ``stats.chunk`` (all of a layer by default), batched: every (expert,
+    linear) pair with the same option is one batched GPTQ call. Gate and up share their input, so
+    they batch together (with the same Hessians); down has its own. With one option for all, that is
+    two calls per chunk. Given ``packed``, the results are added to it and the caller installs them
+    once every chunk is done."""
     E = store.num_experts
-    in_hessian, mid_hessian = stats.hessians()
+    install = packed is None
+    in_hessian, mid_hessian = (_ByExpert(h, stats.chunk.start) for h in stats.hessians())
     name = f"layers.{store.layer}.experts"
-    packed: dict[str, list] = {linear: [None] * E for linear in EXPERT_LINEARS}
+    packed = packed if packed is not None else {linear: [None] * E for linear in EXPERT_LINEARS}
     weights = {linear: store.weight(linear) for linear in EXPERT_LINEARS}
     for linears, hessian in ((("gate_proj", "up_proj"), in_hessian), (("down_proj",), mid_hessian)):
         batches: dict[QuantSpec | None, list[tuple[str, int]]] = {}
         splits: list[tuple[str, int, list]] = []
         for linear in linears:
-            for e in range(E):
+            for e in stats.chunk:
                 spec = specs(store.unit_name(e, linear))
                 if isinstance(spec, list):
                     splits.append((linear, e, spec))
@@ -262,6 +282,11 @@ def _quantize_experts(store: ExpertStore, stats, specs: UnitSpecs, records) -> N
             for i, (linear, e) in enumerate(members):
                 packed[linear][e] = q.select(i)
                 records[store.unit_name(e, linear)] = UnitRecord(**_option(spec), error=float(err[i]))
+    if install:
+        install_experts(store, packed)
+
+
+def install_experts(store: ExpertStore, packed: dict) -> None:
     if all(isinstance(w, torch.Tensor) for linear in EXPERT_LINEARS for w in packed[linear]):
         return  # every expert kept: the layer stays as it is
     store.install_packed(packed)
@@ -355,17 +380,56 @@ class QuantizeStep:
             for unit in attention:
                 part.record_linear(unit, stats["linear"][unit])
         mlp_units = view.mlp_units(layer) if config.quantize_mlp else []
+        store = view.experts(layer)
+        chunk = config.expert_chunk
+        chunked = store is not None and chunk is not None and chunk < store.num_experts
         stats, handles = collect_layer_stats(view, layer, runner, config.min_expert_tokens, config.rare_experts,
-                                             units=mlp_units)
+                                             units=mlp_units, experts_chunk=range(min(chunk, store.num_experts))
+                                             if chunked else None)
+        captured: list = []
+        if chunked:  # the experts' inputs, kept for the chunks after the first
+            handles.append(store.module.register_forward_pre_hook(_capture_expert_inputs(captured), with_kwargs=True))
         _run_and_unhook(runner, layer, handles)
         if stats["experts"] is not None:
-            _quantize_experts(stats["experts"].store, stats["experts"], specs, records)
+            if chunked:
+                _quantize_in_chunks(store, stats["experts"], captured, chunk, specs, records)
+            else:
+                _quantize_experts(stats["experts"].store, stats["experts"], specs, records)
             part.record_experts(layer, stats["experts"])
         _quantize_linear_units(view.model, mlp_units, stats["linear"], specs, records)
         for unit in mlp_units:
             part.record_linear(unit, stats["linear"][unit])
         runner.run_layer(layer, update=True)
         return {name: rec.to_dict() for name, rec in records.items()}, part.tensors
+
+
+def _capture_expert_inputs(captured: list):
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+
+    def fn(_module, args, kwargs):
+        values = list(args) + [kwargs[n] for n in names[len(args):]]
+        captured.append(tuple(v.detach() for v in values[:3]))
+
+    return fn
+
+
+def _quantize_in_chunks(store: ExpertStore, first, captured: list, chunk: int, specs: "UnitSpecs", records) -> None:
+    """``--expert-chunk``: the first chunk's statistics came from the layer's pass; each further chunk
+    gathers its experts' Gram matrices from the captured expert inputs (the same tensors the pass
+    saw, in the same order), is quantized, and its Hessians are freed before the next."""
+    from .calibrate import ExpertInputStats
+
+    E = store.num_experts
+    packed = {linear: [None] * E for linear in EXPERT_LINEARS}
+    _quantize_experts(store, first, specs, records, packed)
+    for start in range(chunk, E, chunk):
+        stats = ExpertInputStats(store, first.device, rare=first.rare, chunk=range(start, min(E, start + chunk)))
+        for hidden, index, weights in captured:
+            stats.add(hidden, index, weights)
+        _quantize_experts(store, stats, specs, records, packed)
+        first.add_norms_of(stats)
+        del stats
+    install_experts(store, packed)
 
 
 def _records_and_profile(results, view: MoEView, tokens, config: CompressConfig):
@@ -433,6 +497,8 @@ def compress(
     progress: bool = True,
     trust_remote_code: bool = False,
     plan=None,
+    budget: str | None = None,
+    planning=None,
     **options,
 ) -> CompressResult:
     """Quantize an MoE model with GPTQ (or RTN) into packed weights; optionally save it to ``out``.
@@ -447,11 +513,25 @@ def compress(
     With ``out``, every finished layer is kept in a working folder beside ``out`` and the folder is
     renamed into ``out`` when complete; the same call after a crash or ``kill -9`` resumes after the
     last finished layer and writes the same tensors (``restart=True`` discards the partial run).
+
+    ``budget`` (``"2.5bits"``, ``"11GB"``) plans and compresses in one call: the cost-table pass
+    (resumable too), an allocation with ``planning`` (a :class:`~moepress.allocate.command.PlanOptions`
+    or a dict of its fields: strategy, scope, estimator, granularity, ...), then the compression;
+    the plan and the cost table are saved in ``out`` (``plan.yaml``, ``costs.safetensors``).
     """
     from .data import load_text, token_windows
     from .loading import load_tokenizer
     from .pipeline.source import open_source
 
+    if budget is not None and plan is not None:
+        raise MoepressError("--budget makes a plan, so it does not combine with --plan; give one of them")
+    costs_work = None
+    if budget is not None:
+        if not isinstance(model, str):
+            raise MoepressError("compress with a budget streams the model: give its folder or hub id")
+        if out is not None:
+            check_output(out, overwrite)
+        plan, costs_work = _plan_for_budget(model, budget, planning, out, restart, progress, trust_remote_code)
     if plan is not None:
         from .allocate import load_plan
 
@@ -497,10 +577,10 @@ def compress(
     loop = LayerLoop(source, tokens, device=config.device, batch_size=config.batch_size, work=work,
                      write_layers=out is not None, keep_layers=out is None or not source.streamed,
                      offload_activations=config.offload_activations, progress=progress, desc="quantize")
-    if work is not None and work.finished:
-        results = work.layer_results()
-    else:
-        results = loop.run(QuantizeStep(view, config, specs))
+    if work is not None and work.finished:  # killed while renaming the finished folder: only that is left
+        work.finish(overwrite)
+        return _result_of_saved(out, tokenizer, config, plan, tokens, view)
+    results = loop.run(QuantizeStep(view, config, specs))
     records, profile = _records_and_profile(results, view, tokens, config)
     result = CompressResult(
         _model=None if (source.streamed and out is not None) else source.model,
@@ -514,6 +594,7 @@ def compress(
         plan=plan,
         layer_seconds=loop.layer_seconds,
         resumed_after_layer=loop.resumed_after,
+        structure=source.model,
     )
     if out is None:
         if source.streamed:
@@ -521,9 +602,73 @@ def compress(
         return result
     from .export.checkpoint import write_checkpoint
 
+    if costs_work is not None:  # the plan and the cost table it was chosen from go into OUT too
+        import shutil
+
+        for name in (PLAN_FILE, COSTS_FILE):
+            shutil.copyfile(os.path.join(costs_work.path, name), os.path.join(work.path, name))
     write_checkpoint(work, result, source, overwrite=overwrite)
+    if costs_work is not None:
+        costs_work.discard()
     result.saved_to = out
     return result
+
+
+PLAN_FILE = "plan.yaml"
+COSTS_FILE = "costs.safetensors"
+
+
+def _plan_for_budget(model: str, budget: str, planning, out: str | None, restart: bool, progress: bool,
+                     trust_remote_code: bool):
+    """The cost-table pass and the allocation of ``compress --budget``; with ``out``, the pass keeps
+    its finished layers in ``.OUT.moepress-costs`` (resumable) and the finished table and plan there
+    until the compression is complete."""
+    from dataclasses import asdict as as_dict
+
+    from . import __version__
+    from .allocate.command import PlanOptions, plan_model, summary
+    from .pipeline.resume import WorkFolder
+    from .pipeline.source import StreamedModel
+
+    options = planning if isinstance(planning, PlanOptions) else PlanOptions(**(planning or {}))
+    options.budget = budget
+    if out is None:
+        plan, _ = plan_model(model, options, progress=progress, trust_remote_code=trust_remote_code)
+        return plan, None
+    source = StreamedModel(model, trust_remote_code=trust_remote_code)
+    settings = {**as_dict(options), "table": None, "moepress_version": __version__}
+    work = WorkFolder(out, settings, source.fingerprint(), source.model.config.num_hidden_layers, restart=restart,
+                      progress=progress, kind="costs")
+    import shutil
+
+    cache = options.table  # --table: a cost table to reuse (or to keep a copy of)
+    options.table = os.path.join(work.path, COSTS_FILE)
+    if cache and os.path.isfile(cache) and not os.path.isfile(options.table):
+        shutil.copyfile(cache, options.table)
+    plan_file = os.path.join(work.path, PLAN_FILE)
+    plan, _ = plan_model(model, options, progress=progress, trust_remote_code=trust_remote_code, work=work)
+    plan.save(plan_file)
+    if cache and not os.path.isfile(cache):
+        shutil.copyfile(options.table, cache)
+    if progress:
+        import sys
+
+        print(summary(plan, budget), file=sys.stderr)
+    return plan, work
+
+
+def _result_of_saved(out: str, tokenizer, config: CompressConfig, plan, tokens, view: MoEView) -> CompressResult:
+    """The result of a run whose checkpoint was complete before the kill (its statistics are not kept)."""
+    from .export.checkpoint import read_record
+
+    record = read_record(out)
+    units = {name: UnitRecord(**rec) for name, rec in record["units"].items()}
+    profile = Profile.start(view.model_type, tokens, config.min_expert_tokens, config.rare_experts)
+    return CompressResult(_model=None, tokenizer=tokenizer, config=config, units=units, profile=profile,
+                          seconds=float(record.get("seconds", 0.0)), calibration_tokens=int(tokens.numel()),
+                          source=record.get("source_model", ""), saved_to=out, plan=plan,
+                          layer_seconds=record.get("layer_seconds", []),
+                          resumed_after_layer=view.num_layers)
 
 
 def check_output(out: str, overwrite: bool) -> None:

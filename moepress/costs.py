@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .calibrate import LayerwiseRunner, collect_layer_stats, resolve_device
+from .calibrate import collect_layer_stats
 from .errors import MoepressError
 from .model.view import EXPERT_LINEARS, MoEView
 from .quantize import QuantSpec, gptq_quantize, rtn_quantize
@@ -390,7 +390,7 @@ def _damage(weight, hessian, option: Option, method_opts: dict, name: str, neuro
 
 
 def build_cost_table(
-    model: nn.Module,
+    model,
     tokens: torch.Tensor,
     options: list[Option] = DEFAULT_OPTIONS,
     *,
@@ -403,20 +403,28 @@ def build_cost_table(
     rare_experts: str = "all_tokens",
     progress: bool = True,
     keep_variants: bool = False,
+    work=None,
+    trust_remote_code: bool = False,
 ) -> CostTable:
     """One calibration pass over the uncompressed model, layer by layer; per layer, every unit is
     quantized with every option (GPTQ for the loss, RTN for HAWQ's perturbation) and forgotten, so
     memory stays at one layer's Hessians. The model is left unchanged.
+
+    ``model`` is a model in memory, or a folder / hub id streamed one decoder layer at a time. With
+    ``work`` (a :class:`~moepress.pipeline.resume.WorkFolder`) every finished layer's rows are kept
+    there and a killed pass resumes after its last finished layer.
 
     ``keep_variants`` also keeps every GPTQ-quantized weight (packed, so about 1.1x the model's
     bf16 bytes for options 2/3/4/8) in ``table.variants[(row, option)]``: the evolutionary search
     evaluates plans end to end by swapping these in instead of quantizing again. It also keeps the
     routed down projections' Hessians (``table.hessians``), so channel plans, whose down columns are
     quantized in one GPTQ pass across groups of different widths, can be scored the same way."""
-    from tqdm.auto import tqdm
+    from .pipeline.runner import LayerLoop
+    from .pipeline.source import open_source
 
     options = sorted(set(options))
-    view = MoEView(model)
+    source = open_source(model, trust_remote_code=trust_remote_code)
+    view = MoEView(source.model)
     rows = model_rows(view)
     for row in rows:
         for option in options:
@@ -425,33 +433,26 @@ def build_cost_table(
                     option.spec().check_in_features(row.in_features, row.name)
                 except ValueError as exc:
                     raise MoepressError(f"option {option}: {exc}") from None
+    if keep_variants and work is not None:
+        raise MoepressError("a cost table that keeps its quantized variants (evolution, kl_scaled) is built in memory "
+                            "and cannot resume")
     index = {r.name: i for i, r in enumerate(rows)}
     R, O = len(rows), len(options)
-    keep_size = next(model.parameters()).element_size()
+    keep_size = next(source.model.parameters()).element_size()
     act_mode = {True: "dynamic", False: "off"}.get(act_order, act_order)
     QuantSpec.act_order_flags(act_mode)  # a one-line error for a bad mode
     opts = dict(symmetric=symmetric, act_order=act_mode, damp=damp)
     bytes_ = np.array([[option_bytes(o, r.out_features, r.in_features, symmetric=symmetric,
                                      act_order=act_mode == "dynamic", keep_element_size=keep_size)
                         for o in options] for r in rows])
-    gptq = np.zeros((R, O))
-    perturbation = np.zeros((R, O))
-    trace = np.zeros(R)  # mean diagonal of H
-    seen = np.ones(R)  # fraction of tokens the unit sees
-    mass = np.ones(R)  # routing mass per token
-    outlier = np.zeros(R)
-    block = np.zeros(view.num_layers)  # 1 - cos(layer input, layer output), mean over tokens
     variants: dict[tuple[int, int], object] = {}
     hessians: dict[int, torch.Tensor] = {}  # down rows -> their Hessian, with keep_variants
-    neuron_gptq: dict[int, np.ndarray] = {}  # expert row -> [O, neurons]
-    neuron_pert: dict[int, np.ndarray] = {}
+    n_tokens = int(tokens.numel())
 
-    started = time.time()
-    runner = LayerwiseRunner(model, view, tokens, resolve_device(device), batch_size)
-    runner.capture_inputs()
-    n_tokens = runner.num_tokens
-    for layer in tqdm(range(view.num_layers), desc="cost table", unit="layer", disable=not progress):
-        runner.load_layer(layer)
+    def step(layer: int, runner):
+        """The rows of one layer: [r, O] damage arrays, per-row facts, per-neuron damage."""
+        ids, gptq, perturbation, trace, seen, mass, outlier = [], [], [], [], [], [], []
+        neuron: dict[str, torch.Tensor] = {}
         stats, handles = collect_layer_stats(view, layer, runner, min_expert_tokens, rare_experts)
         before = [h.clone() for h in runner.hidden]
         try:
@@ -459,19 +460,23 @@ def build_cost_table(
         finally:
             for h in handles:
                 h.remove()
-        cos = [torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean() for a, b in zip(before, runner.hidden)]
-        block[layer] = 1.0 - float(torch.stack(cos).mean())
+        cos = [torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean()
+               for a, b in zip(before, runner.hidden)]
+        block = 1.0 - float(torch.stack(cos).mean())
+        del before
         for unit, s in stats["linear"].items():
             i = index[unit.name]
-            weight = model.get_submodule(unit.module_path).weight.to(runner.device)
+            weight = view.model.get_submodule(unit.module_path).weight.to(runner.device)
             hessian = s.hessian()
-            trace[i] = float(hessian.diagonal().mean())
-            outlier[i] = float(_outlier_score(weight))
+            g_row, p_row = np.zeros(O), np.zeros(O)
             for o, option in enumerate(options):
                 g, p, packed, _, _ = _damage(weight, hessian, option, opts, unit.name)
-                gptq[i, o], perturbation[i, o] = float(g[0]), float(p[0])
+                g_row[o], p_row[o] = float(g[0]), float(p[0])
                 if keep_variants and packed is not None:
                     variants[i, o] = packed
+            ids.append(i), gptq.append(g_row), perturbation.append(p_row)
+            trace.append(float(hessian.diagonal().mean())), outlier.append(float(_outlier_score(weight)))
+            seen.append(1.0), mass.append(1.0)
         es = stats["experts"]
         if es is not None:
             store = es.store
@@ -481,27 +486,62 @@ def build_cost_table(
             for linear in EXPERT_LINEARS:
                 weight = store.weight(linear).to(runner.device)
                 hessian = mid_h if linear == "down_proj" else in_h
-                ids = [index[store.unit_name(e, linear)] for e in range(store.num_experts)]
-                trace[ids] = hessian.diagonal(dim1=-2, dim2=-1).mean(-1).cpu().numpy()
-                outlier[ids] = _outlier_score(weight).cpu().numpy()
-                seen[ids] = tokens_e / n_tokens
-                mass[ids] = mass_e / n_tokens
+                lin_ids = [index[store.unit_name(e, linear)] for e in range(store.num_experts)]
+                g_rows, p_rows = np.zeros((len(lin_ids), O)), np.zeros((len(lin_ids), O))
                 axis = -1 if linear == "down_proj" else -2
+                n_neurons = weight.shape[axis]
+                ng = np.zeros((len(lin_ids), O, n_neurons))
+                npert = np.zeros((len(lin_ids), O, n_neurons))
                 for o, option in enumerate(options):
                     g, p, packed, gn, pn = _damage(weight, hessian, option, opts, f"layers.{layer}.experts.{linear}",
                                                    neuron_axis=axis)
-                    gptq[ids, o], perturbation[ids, o] = g.numpy(), p.numpy()
-                    for e, i in enumerate(ids):
-                        neuron_gptq[i] = neuron_gptq.get(i, np.zeros((O, gn.shape[-1])))
-                        neuron_pert[i] = neuron_pert.get(i, np.zeros((O, pn.shape[-1])))
-                        neuron_gptq[i][o], neuron_pert[i][o] = gn[e].numpy(), pn[e].numpy()
+                    g_rows[:, o], p_rows[:, o] = g.numpy(), p.numpy()
+                    ng[:, o], npert[:, o] = gn.numpy(), pn.numpy()
                     if keep_variants and packed is not None:
-                        for e, i in enumerate(ids):
+                        for e, i in enumerate(lin_ids):
                             variants[i, o] = packed.select(e)
                 if keep_variants and linear == "down_proj":  # to quantize neuron-group splits of down later
-                    for e, i in enumerate(ids):
+                    for e, i in enumerate(lin_ids):
                         hessians[i] = hessian[e].detach().cpu().clone()
-        runner.unload_layer(layer)
+                ids.extend(lin_ids), gptq.extend(g_rows), perturbation.extend(p_rows)
+                trace.extend(hessian.diagonal(dim1=-2, dim2=-1).mean(-1).cpu().numpy())
+                outlier.extend(_outlier_score(weight).cpu().numpy())
+                seen.extend(tokens_e / n_tokens), mass.extend(mass_e / n_tokens)
+                neuron[f"neuron_gptq.{linear}"] = torch.from_numpy(ng)
+                neuron[f"neuron_pert.{linear}"] = torch.from_numpy(npert)
+                neuron[f"neuron_rows.{linear}"] = torch.tensor(lin_ids, dtype=torch.int64)
+        f64 = dict(dtype=torch.float64)
+        tensors = {"rows": torch.tensor(ids, dtype=torch.int64), "block": torch.tensor([block], **f64),
+                   "gptq": torch.tensor(np.array(gptq).reshape(-1, O), **f64),
+                   "perturbation": torch.tensor(np.array(perturbation).reshape(-1, O), **f64),
+                   "trace": torch.tensor(trace, **f64), "seen": torch.tensor(seen, **f64),
+                   "mass": torch.tensor(mass, **f64), "outlier": torch.tensor(outlier, **f64), **neuron}
+        return {}, tensors
+
+    started = time.time()
+    loop = LayerLoop(source, tokens, device=device, batch_size=batch_size, work=work, keep_layers=False,
+                     progress=progress, desc="cost table")
+    results = loop.run(step)
+    gptq = np.zeros((R, O))
+    perturbation = np.zeros((R, O))
+    trace = np.zeros(R)  # mean diagonal of H
+    seen = np.ones(R)  # fraction of tokens the unit sees
+    mass = np.ones(R)  # routing mass per token
+    outlier = np.zeros(R)
+    block = np.zeros(view.num_layers)  # 1 - cos(layer input, layer output), mean over tokens
+    neuron_gptq: dict[int, np.ndarray] = {}  # expert row -> [O, neurons]
+    neuron_pert: dict[int, np.ndarray] = {}
+    for layer, (_record, t) in enumerate(results):
+        ids = t["rows"].numpy()
+        gptq[ids], perturbation[ids] = t["gptq"].numpy(), t["perturbation"].numpy()
+        trace[ids], seen[ids], mass[ids], outlier[ids] = (t[k].numpy() for k in ("trace", "seen", "mass", "outlier"))
+        block[layer] = float(t["block"][0])
+        for linear in EXPERT_LINEARS:
+            if f"neuron_rows.{linear}" in t:
+                for e, i in enumerate(t[f"neuron_rows.{linear}"].tolist()):
+                    neuron_gptq[i] = t[f"neuron_gptq.{linear}"][e].numpy()
+                    neuron_pert[i] = t[f"neuron_pert.{linear}"][e].numpy()
+    model = source.model
     damage = {
         "gptq": gptq,
         "gptq_routed": gptq * mass[:, None],

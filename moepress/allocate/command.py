@@ -1,43 +1,105 @@
-"""``moepress plan``: model -> calibration -> cost table -> allocation -> plan file (and picture)."""
+"""Planning a model: model -> calibration -> cost table -> allocation -> plan (``moepress plan``, and
+the first pass of ``moepress compress --budget``).
+
+:func:`plan_model` is the public function; :class:`PlanOptions` says what it does (the command's
+flags, one field each). The cost table is built by streaming the model one decoder layer at a time,
+except for the strategies that score whole plans end to end (``evolution``) or measure a layer's KL
+(``--estimator kl_scaled``): they keep the model and its quantized variants in memory, say so, and
+refuse in one line when that does not fit.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 
 from ..errors import MoepressError
 
 
-def make_plan(args) -> None:
+@dataclass
+class PlanOptions:
+    """What :func:`plan_model` does; the defaults are ``moepress plan``'s."""
+
+    budget: str = "3bits"
+    scope: str = "experts"
+    strategy: str = "ilp"
+    estimator: str = "gptq_routed"
+    granularity: str = "expert"
+    channel_group: int | None = None
+    options: str = "2,3,4,8,16"
+    group_size: int | None = 128
+    others: str = "4b"
+    rules: str = "attention,shared,first_k,frequency,outlier,block"
+    first_k: int = 1
+    per_layer: bool = False
+    population: int = 16
+    generations: int = 10
+    fitness_samples: int = 8
+    symmetric: bool = False
+    damp: float = 0.01
+    calib: str = "builtin:calib"
+    calib_samples: int = 128
+    seq_len: int = 512
+    batch_size: int = 8
+    seed: int = 0
+    device: str | None = None
+    table: str | None = None  # cost table cache (safetensors)
+
+    @classmethod
+    def from_args(cls, args) -> "PlanOptions":
+        from dataclasses import fields
+
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+def _memory_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def plan_model(model: str, options: PlanOptions | None = None, *, progress: bool = True,
+               trust_remote_code: bool = False, work=None, **overrides):
+    """A :class:`~moepress.allocate.Plan` for ``model`` (a folder or hub id) within ``options.budget``.
+
+    ``work`` (a :class:`~moepress.pipeline.resume.WorkFolder`) makes the cost-table pass resumable.
+    Returns ``(plan, table)``."""
     import torch
 
     from ..costs import CostTable, Option, build_cost_table, model_rows
     from ..data import load_text, token_windows
     from ..loading import load_model, load_tokenizer
     from ..model import MoEView
+    from ..pipeline.source import open_source
     from . import RULES, Budget, allocate
 
+    args = options or PlanOptions()
+    for key, value in overrides.items():
+        setattr(args, key, value)
     budget = Budget.parse(args.budget, scope=args.scope)
     bits = [int(b) for b in str(args.options).replace(" ", "").split(",") if b]
-    options = [Option.parse(b, args.group_size) for b in bits]
+    option_list = [Option.parse(b, args.group_size) for b in bits]
     others = Option.parse(args.others, args.group_size)
     rules = tuple(r for r in args.rules.split(",") if r)
     unknown = [r for r in rules if r not in RULES]
     if unknown:
         raise MoepressError(f"unknown heuristic rule(s) {unknown}; choose from {', '.join(RULES)}")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise MoepressError(f"cannot write the plan: folder {out_dir} does not exist")
 
-    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    model = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    rows = model_rows(MoEView(model))
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    source = open_source(model, trust_remote_code=trust_remote_code)
+    rows = model_rows(MoEView(source.model))
+    keep = next(source.model.parameters()).element_size()
     if budget.bytes is not None:  # refuse before the long calibration pass; bytes need no calibration
         from ..costs import option_bytes
 
-        keep = next(model.parameters()).element_size()
         smallest = sum(min(option_bytes(o, r.out_features, r.in_features, symmetric=args.symmetric,
-                                        keep_element_size=keep) for o in options)
+                                        keep_element_size=keep) for o in option_list)
                        for r in rows if r.kind in budget.kinds)
         if smallest > budget.bytes:
             raise MoepressError(f"budget of {budget.bytes:,} bytes is below the smallest option: the {budget.scope} "
@@ -50,9 +112,10 @@ def make_plan(args) -> None:
         gate = next((r for r in rows if r.kind == "expert" and r.linear == "gate_proj"), None)
         if gate is None:
             raise MoepressError("channel granularity needs routed experts; this model has none")
-        check_channel_group(options, gate.out_features, gate.in_features, args.channel_group)
+        check_channel_group(option_list, gate.out_features, gate.in_features, args.channel_group)
     evolving = args.strategy == "evolution"
     scaling = args.estimator == "kl_scaled"
+    in_memory = evolving or scaling
     table = None
     if args.table and os.path.exists(args.table) and not evolving:
         table = CostTable.load(args.table)
@@ -64,13 +127,18 @@ def make_plan(args) -> None:
         else:
             print(f"cost table: read {args.table}", file=sys.stderr)
     fresh = table is None  # built (or measured) here: saved to --table once complete
-    if table is None:
+    resident = None
+    if table is None or in_memory:
+        if in_memory:
+            resident = _load_resident(model, source, trust_remote_code, args.strategy, args.estimator)
         text = load_text(args.calib)
         tokens = token_windows(text, tokenizer, args.seq_len, args.calib_samples, seed=args.seed, what="calibration")
-        all_options = sorted(set(options) | {others})
-        table = build_cost_table(model, tokens, all_options, symmetric=args.symmetric, damp=args.damp,
-                                 device=args.device, batch_size=args.batch_size, progress=not args.quiet,
-                                 keep_variants=evolving or scaling)
+    if table is None:
+        all_options = sorted(set(option_list) | {others})
+        table = build_cost_table(resident if resident is not None else model, tokens, all_options,
+                                 symmetric=args.symmetric, damp=args.damp, device=args.device,
+                                 batch_size=args.batch_size, progress=progress, keep_variants=in_memory,
+                                 work=None if in_memory else work, trust_remote_code=trust_remote_code)
         table.meta["calibration"] = {"source": args.calib, "samples": args.calib_samples, "seq_len": args.seq_len,
                                      "seed": args.seed}
     evaluator = None
@@ -81,12 +149,12 @@ def make_plan(args) -> None:
         held_out = token_windows(load_text(args.calib), tokenizer, args.seq_len, args.fitness_samples,
                                  seed=args.seed + 1, what="held-out calibration")
         with torch.no_grad():
-            evaluator = PlanEvaluator(model, table, held_out, batch_size=args.batch_size)
+            evaluator = PlanEvaluator(resident, table, held_out, batch_size=args.batch_size, copy=False)
     if scaling and "kl_scaled" not in table.damage:
         from .sensitivity import add_kl_scaled
 
         with torch.no_grad():
-            info = add_kl_scaled(table, evaluator, progress=not args.quiet)
+            info = add_kl_scaled(table, evaluator, progress=progress)
         print(f"layer sensitivity: {info['evaluations']} evaluations ({', '.join(info['probes'])} per layer and kind) "
               f"on {info['windows']} held-out windows in {info['seconds']} s", file=sys.stderr)
     if args.table and fresh:
@@ -97,23 +165,78 @@ def make_plan(args) -> None:
     if evolving:
         evolution = {"evaluate": evaluator, "population": args.population, "generations": args.generations}
     plan = allocate(table, budget, args.strategy, estimator=args.estimator, granularity=args.granularity,
-                    channel_group=args.channel_group, options=options, others=others, group_size=args.group_size, rules=rules, first_k=args.first_k,
-                    per_layer=args.per_layer, seed=args.seed, evolution=evolution)
-    plan.info["model"] = args.model
-    plan.save(args.out)
+                    channel_group=args.channel_group, options=option_list, others=others,
+                    group_size=args.group_size, rules=rules, first_k=args.first_k, per_layer=args.per_layer,
+                    seed=args.seed, evolution=evolution)
+    plan.info["model"] = model
+    return plan, table
+
+
+def _load_resident(model: str, source, trust_remote_code: bool, strategy: str, estimator: str):
+    """The whole model in memory, for scoring plans end to end; refused in one line when it cannot fit."""
+    from ..loading import load_model
+
+    params = sum(p.numel() for p in source.model.parameters())
+    # float32 scoring copy + packed variants of every option (about 1.1x the bf16 bytes)
+    needed = params * 4 + int(params * 2 * 1.1)
+    available = _memory_available()
+    why = "--strategy evolution" if strategy == "evolution" else f"--estimator {estimator}"
+    if available is not None and needed > available:
+        raise MoepressError(f"{why} scores plans on the whole model in memory (about {needed / 1e9:.1f} GB with "
+                            f"its quantized variants) but {available / 1e9:.1f} GB are available; use another "
+                            "strategy or estimator (they stream the model one layer at a time)")
+    print(f"plan: {why} keeps the model in memory (about {needed / 1e9:.1f} GB with its quantized variants)",
+          file=sys.stderr)
+    return load_model(model, trust_remote_code=trust_remote_code)
+
+
+def summary(plan, budget_text: str) -> str:
     totals = plan.totals
     avg = ", ".join(f"{k} {v}" for k, v in totals["average_bits"].items())
-    print(f"plan: {args.strategy} ({args.estimator}, {args.granularity}) within {budget}: "
-          f"{totals['budget_scope_bytes']:,} of {plan.budget['bytes']:,} budget bytes; all linears "
-          f"{totals['bytes']:,} bytes; bits/param: {avg}")
-    if evolving:
+    lines = [f"plan: {plan.strategy} ({plan.estimator}, {plan.granularity}) within {budget_text}: "
+             f"{totals['budget_scope_bytes']:,} of {plan.budget['bytes']:,} budget bytes; all linears "
+             f"{totals['bytes']:,} bytes; bits/param: {avg}"]
+    if plan.strategy == "evolution":
         info = plan.info
-        print(f"evolution: KL {info['seed_fitness_kl']:.5f} (ILP seed) -> {info['best_fitness_kl']:.5f} "
-              f"({100 * info['gain_over_seed']:.1f}% lower) in {info['evaluations']} evaluations, "
-              f"{info['search_seconds']} s")
+        lines.append(f"evolution: KL {info['seed_fitness_kl']:.5f} (ILP seed) -> {info['best_fitness_kl']:.5f} "
+                     f"({100 * info['gain_over_seed']:.1f}% lower) in {info['evaluations']} evaluations, "
+                     f"{info['search_seconds']} s")
+    return "\n".join(lines)
+
+
+def make_plan(args) -> None:
+    """``moepress plan``: every output path is checked before the cost-table pass."""
+    from ..costs import model_rows
+    from ..model import MoEView
+    from . import Budget
+
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise MoepressError(f"cannot write the plan: folder {out_dir} does not exist")
+    for path, what in ((args.out, "the plan"), (args.table, "the cost table"), (args.plot, "the plot")):
+        if path:
+            _check_writable(path, what)
+    options = PlanOptions.from_args(args)
+    plan, _table = plan_model(args.model, options, progress=not args.quiet, trust_remote_code=args.trust_remote_code)
+    plan.save(args.out)
+    print(summary(plan, str(Budget.parse(args.budget, scope=args.scope))))
     print(f"wrote {args.out}")
     if args.plot:
         from .plot import plot_plan
 
+        from ..pipeline.source import open_source
+
+        rows = model_rows(MoEView(open_source(args.model, trust_remote_code=args.trust_remote_code).model))
         plot_plan(plan, rows, args.plot)
         print(f"wrote {args.plot}")
+
+
+def _check_writable(path: str, what: str) -> None:
+    try:
+        from ..preflight import check_writable_file
+    except ImportError:  # pragma: no cover - the preflight module is added alongside
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise MoepressError(f"cannot write {what} to {path}: {folder} is not a writable folder") from None
+        return
+    check_writable_file(path, what)

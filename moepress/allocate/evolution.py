@@ -17,7 +17,7 @@ returns something worse than the ILP on its own fitness.
 
 from __future__ import annotations
 
-import copy
+import copy as _copy
 import time
 
 import numpy as np
@@ -32,11 +32,13 @@ from .solvers import Problem
 class PlanEvaluator:
     """KL(reference || candidate) per token on held-out windows, with cached quantized variants."""
 
-    def __init__(self, model, table: CostTable, tokens: torch.Tensor, batch_size: int = 8):
+    def __init__(self, model, table: CostTable, tokens: torch.Tensor, batch_size: int = 8, copy: bool = True):
+        """``copy=False`` scores on ``model`` itself (turned to float32 and its weights swapped), for
+        a model loaded only for this; by default the caller's model is left untouched."""
         if not table.variants:
             raise MoepressError("evolution needs the quantized variants of every unit: build the cost table "
                                 "with keep_variants=True (moepress plan does this for --strategy evolution)")
-        self.model = copy.deepcopy(model).float().eval()
+        self.model = (_copy.deepcopy(model) if copy else model).float().eval()
         self.table = table
         self.tokens = tokens
         self.batch_size = batch_size

@@ -28,6 +28,8 @@ from ..errors import MoepressError
 from .faults import fault_point
 
 STATE = "state.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 STATE_VERSION = 1
 
 
@@ -61,6 +63,7 @@ def _atomic_json(path: str, data: dict) -> None:
 def _atomic_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     tmp = f"{path}.tmp"
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors creates its files private; a checkpoint is shared as usual
     os.replace(tmp, path)
 
 
@@ -68,9 +71,9 @@ class WorkFolder:
     """The resumable state of one run; see the module docstring for the layout."""
 
     def __init__(self, out: str, settings: dict, fingerprint: dict, num_layers: int, *, restart: bool = False,
-                 progress: bool = True):
+                 progress: bool = True, kind: str = "partial"):
         self.out = os.path.abspath(out)
-        self.path = work_folder_for(out)
+        self.path = work_folder_for(out, kind)
         self.settings = settings
         self.key = settings_hash(settings)
         self.fingerprint = fingerprint
