@@ -1,0 +1,63 @@
+"""``moepress compress --budget``: plan and compress in one command, resumable in both passes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from moepress.cli import main
+from moepress.pipeline.faults import InjectedFault
+from moepress.pipeline.resume import work_folder_for
+
+from .test_resume import same_checkpoint
+
+COMMON = ["--calib-samples", "8", "--seq-len", "64", "--batch-size", "4", "--group-size", "32", "--quiet"]
+
+
+def test_budget_equals_plan_then_compress(tiny_model_dir, calib_file, tmp_path):
+    source = tiny_model_dir("qwen3_moe")
+    plan = str(tmp_path / "plan.yaml")
+    assert main(["plan", "--model", source, "--calib", calib_file, "--budget", "2.5bits", "--strategy", "ilp",
+                 "-o", plan, *COMMON]) == 0
+    two_steps = str(tmp_path / "two")
+    assert main(["compress", "--model", source, "--calib", calib_file, "--plan", plan, "--out", two_steps,
+                 *COMMON]) == 0
+    one_step = str(tmp_path / "one")
+    assert main(["compress", "--model", source, "--calib", calib_file, "--budget", "2.5bits", "--strategy", "ilp",
+                 "--out", one_step, *COMMON]) == 0
+    same_checkpoint(one_step, two_steps)
+    assert {"plan.yaml", "costs.safetensors"} <= set(os.listdir(one_step))
+    assert open(os.path.join(one_step, "plan.yaml")).read().split("units:")[1] == open(plan).read().split("units:")[1]
+    assert not os.path.exists(work_folder_for(one_step, "costs"))
+
+
+@pytest.mark.parametrize("extra, word", [(["--bits", "3"], "--bits"), (["--plan", "p.yaml"], "--plan")])
+def test_budget_refuses_bits_and_plan(extra, word, tiny_model_dir, calib_file, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    code = main(["compress", "--model", tiny_model_dir("qwen3_moe"), "--calib", calib_file, "--budget", "3bits",
+                 "--out", out, *extra, *COMMON])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    line = [l for l in err.splitlines() if l.startswith("moepress: error:")]
+    assert len(line) == 1 and "--budget" in line[0] and word in line[0]
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("point", ["layer_committed:1", "layer_shard_written:2"])
+def test_budget_resumes_in_either_pass(point, tiny_model_dir, calib_file, tmp_path, monkeypatch):
+    """layer_committed:1 fires in the cost-table pass (the first to commit a layer); layer_shard_written
+    fires only in the compression pass, after the plan was made."""
+    source = tiny_model_dir("qwen3_moe")
+    args = ["compress", "--model", source, "--calib", calib_file, "--budget", "2.5bits", *COMMON]
+    reference = str(tmp_path / "reference")
+    assert main([*args, "--out", reference]) == 0
+    out = str(tmp_path / "out")
+    monkeypatch.setenv("MOEPRESS_FAULT", point)
+    monkeypatch.setenv("MOEPRESS_FAULT_MODE", "raise")
+    with pytest.raises(InjectedFault):
+        main([*args, "--out", out])
+    assert os.path.isdir(work_folder_for(out, "costs"))
+    monkeypatch.delenv("MOEPRESS_FAULT")
+    assert main([*args, "--out", out]) == 0
+    same_checkpoint(out, reference)
