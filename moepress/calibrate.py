@@ -139,9 +139,14 @@ class ExpertInputStats:
 
     def hessians(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate/up input Hessian [C, H, H], down input Hessian [C, I, I]) of the chunk's experts
-        (all E by default), each X^T X / n."""
-        n = self.samples()[self.chunk.start:self.chunk.stop].clamp(min=1).float()[:, None, None]
-        return self.in_gram / n, self.mid_gram / n
+        (all E by default), each X^T X / n. The Gram matrices are normalised in place (a Mixtral-8x7B
+        layer's are 7 GB: no second copy), so no sample may be added afterwards."""
+        if not getattr(self, "_normalised", False):
+            n = self.samples()[self.chunk.start:self.chunk.stop].clamp(min=1).float()[:, None, None]
+            self.in_gram.div_(n)
+            self.mid_gram.div_(n)
+            self._normalised = True
+        return self.in_gram, self.mid_gram
 
     def add_norms_of(self, other: "ExpertInputStats") -> None:
         """Take over another chunk's per-channel norms (each chunk fills only its own experts' rows)."""

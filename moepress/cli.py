@@ -187,6 +187,10 @@ def run_compress(args) -> None:
         quantize_attention=not args.keep_attention, expert_chunk=args.expert_chunk,
         offload_activations=args.offload_activations,
     )
+    if args.save_profile:
+        from .preflight import check_writable_file
+
+        check_writable_file(args.save_profile, "the profile")
     if args.budget is not None and (args.bits is not None or args.plan):
         from .errors import MoepressError
 

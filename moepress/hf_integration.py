@@ -4,12 +4,22 @@
 skeleton, calls :meth:`MoepressHfQuantizer._process_model_before_weight_loading` (which swaps every
 quantized unit for an empty packed module, from the unit map in ``config.json``) and loads the
 packed tensors from the safetensors shards into those modules, as it does for GPTQ checkpoints.
+
+Loading never guesses. Before any weight is read, the shards' headers are checked against the
+skeleton: every tensor the unit map implies must be stored, with its shape and dtype, and no other
+(a missing tensor would otherwise be randomly initialised, and zero points stored for a unit the
+edited config calls symmetric silently ignored). A format version this moepress does not know is
+refused before anything else.
 """
 
 from __future__ import annotations
 
+import os
+
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .errors import MoepressError
 
 _REGISTERED = False
 
@@ -43,10 +53,16 @@ class MoepressHfQuantizer(HfQuantizer):
     def validate_environment(self, *args, **kwargs):
         return None
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
-        from .runtime import install_packed_skeleton
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        from .runtime.skeleton import check_stored_tensors, install_packed_skeleton
 
+        files = [str(f) for f in checkpoint_files or () if str(f).endswith(".safetensors")]
+        name = getattr(model.config, "_name_or_path", "") or (os.path.dirname(files[0]) if files else "")
+        check_format_version(self.quantization_config.format_version, name)
+        check_unit_map(self.quantization_config.units, name)
         install_packed_skeleton(model, self.quantization_config.units)
+        if files:  # (a state dict handed to from_pretrained has no files to check first)
+            check_stored_tensors(model, stored_tensors(files, name), name)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         from .runtime import validate_packed
@@ -63,6 +79,60 @@ class MoepressHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def check_format_version(version, checkpoint: str = "the checkpoint") -> None:
+    """Refuse a checkpoint format this moepress cannot read (written by a newer moepress)."""
+    from .export.format import KNOWN_FORMAT_VERSIONS
+
+    if isinstance(version, bool) or version not in KNOWN_FORMAT_VERSIONS:
+        known = " and ".join(str(v) for v in KNOWN_FORMAT_VERSIONS)
+        raise MoepressError(f"{checkpoint or 'the checkpoint'} has moepress format version {version!r}; this "
+                            f"moepress ({_version()}) reads versions {known}: upgrade moepress (pip install -U moepress)")
+
+
+_UNIT_KEYS = ("bits", "group_size", "symmetric", "act_order")
+_PIECES_KEYS = ("pieces", "axis", "symmetric")
+
+
+def check_unit_map(units, checkpoint: str) -> None:
+    """Every unit of config.json's unit map has the fields the packed modules are built from."""
+    if not isinstance(units, dict):
+        raise MoepressError(f"moepress checkpoint {checkpoint}: config.json's quantization_config has no unit map; "
+                            "restore config.json or re-create the checkpoint with moepress compress")
+    for unit, option in units.items():
+        needed = _PIECES_KEYS if isinstance(option, dict) and option.get("pieces") else _UNIT_KEYS
+        lacking = [k for k in needed if not isinstance(option, dict) or k not in option]
+        bits = option.get("bits") if isinstance(option, dict) else None
+        if lacking or (needed is _UNIT_KEYS and (isinstance(bits, bool) or bits not in (2, 3, 4, 8, 16))):
+            what = f"lacks {lacking[0]!r}" if lacking else f"has bits {bits!r} (not 2, 3, 4, 8 or 16)"
+            raise MoepressError(f"moepress checkpoint {checkpoint}: unit {unit} of config.json's unit map {what}; "
+                                "restore config.json or re-create the checkpoint with moepress compress")
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def stored_tensors(files: list[str], name: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (shape, safetensors dtype such as ``"U8"``) of every tensor in ``files``, read from
+    their headers only (no tensor data is touched)."""
+    from safetensors import safe_open
+
+    stored = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    tensor = f.get_slice(key)
+                    stored[key] = (tuple(tensor.get_shape()), tensor.get_dtype())
+        except Exception as exc:  # safetensors' SafetensorError is not an OSError
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise MoepressError(f"cannot read the weights of {name} ({os.path.basename(file)}: {reason}); the "
+                                "checkpoint looks corrupt or truncated: re-download or re-create it") from None
+    return stored
 
 
 def register() -> None:

@@ -216,6 +216,11 @@ def make_plan(args) -> None:
     for path, what in ((args.out, "the plan"), (args.table, "the cost table"), (args.plot, "the plot")):
         if path:
             _check_writable(path, what)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise MoepressError("--plot needs matplotlib: pip install 'moepress[plot]'") from None
     options = PlanOptions.from_args(args)
     plan, _table = plan_model(args.model, options, progress=not args.quiet, trust_remote_code=args.trust_remote_code)
     plan.save(args.out)
@@ -232,11 +237,6 @@ def make_plan(args) -> None:
 
 
 def _check_writable(path: str, what: str) -> None:
-    try:
-        from ..preflight import check_writable_file
-    except ImportError:  # pragma: no cover - the preflight module is added alongside
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise MoepressError(f"cannot write {what} to {path}: {folder} is not a writable folder") from None
-        return
+    from ..preflight import check_writable_file
+
     check_writable_file(path, what)

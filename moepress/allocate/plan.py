@@ -181,8 +181,18 @@ def load_plan(path: str) -> Plan:
     if not os.path.isfile(path):
         raise MoepressError(f"plan file not found: {path}; make one with 'moepress plan'")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise MoepressError(f"cannot read plan {path}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\0" in text:  # a text file never holds NUL bytes; images and archives do
+        raise MoepressError(f"plan {path} is not a text plan file; make one with moepress plan")
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -75,6 +75,36 @@ def _load(model, trust_remote_code: bool, dtype):
     return loaded, load_tokenizer(model, trust_remote_code=trust_remote_code), model
 
 
+def _vocab_size(model, trust_remote_code: bool) -> int | None:
+    """The vocabulary size a model (in memory, or a folder or hub id: its config only) predicts over;
+    None when the config cannot be read (loading the model then says why)."""
+    if isinstance(model, nn.Module):
+        config = model.config
+    else:
+        from transformers import AutoConfig
+
+        from ..loading import check_model_source, hub_kwargs
+
+        check_model_source(model)
+        try:
+            config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code, **hub_kwargs(model))
+        except Exception:
+            return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "vocab_size", None)
+
+
+def check_same_vocabulary(model, reference, trust_remote_code: bool = False) -> None:
+    """Refuse a reference whose vocabulary differs from the model's before anything is evaluated:
+    KL divergence and top-1 agreement compare the two distributions token by token."""
+    sizes = _vocab_size(model, trust_remote_code), _vocab_size(reference, trust_remote_code)
+    if None not in sizes and sizes[0] != sizes[1]:
+        name = model if isinstance(model, str) else "the model"
+        ref = reference if isinstance(reference, str) else "the reference"
+        raise MoepressError(f"reference {ref} has a vocabulary of {sizes[1]:,} tokens but {name} has {sizes[0]:,}; "
+                            "KL and top-1 agreement need the same tokens: give the model it was compressed from")
+
+
 def _stored_dtype(model) -> torch.dtype | None:
     """The dtype a checkpoint folder holds float weights in (its config.json), to count bytes as
     stored even when evaluated in float32; None for an in-memory model (counted as held)."""
@@ -112,6 +142,8 @@ def evaluate(
     from ..calibrate import resolve_device
     from ..data import load_text, token_windows
 
+    if reference is not None:
+        check_same_vocabulary(model, reference, trust_remote_code)
     dev = resolve_device(device)
     if dtype is None:
         dtype = torch.float32 if dev.type == "cpu" else "auto"

@@ -33,12 +33,16 @@ MOEPRESS_JSON = "moepress.json"
 
 
 def check_output_dir(out: str, overwrite: bool) -> None:
-    """Refuse an existing output folder unless ``overwrite``; checked before any long work starts."""
+    """Refuse an existing output folder unless ``overwrite``, or one that cannot be written; checked
+    before any long work starts (an unwritable output must not cost an hour of compute)."""
+    from ..preflight import check_writable_dir
+
     if os.path.exists(out) and not overwrite:
         raise MoepressError(f"output folder {out} already exists; choose another --out or pass --overwrite")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise MoepressError(f"cannot write {out}: its parent folder {parent} does not exist")
+    check_writable_dir(out, "the output folder")
 
 
 def _unique_state_dict(model, skip_prefix: str | None = None) -> dict[str, torch.Tensor]:

@@ -86,12 +86,16 @@ def safetensors_files(folder: str) -> list[str]:
 
 def resolve_model_folder(name: str) -> str:
     """A local folder as it is; a hub id through the local cache or a download (config, weights, tokenizer)."""
+    from ..loading import check_model_source, hub_kwargs
+
+    check_model_source(name)  # a missing local path, or an unreachable hub, fails here at once
     if os.path.isdir(name):
         return name
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"])
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"],
+                                 **hub_kwargs(name))
     except Exception as exc:  # offline, gated, unknown id: all one line
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise MoepressError(f"cannot fetch model {name}: {first}") from None
