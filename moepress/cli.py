@@ -219,6 +219,10 @@ def run_compress(args) -> None:
     result = compress(args.model, config=config, out=args.out, overwrite=args.overwrite, restart=args.restart,
                       progress=not args.quiet, trust_remote_code=args.trust_remote_code, plan=plan,
                       budget=args.budget, planning=planning)
+    from .pipeline.distributed import is_main
+
+    if not is_main():  # torchrun: rank 0 reports (and saves --save-profile) for all
+        return
     if args.save_profile:
         result.profile.save(args.save_profile)
     fp = result.footprint()

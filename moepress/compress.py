@@ -18,12 +18,13 @@ from torch import nn
 from .calibrate import Profile, collect_layer_stats
 from .errors import MoepressError
 from .export.format import FORMAT_VERSION
-from .model.view import EXPERT_LINEARS, ExpertStore, MoEView, set_submodule
+from .model.view import EXPERT_LINEARS, ExpertStore, MoEView
+from .pipeline import distributed
 from .pipeline.faults import fault_point
 from .pipeline.runner import LayerLoop, LayerwiseRunner, model_dtype, resolve_device
 from .pipeline.source import ResidentModel
 from .quantize import QuantSpec, gptq_quantize, hessian_weighted_error, rtn_quantize
-from .runtime import PackedLinear
+from .runtime.install import install_experts, install_linear
 
 
 @dataclass
@@ -216,17 +217,24 @@ def _check_group_size(view: MoEView, spec: QuantSpec, config: CompressConfig) ->
             raise MoepressError(str(exc)) from None
 
 
-def _quantize_linear_units(model, units, stats, specs: UnitSpecs, records) -> None:
-    for unit in units:
+def _quantize_linear_units(model, units, stats, specs: UnitSpecs, records, device: torch.device) -> None:
+    """Quantize ``units`` (attention, shared-expert or dense-MLP linears) and install packed linears.
+    Under torchrun each rank quantizes its share and every rank installs all of them."""
+    done: dict[str, tuple] = {}  # name -> (packed weight, or None: kept; record)
+    for unit in distributed.shard(units):
         spec = specs(unit.name)
         if spec is None:
-            records[unit.name] = _keep_record(specs.default)
+            done[unit.name] = (None, _keep_record(specs.default))
             continue
-        s = stats[unit]
         module = model.get_submodule(unit.module_path)
-        packed, error = quantize_batch(module.weight, s.hessian(), spec, unit.name)
-        set_submodule(model, unit.module_path, PackedLinear(packed, module.bias))
-        records[unit.name] = UnitRecord(**_option(spec), error=float(error[0]))
+        packed, error = quantize_batch(module.weight, stats[unit].hessian(), spec, unit.name)
+        done[unit.name] = (packed, UnitRecord(**_option(spec), error=float(error[0])))
+    done = distributed.share(done, device)
+    for unit in units:
+        packed, records[unit.name] = done[unit.name]
+        if packed is not None:
+            module = model.get_submodule(unit.module_path)
+            install_linear(model, unit.module_path, packed, module.bias)
 
 
 def _option(spec: QuantSpec) -> dict:
@@ -246,28 +254,25 @@ class _ByExpert:
         return self.tensor[expert - self.first]
 
 
-def _quantize_experts(store: ExpertStore, stats, specs: UnitSpecs, records, packed: dict | None = None) -> None:
-    """The routed experts of ``stats.chunk`` (all of a layer by default), batched: every (expert,
-    linear) pair with the same option is one batched GPTQ call. Gate and up share their input, so
-    they batch together (with the same Hessians); down has its own. With one option for all, that is
-    two calls per chunk. Given ``packed``, the results are added to it and the caller installs them
-    once every chunk is done."""
-    E = store.num_experts
-    install = packed is None
+def _quantize_experts(store: ExpertStore, stats, specs: UnitSpecs, records, packed: dict) -> None:
+    """The routed experts of ``stats.chunk``, batched: the experts of one linear with the same option
+    are one batched GPTQ call (gate and up share their Hessians, which are passed as they are, not
+    stacked into copies: a Mixtral-8x7B layer's down Hessians alone are 6.6 GB). With one option
+    for all, that is three calls per chunk. The
+    results go into ``packed[linear][expert]``; the caller installs them once every chunk is done."""
     in_hessian, mid_hessian = (_ByExpert(h, stats.chunk.start) for h in stats.hessians())
     name = f"layers.{store.layer}.experts"
-    packed = packed if packed is not None else {linear: [None] * E for linear in EXPERT_LINEARS}
     weights = {linear: store.weight(linear) for linear in EXPERT_LINEARS}
-    for linears, hessian in ((("gate_proj", "up_proj"), in_hessian), (("down_proj",), mid_hessian)):
+    for linear in EXPERT_LINEARS:
+        hessian = mid_hessian if linear == "down_proj" else in_hessian
         batches: dict[QuantSpec | None, list[tuple[str, int]]] = {}
         splits: list[tuple[str, int, list]] = []
-        for linear in linears:
-            for e in stats.chunk:
-                spec = specs(store.unit_name(e, linear))
-                if isinstance(spec, list):
-                    splits.append((linear, e, spec))
-                else:
-                    batches.setdefault(spec, []).append((linear, e))
+        for e in stats.chunk:
+            spec = specs(store.unit_name(e, linear))
+            if isinstance(spec, list):
+                splits.append((linear, e, spec))
+            else:
+                batches.setdefault(spec, []).append((linear, e))
         if splits:
             _quantize_splits(store, weights, hessian, splits, specs.default, packed, records)
         for spec, members in batches.items():
@@ -276,20 +281,19 @@ def _quantize_experts(store: ExpertStore, stats, specs: UnitSpecs, records, pack
                     packed[linear][e] = weights[linear][e].detach().clone()
                     records[store.unit_name(e, linear)] = _keep_record(specs.default)
                 continue
-            w = torch.stack([weights[linear][e] for linear, e in members])
-            h = torch.stack([hessian[e] for _, e in members])
-            q, err = quantize_batch(w, h, spec, f"{name}.{'_'.join(linears)}")
+            experts = [e for _, e in members]
+            if experts == list(stats.chunk):  # the whole chunk: its tensors as they are, no stacked copies
+                w = weights[linear][stats.chunk.start:stats.chunk.stop]
+                h = hessian.tensor
+            else:
+                w = torch.stack([weights[linear][e] for e in experts])
+                h = torch.stack([hessian[e] for e in experts])
+            q, err = quantize_batch(w, h, spec, f"{name}.{linear}")
             for i, (linear, e) in enumerate(members):
                 packed[linear][e] = q.select(i)
                 records[store.unit_name(e, linear)] = UnitRecord(**_option(spec), error=float(err[i]))
-    if install:
-        install_experts(store, packed)
 
 
-def install_experts(store: ExpertStore, packed: dict) -> None:
-    if all(isinstance(w, torch.Tensor) for linear in EXPERT_LINEARS for w in packed[linear]):
-        return  # every expert kept: the layer stays as it is
-    store.install_packed(packed)
 
 
 def _quantize_splits(store: ExpertStore, weights, hessian, splits, default: QuantSpec, packed, records) -> None:
@@ -376,27 +380,22 @@ class QuantizeStep:
             attention = view.attention_units(layer)
             stats, handles = collect_layer_stats(view, layer, runner, 0, "routed_only", units=attention, experts=False)
             _run_and_unhook(runner, layer, handles)
-            _quantize_linear_units(view.model, attention, stats["linear"], specs, records)
+            _quantize_linear_units(view.model, attention, stats["linear"], specs, records, runner.device)
             for unit in attention:
                 part.record_linear(unit, stats["linear"][unit])
         mlp_units = view.mlp_units(layer) if config.quantize_mlp else []
         store = view.experts(layer)
-        chunk = config.expert_chunk
-        chunked = store is not None and chunk is not None and chunk < store.num_experts
+        chunks = _expert_chunks(store, config.expert_chunk)
         stats, handles = collect_layer_stats(view, layer, runner, config.min_expert_tokens, config.rare_experts,
-                                             units=mlp_units, experts_chunk=range(min(chunk, store.num_experts))
-                                             if chunked else None)
+                                             units=mlp_units, experts_chunk=chunks[0] if chunks else None)
         captured: list = []
-        if chunked:  # the experts' inputs, kept for the chunks after the first
+        if len(chunks) > 1:  # the experts' inputs, kept for the chunks after the first
             handles.append(store.module.register_forward_pre_hook(_capture_expert_inputs(captured), with_kwargs=True))
         _run_and_unhook(runner, layer, handles)
         if stats["experts"] is not None:
-            if chunked:
-                _quantize_in_chunks(store, stats["experts"], captured, chunk, specs, records)
-            else:
-                _quantize_experts(stats["experts"].store, stats["experts"], specs, records)
+            _quantize_routed_experts(store, stats["experts"], captured, chunks, specs, records, runner.device)
             part.record_experts(layer, stats["experts"])
-        _quantize_linear_units(view.model, mlp_units, stats["linear"], specs, records)
+        _quantize_linear_units(view.model, mlp_units, stats["linear"], specs, records, runner.device)
         for unit in mlp_units:
             part.record_linear(unit, stats["linear"][unit])
         runner.run_layer(layer, update=True)
@@ -413,23 +412,64 @@ def _capture_expert_inputs(captured: list):
     return fn
 
 
-def _quantize_in_chunks(store: ExpertStore, first, captured: list, chunk: int, specs: "UnitSpecs", records) -> None:
-    """``--expert-chunk``: the first chunk's statistics came from the layer's pass; each further chunk
-    gathers its experts' Gram matrices from the captured expert inputs (the same tensors the pass
-    saw, in the same order), is quantized, and its Hessians are freed before the next."""
+def _expert_chunks(store: ExpertStore | None, chunk: int | None) -> list[range]:
+    """The experts this rank quantizes (all of the layer's on one process, a contiguous share of
+    them under torchrun), ``chunk`` at a time (``--expert-chunk``; default: all at once). A rank
+    left without experts (more ranks than experts) gets one empty chunk."""
+    if store is None:
+        return []
+    owned = distributed.shard_range(store.num_experts)
+    size = chunk or len(owned) or 1
+    return [range(start, min(owned.stop, start + size)) for start in range(owned.start, owned.stop, size)] or [owned]
+
+
+def _quantize_routed_experts(store: ExpertStore, first, captured: list, chunks: list[range], specs: "UnitSpecs",
+                             records, device: torch.device) -> None:
+    """Quantize this rank's experts chunk by chunk, then install the whole layer's packed experts.
+
+    The first chunk's statistics (``first``) came from the layer's pass; each further chunk gathers
+    its experts' Gram matrices from the captured expert inputs (the same tensors the pass saw, in
+    the same order), is quantized, and its Hessians are freed before the next. Under torchrun every
+    rank's packed experts, records and channel norms are then shared, so every rank installs (and
+    profiles) the same complete layer.
+    """
     from .calibrate import ExpertInputStats
 
-    E = store.num_experts
-    packed = {linear: [None] * E for linear in EXPERT_LINEARS}
-    _quantize_experts(store, first, specs, records, packed)
-    for start in range(chunk, E, chunk):
-        stats = ExpertInputStats(store, first.device, rare=first.rare, chunk=range(start, min(E, start + chunk)))
+    packed = {linear: [None] * store.num_experts for linear in EXPERT_LINEARS}
+    owned_records: dict[str, UnitRecord] = {}
+    _quantize_experts(store, first, specs, owned_records, packed)
+    for experts in chunks[1:]:
+        stats = ExpertInputStats(store, first.device, rare=first.rare, chunk=experts)
         for hidden, index, weights in captured:
             stats.add(hidden, index, weights)
-        _quantize_experts(store, stats, specs, records, packed)
+        _quantize_experts(store, stats, specs, owned_records, packed)
         first.add_norms_of(stats)
         del stats
+    if distributed.world_size() > 1:
+        owned_records = _share_experts(store, first, chunks, packed, owned_records, device)
+    records.update(owned_records)
     install_experts(store, packed)
+
+
+def _share_experts(store: ExpertStore, stats, chunks: list[range], packed: dict, owned_records: dict,
+                   device: torch.device) -> dict:
+    """Fill ``packed`` and the channel norms of ``stats`` with every rank's experts; returns every
+    expert's records, in expert order."""
+    def names(e):
+        return [store.unit_name(e, linear) for linear in EXPERT_LINEARS]
+
+    owned = {e: ({linear: packed[linear][e] for linear in EXPERT_LINEARS}, stats.in_sq_norm[e], stats.mid_sq_norm[e],
+                 {name: owned_records[name] for name in names(e)})
+             for chunk in chunks for e in chunk}
+    every = distributed.share(owned, device)
+    records = {}
+    for e in range(store.num_experts):
+        weights, in_norm, mid_norm, expert_records = every[e]
+        stats.in_sq_norm[e], stats.mid_sq_norm[e] = in_norm, mid_norm
+        for linear in EXPERT_LINEARS:
+            packed[linear][e] = weights[linear]
+        records.update(expert_records)
+    return records
 
 
 def _records_and_profile(results, view: MoEView, tokens, config: CompressConfig):
@@ -518,11 +558,24 @@ def compress(
     (resumable too), an allocation with ``planning`` (a :class:`~moepress.allocate.command.PlanOptions`
     or a dict of its fields: strategy, scope, estimator, granularity, ...), then the compression;
     the plan and the cost table are saved in ``out`` (``plan.yaml``, ``costs.safetensors``).
+
+    Under ``torchrun --nproc-per-node N`` every rank runs this same call: each quantizes its share
+    of every layer's units (mainly the routed experts), all install the whole packed layer, and
+    rank 0 alone writes ``out`` and shows progress (:mod:`moepress.pipeline.distributed`); the
+    tensors are those of one process.
     """
     from .data import load_text, token_windows
     from .loading import load_tokenizer
     from .pipeline.source import open_source
 
+    # Under torchrun the ranks form one group; each quantizes its share of every layer's units, and
+    # rank 0 alone writes and prints (moepress.pipeline.distributed).
+    device = distributed.init_from_env(config.device if config is not None else options.get("device"))
+    main = distributed.is_main()
+    progress = progress and main
+    if budget is not None and distributed.world_size() > 1:
+        raise MoepressError("compress --budget does not run under torchrun yet: make the plan first "
+                            "(moepress plan ... -o plan.yaml), then torchrun ... compress --plan plan.yaml")
     if budget is not None and plan is not None:
         raise MoepressError("--budget makes a plan, so it does not combine with --plan; give one of them")
     costs_work = None
@@ -565,22 +618,24 @@ def compress(
     )
     work = None
     if out is not None:
-        from .pipeline.resume import WorkFolder
-
         check_free_space_for(out, source, view, config)
+        if source.streamed and progress and main:
+            _report_memory(source, config)
         # A model held in memory cannot be fingerprinted, and it was changed in place by the run that
         # died: its runs always start afresh.
-        work = WorkFolder(out, _settings(config, plan, tokens), source.fingerprint(), view.num_layers,
-                          restart=restart or not source.streamed, progress=progress)
+        work = _open_work_folder(out, _settings(config, plan, tokens), source.fingerprint(), view.num_layers,
+                                 restart=restart or not source.streamed, progress=progress, device=device)
     started = time.time()
     specs = UnitSpecs(config, unit_options)
-    loop = LayerLoop(source, tokens, device=config.device, batch_size=config.batch_size, work=work,
-                     write_layers=out is not None, keep_layers=out is None or not source.streamed,
+    loop = LayerLoop(source, tokens, device=device, batch_size=config.batch_size, work=work,
+                     write_layers=out is not None and main, keep_layers=out is None or not source.streamed,
                      offload_activations=config.offload_activations, progress=progress, desc="quantize")
     if work is not None and work.finished:  # killed while renaming the finished folder: only that is left
         work.finish(overwrite)
+        distributed.finish()  # (the other ranks read the record once rank 0 has moved it into OUT)
         return _result_of_saved(out, tokenizer, config, plan, tokens, view)
     results = loop.run(QuantizeStep(view, config, specs))
+    distributed.barrier()  # every rank is past its last layer before rank 0 completes (and renames) the folder
     records, profile = _records_and_profile(results, view, tokens, config)
     result = CompressResult(
         _model=None if (source.streamed and out is not None) else source.model,
@@ -599,6 +654,7 @@ def compress(
     if out is None:
         if source.streamed:
             source.load_outer()  # the whole (packed) model stays in memory: the caller asked for it
+        distributed.finish()
         return result
     from .export.checkpoint import write_checkpoint
 
@@ -607,11 +663,36 @@ def compress(
 
         for name in (PLAN_FILE, COSTS_FILE):
             shutil.copyfile(os.path.join(costs_work.path, name), os.path.join(work.path, name))
-    write_checkpoint(work, result, source, overwrite=overwrite)
+    if main:
+        write_checkpoint(work, result, source, overwrite=overwrite)
     if costs_work is not None:
         costs_work.discard()
+    distributed.finish()  # the other ranks return once the checkpoint is complete
     result.saved_to = out
     return result
+
+
+def _open_work_folder(out: str, settings: dict, fingerprint: dict, num_layers: int, *, restart: bool,
+                      progress: bool, device: torch.device):
+    """The run's working folder. Under torchrun rank 0 opens it (creates, resumes or refuses it) and
+    tells the other ranks where the run is, so that every rank resumes after the same layer."""
+    from .pipeline.resume import WorkFolder, WorkFolderReader
+
+    if distributed.world_size() == 1:
+        return WorkFolder(out, settings, fingerprint, num_layers, restart=restart, progress=progress)
+    work, failure = None, None
+    if distributed.is_main():
+        try:
+            work = WorkFolder(out, settings, fingerprint, num_layers, restart=restart, progress=progress)
+        except Exception as exc:  # every rank must hear of it, or the others wait for rank 0 forever
+            failure = exc
+    message, state = distributed.from_main(
+        (None if failure is None else str(failure) or type(failure).__name__, work and work.state()), device)
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise MoepressError(message)
+    return work if work is not None else WorkFolderReader(out, settings, fingerprint, num_layers, state)
 
 
 PLAN_FILE = "plan.yaml"
@@ -668,7 +749,25 @@ def _result_of_saved(out: str, tokenizer, config: CompressConfig, plan, tokens, 
                           seconds=float(record.get("seconds", 0.0)), calibration_tokens=int(tokens.numel()),
                           source=record.get("source_model", ""), saved_to=out, plan=plan,
                           layer_seconds=record.get("layer_seconds", []),
-                          resumed_after_layer=view.num_layers)
+                          resumed_after_layer=view.num_layers, structure=view.model)
+
+
+def _report_memory(source, config: CompressConfig) -> None:
+    """Say what the run will hold (moepress.pipeline.memory), and what to do when that exceeds the
+    memory available."""
+    import sys
+
+    from .pipeline.memory import estimate, memory_available
+
+    est = estimate(source, calib_samples=config.calib_samples, seq_len=config.seq_len, method=config.method,
+                   batch_size=config.batch_size, expert_chunk=config.expert_chunk,
+                   offload_activations=config.offload_activations)
+    print(f"memory: one decoder layer at a time, {est.describe()}", file=sys.stderr)
+    available = memory_available()
+    if available is not None and est.peak > available:
+        print(f"moepress: warning: that is more than the {available / 1e9:.2f} GB available; lower --expert-chunk "
+              "(Hessians and quantizer scale with it) or --calib-samples, or pass --offload-activations",
+              file=sys.stderr)
 
 
 def check_output(out: str, overwrite: bool) -> None:
@@ -690,8 +789,6 @@ def check_free_space_for(out: str, source, view: MoEView, config: CompressConfig
     all_params = sum(p.numel() for p in source.model.parameters())
     bits = 16 if config.bits is None else config.bits
     expected = int(linear_params * (bits + 1) / 8 + (all_params - linear_params) * element)
-    parent = os.path.dirname(os.path.abspath(out))
-    free = shutil.disk_usage(parent).free
-    if free < expected * 1.1:
-        raise MoepressError(f"not enough disk space for {out}: about {expected / 1e9:.2f} GB are needed and "
-                            f"{free / 1e9:.2f} GB are free in {parent}; free some space or choose another --out")
+    from .preflight import check_free_space
+
+    check_free_space(os.path.dirname(os.path.abspath(out)), int(expected * 1.1), f"the checkpoint {out}")

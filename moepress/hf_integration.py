@@ -54,13 +54,14 @@ class MoepressHfQuantizer(HfQuantizer):
         return None
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        from .runtime.skeleton import check_stored_tensors, install_packed_skeleton
+        from .runtime.install import install_skeleton
+        from .runtime.skeleton import check_stored_tensors
 
         files = [str(f) for f in checkpoint_files or () if str(f).endswith(".safetensors")]
         name = getattr(model.config, "_name_or_path", "") or (os.path.dirname(files[0]) if files else "")
         check_format_version(self.quantization_config.format_version, name)
         check_unit_map(self.quantization_config.units, name)
-        install_packed_skeleton(model, self.quantization_config.units)
+        install_skeleton(model, self.quantization_config.units)
         if files:  # (a state dict handed to from_pretrained has no files to check first)
             check_stored_tensors(model, stored_tensors(files, name), name)
 

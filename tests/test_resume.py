@@ -157,3 +157,4 @@ def test_offloaded_activations_give_the_same_tensors(uninterrupted, calib_file, 
     out = str(tmp_path / "out")
     moepress.compress(source, calib=calib_file, out=out, offload_activations=True, **SMALL)
     same_checkpoint(out, reference)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(reference))  # the memory-mapped batches are gone

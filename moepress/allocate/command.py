@@ -53,17 +53,6 @@ class PlanOptions:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
 
 
-def _memory_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def plan_model(model: str, options: PlanOptions | None = None, *, progress: bool = True,
                trust_remote_code: bool = False, work=None, **overrides):
     """A :class:`~moepress.allocate.Plan` for ``model`` (a folder or hub id) within ``options.budget``.
@@ -179,7 +168,9 @@ def _load_resident(model: str, source, trust_remote_code: bool, strategy: str, e
     params = sum(p.numel() for p in source.model.parameters())
     # float32 scoring copy + packed variants of every option (about 1.1x the bf16 bytes)
     needed = params * 4 + int(params * 2 * 1.1)
-    available = _memory_available()
+    from ..pipeline.memory import memory_available
+
+    available = memory_available()
     why = "--strategy evolution" if strategy == "evolution" else f"--estimator {estimator}"
     if available is not None and needed > available:
         raise MoepressError(f"{why} scores plans on the whole model in memory (about {needed / 1e9:.1f} GB with "

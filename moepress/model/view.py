@@ -17,16 +17,12 @@ keeps one ``nn.Linear`` per expert. :class:`ExpertStore` hides the difference: i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..errors import MoepressError
 from .registry import ArchSpec, arch_spec
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..quantize import QuantizedWeight
 
 EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
@@ -64,10 +60,9 @@ class ExpertStore:
     """The routed experts of one MoE layer, in either storage layout.
 
     ``weight(linear)`` returns [E, out, in] for ``gate_proj`` / ``up_proj`` ([E, I, H]) and
-    ``down_proj`` ([E, H, I]). ``install_packed`` replaces the experts with packed runtime modules:
-    the whole fused module becomes a :class:`~moepress.runtime.PackedExperts` with the same
-    ``forward(hidden_states, top_k_index, top_k_weights)``; per-expert linears each become a
-    :class:`~moepress.runtime.PackedLinear`, so any parent forward keeps working.
+    ``down_proj`` ([E, H, I]). Packed replacements are installed by ``moepress.runtime.install``
+    (this module knows nothing of them but two class flags: ``holds_packed_experts`` on a layer's
+    packed experts, ``replaces_linear`` on a packed stand-in for ``nn.Linear``).
     """
 
     def __init__(self, model: nn.Module, layer: int, module_path: str, spec: ArchSpec):
@@ -75,10 +70,8 @@ class ExpertStore:
         self.layer = layer
         self.module_path = module_path
         self.spec = spec
-        from ..runtime import PackedExperts
-
         module = model.get_submodule(module_path)
-        if isinstance(module, PackedExperts):  # already packed by moepress
+        if getattr(module, "holds_packed_experts", False):  # already packed by moepress (runtime/)
             self.layout = "packed"
             self.num_experts = module.num_experts
             self.hidden_size = module.hidden_size
@@ -144,32 +137,6 @@ class ExpertStore:
             return torch.stack([getattr(expert, stored).weight for expert in module])
         return torch.stack([module.packed_weight(e, linear).dequantize() for e in range(self.num_experts)])
 
-    def install_packed(self, packed: dict[str, list[QuantizedWeight | torch.Tensor]]) -> None:
-        """Replace the experts' float weights with ``packed[linear][expert]`` (a plain tensor there
-        is a weight the plan keeps in 16 bits)."""
-        from ..runtime import PackedExperts, PackedLinear, SplitLinear, SplitWeight
-
-        if self.layout == "per_expert":
-            for linear, per_expert in packed.items():
-                for e, qweight in enumerate(per_expert):
-                    if isinstance(qweight, torch.Tensor):  # kept in 16 bits by the plan: leave the nn.Linear
-                        continue
-                    path = self.per_expert_linear_path(e, linear)
-                    old = self.model.get_submodule(path)
-                    if isinstance(qweight, SplitWeight):  # neuron groups with their own options
-                        set_submodule(self.model, path, SplitLinear(list(qweight.pieces), qweight.axis))
-                    else:
-                        set_submodule(self.model, path, PackedLinear(qweight, old.bias))
-            return
-        module = PackedExperts(
-            num_experts=self.num_experts,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            act_fn=self.act_fn,
-            packed=packed,
-        )
-        set_submodule(self.model, self.module_path, module)
-
 
 class MoEView:
     """The units of a supported MoE model, addressed by canonical names."""
@@ -208,12 +175,10 @@ class MoEView:
         return get_submodule(self.model, f"{self._block_path(layer)}.{self.spec.router}")
 
     def _linear_units(self, layer: int, kind: str, prefix: str, module_base: str, names) -> list[LinearUnit]:
-        from ..runtime import PackedLinear
-
         units = []
         for name in names:
             module = get_submodule(self.model, f"{module_base}.{name}")
-            if isinstance(module, (nn.Linear, PackedLinear)):
+            if isinstance(module, nn.Linear) or getattr(module, "replaces_linear", False):
                 units.append(
                     LinearUnit(
                         name=f"layers.{layer}.{prefix}.{name}",

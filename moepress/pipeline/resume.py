@@ -121,6 +121,11 @@ class WorkFolder:
             "hidden": self.hidden_file, "finished": self.finished,
         })
 
+    def state(self) -> dict:
+        """Where the run is, for the other ranks' :class:`WorkFolderReader`."""
+        return {"settings_hash": self.key, "layers_done": self.layers_done, "hidden": self.hidden_file,
+                "finished": self.finished}
+
     @property
     def resuming(self) -> bool:
         return self.layers_done > 0
@@ -196,6 +201,8 @@ class WorkFolder:
         for name in os.listdir(self.path):
             if name.startswith(("layer-", "hidden-")) or name.endswith(".tmp"):
                 os.remove(os.path.join(self.path, name))
+            elif name.startswith("activations"):  # --offload-activations (one folder per rank under torchrun)
+                shutil.rmtree(os.path.join(self.path, name), ignore_errors=True)
         fault_point("finish", -1)
         if os.path.exists(self.out):
             if not overwrite:
@@ -212,6 +219,40 @@ class WorkFolder:
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+class WorkFolderReader(WorkFolder):
+    """The working folder as the ranks other than 0 see it under torchrun: ``state`` (rank 0's
+    :meth:`WorkFolder.state`, after it opened, resumed or restarted the run) says where the run is;
+    a resumed run's finished layers and hidden states are read from the folder (so the ranks must
+    share its file system), and nothing is ever written: rank 0 alone keeps the folder."""
+
+    def __init__(self, out: str, settings: dict, fingerprint: dict, num_layers: int, state: dict):
+        self._state = state
+        super().__init__(out, settings, fingerprint, num_layers, progress=False)
+
+    def _open(self, restart: bool) -> None:
+        if self._state["settings_hash"] != self.key:
+            raise MoepressError("the ranks disagree on the run's settings (or calibration text); start them all "
+                                "with the same command")
+        self.layers_done = int(self._state["layers_done"])
+        self.hidden_file = self._state["hidden"]
+        self.finished = bool(self._state["finished"])
+
+    def finish_layer(self, layer, shard, record, tensors, hidden) -> None:
+        pass
+
+    def write_outer(self, tensors) -> None:
+        pass
+
+    def write_index(self) -> None:
+        pass
+
+    def finish(self, overwrite: bool) -> str:
+        return self.out
+
+    def discard(self) -> None:
+        pass
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -236,4 +277,4 @@ def _remove_stale_temporaries(out: str) -> None:
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
-__all__ = ["WorkFolder", "settings_hash", "shard_name", "tokens_hash", "work_folder_for"]
+__all__ = ["WorkFolder", "WorkFolderReader", "settings_hash", "shard_name", "tokens_hash", "work_folder_for"]

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import MoepressError
 from ..model.view import MoEView
+from . import distributed
 from .activations import ActivationList
 from .faults import fault_point
 
@@ -158,6 +159,20 @@ class LayerwiseRunner:
         return int(self.tokens.numel())
 
 
+def _return_freed_memory() -> None:
+    """Hand the freed layer back to the operating system. glibc keeps freed blocks in its arenas,
+    so without this the resident memory of a streamed run creeps up layer after layer although
+    nothing is held (fragmentation), and the next layer's peak starts higher."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 Step = Callable[[int, LayerwiseRunner], "tuple[dict, dict[str, torch.Tensor]]"]
 
 
@@ -187,7 +202,10 @@ class LayerLoop:
         if offload_activations:
             if work is None:
                 raise MoepressError("--offload-activations needs an output folder (--out) to keep them beside")
-            offload = os.path.join(work.path, "activations")
+            # Each rank keeps its own copy (under torchrun the ranks' hidden states are identical but
+            # each overwrites its own as it goes); the folder's finish() removes them.
+            rank = distributed.rank()
+            offload = os.path.join(work.path, "activations" if rank == 0 else f"activations-rank{rank}")
         self.runner = LayerwiseRunner(self.model, self.view, tokens, self.device, batch_size, offload)
         self.layer_seconds: list[float] = []
         self.resumed_after = 0
@@ -222,6 +240,7 @@ class LayerLoop:
             elif self.source.streamed:  # an in-memory result needs the finished layers: read them back
                 for layer in range(start):
                     self._reload_finished(layer)
+        distributed.barrier()  # under torchrun rank 0 removes the read hidden states after its next layer
         bar = tqdm(range(start, n), desc=self.desc, unit="layer", disable=not self.progress, initial=start, total=n)
         for layer in bar:
             started = time.time()
@@ -237,8 +256,10 @@ class LayerLoop:
                 shard = {prefix + k: v for k, v in self.view.layers[layer].state_dict().items()}
             if self.work is not None:
                 self.work.finish_layer(layer, shard, record, tensors, list(self.runner.hidden))
+            del shard
             if self.source.streamed and not self.keep_layers:
                 self.source.release_layer(layer)
+                _return_freed_memory()
             results.append((record, tensors))
             self.layer_seconds.append(round(time.time() - started, 3))
             fault_point("layer_done", layer)

@@ -6,6 +6,7 @@ from .packed_weight import PackedWeight
 from .split_weight import SplitLinear, SplitWeight
 
 __all__ = ["PackedExperts", "PackedLinear", "PackedWeight", "SplitLinear", "SplitWeight"]
-from .skeleton import install_packed_skeleton, validate_packed  # noqa: E402
+from .install import install_experts, install_linear, install_skeleton  # noqa: E402
+from .skeleton import validate_packed  # noqa: E402
 
-__all__ += ["install_packed_skeleton", "validate_packed"]
+__all__ += ["install_experts", "install_linear", "install_skeleton", "validate_packed"]

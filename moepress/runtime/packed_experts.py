@@ -50,6 +50,7 @@ class PackedExpert(nn.Module):
 
 
 class PackedExperts(nn.ModuleList):
+
     """Replaces transformers' fused ``*Experts`` module, with the same forward signature.
 
     It is a list of :class:`PackedExpert`, so its state dict reads ``experts.{e}.gate_proj.qweight``:
@@ -58,6 +59,8 @@ class PackedExperts(nn.ModuleList):
     per linear), and a linear may be a :class:`SplitWeight` (per neuron group). The forward follows transformers' eager expert loop: tokens are grouped by expert
     and only the experts a batch hits are dequantized.
     """
+
+    holds_packed_experts = True  # what moepress.model.view recognises, without importing this module
 
     def __init__(
         self,

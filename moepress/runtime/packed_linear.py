@@ -11,12 +11,15 @@ from .packed_weight import PackedWeight
 
 
 class PackedLinear(PackedWeight):
+
     """A drop-in for ``nn.Linear`` whose weight is stored packed (a 3-bit weight takes 3 bits).
 
     Its state dict holds ``qweight``, ``scales``, ``zeros``/``g_idx`` where present, and ``bias``.
     The forward dequantizes the weight to the activation dtype and calls ``F.linear``: correct and
     memory-honest on the CPU, where the packed bytes are what stays resident between calls.
     """
+
+    replaces_linear = True  # a unit moepress.model.view treats as a linear, without importing this module
 
     def __init__(self, quantized: QuantizedWeight, bias: torch.Tensor | None = None):
         super().__init__(quantized)

@@ -1,4 +1,5 @@
-"""Rebuild a compressed model's module tree from its unit map, before its weights are loaded."""
+"""Checks of a compressed model's packed tensors: against the shards before loading, against their
+metadata after (the module tree itself is rebuilt by :func:`moepress.runtime.install.install_skeleton`)."""
 
 from __future__ import annotations
 
@@ -6,99 +7,7 @@ import torch
 from torch import nn
 
 from ..errors import MoepressError
-from ..model.view import EXPERT_LINEARS, MoEView, set_submodule
-from .packed_experts import PackedExperts
-from .packed_linear import PackedLinear
 from .packed_weight import PackedWeight
-from .split_weight import SplitLinear, SplitWeight, split_meta
-
-KEEP_BITS = 16  # a unit the plan keeps unquantized
-
-
-def _kept(meta: dict) -> bool:
-    return "pieces" not in meta and meta["bits"] == KEEP_BITS
-
-
-def _meta(option: dict, out_features: int, in_features: int) -> dict:
-    """Packed-module metadata of one unit from its unit-map entry; an entry with ``pieces`` is an
-    expert linear split along its intermediate neurons (rows of gate/up: axis 0, columns of down: 1)."""
-    if option.get("pieces"):
-        axis = option["axis"]
-        pieces = []
-        for p in option["pieces"]:
-            shape = (p["width"], in_features) if axis == 0 else (out_features, p["width"])
-            pieces.append(_meta({"symmetric": option["symmetric"], "act_order": False, **p}, *shape))
-        return split_meta(pieces, axis)
-    return {
-        "bits": option["bits"],
-        "group_size": option["group_size"],
-        "symmetric": option["symmetric"],
-        "act_order": option["act_order"],
-        "in_features": in_features,
-        "out_features": out_features,
-    }
-
-
-def install_packed_skeleton(model: nn.Module, units: dict[str, dict]) -> nn.Module:
-    """Replace every unit named in ``units`` with an empty packed module of the right shape.
-
-    ``units`` maps canonical names to options (bits, group_size, symmetric, act_order). Loading the
-    checkpoint's state dict then fills the packed buffers. A unit the model does not have is an error
-    (the checkpoint does not belong to this architecture/config).
-    """
-    view = MoEView(model)
-    remaining = set(units)
-    for layer in range(view.num_layers):
-        for unit in view.linear_units(layer):
-            if unit.name in units and _kept(units[unit.name]):
-                remaining.discard(unit.name)  # kept as the model's own nn.Linear
-            elif unit.name in units:
-                old = model.get_submodule(unit.module_path)
-                meta = _meta(units[unit.name], unit.out_features, unit.in_features)
-                bias = getattr(old, "bias", None)
-                dtype = bias.dtype if bias is not None and bias.dtype.is_floating_point else torch.float32
-                new = PackedLinear.empty(meta, has_bias=bias is not None, dtype=dtype)
-                set_submodule(model, unit.module_path, new)
-                remaining.discard(unit.name)
-        store = view.experts(layer)
-        if store is None:
-            continue
-        names = [store.unit_name(e, lin) for e in range(store.num_experts) for lin in EXPERT_LINEARS]
-        present = [n for n in names if n in units]
-        if not present:
-            continue
-        if len(present) != len(names):
-            raise MoepressError(f"layers.{layer}: the checkpoint packs only some experts' linears; it is corrupt")
-        metas = {
-            lin: [_meta(units[store.unit_name(e, lin)], *store.shape(lin)) for e in range(store.num_experts)]
-            for lin in EXPERT_LINEARS
-        }
-        remaining.difference_update(names)
-        if all(_kept(m) for lin in EXPERT_LINEARS for m in metas[lin]):
-            continue  # the whole layer's experts kept: nothing to replace
-        if store.layout == "per_expert":
-            for lin in EXPERT_LINEARS:
-                for e in range(store.num_experts):
-                    meta = metas[lin][e]
-                    if "pieces" in meta:
-                        kept_dtype = store.weight(lin).dtype
-                        empty = SplitWeight.empty(meta, kept_dtype)
-                        set_submodule(model, store.per_expert_linear_path(e, lin), SplitLinear(list(empty.pieces), meta["axis"]))
-                    elif not _kept(meta):
-                        set_submodule(model, store.per_expert_linear_path(e, lin), PackedLinear.empty(meta))
-        else:
-            kept_dtype = store.weight("down_proj").dtype
-            module = PackedExperts.empty(
-                store.num_experts, store.hidden_size, store.intermediate_size, store.act_fn, metas, kept_dtype
-            )
-            set_submodule(model, store.module_path, module)
-    if remaining:
-        example = sorted(remaining)[0]
-        raise MoepressError(
-            f"the checkpoint names {len(remaining)} unit(s) this model does not have (e.g. {example}); "
-            "it was made for another architecture or config"
-        )
-    return model
 
 
 def validate_packed(model: nn.Module) -> None:
@@ -140,7 +49,7 @@ def _problem(name: str, checkpoint: str, kind: str, detail: str, others: int) ->
 
 def check_stored_tensors(model: nn.Module, stored: dict[str, tuple[tuple[int, ...], str]], checkpoint: str) -> None:
     """Check a checkpoint's tensors (name -> (shape, safetensors dtype), from the shard headers)
-    against the skeleton ``install_packed_skeleton`` built, before anything is loaded.
+    against the skeleton ``install_skeleton`` built, before anything is loaded.
 
     Every tensor of the skeleton's state dict must be stored with its shape, and no other tensor:
     a missing one would be randomly initialised, an unexpected one silently ignored (zero points of

@@ -80,6 +80,8 @@ class SplitWeight(nn.Module):
 class SplitLinear(SplitWeight):
     """A bias-free ``nn.Linear`` stand-in whose weight is a :class:`SplitWeight` (per-expert layouts)."""
 
+    replaces_linear = True
+
     def __init__(self, pieces: list, axis: int):
         super().__init__(pieces, axis)
         self.in_features = self.meta["in_features"]

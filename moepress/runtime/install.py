@@ -1,0 +1,145 @@
+"""The one module swap: put packed weights into a model, for compression and loading alike.
+
+Compression installs the weights it has just quantized; loading installs empty weights of the
+shapes the checkpoint's unit map implies (:func:`install_skeleton`), which the state dict then
+fills. Both go through :func:`install_linear` and :func:`install_experts`, so a checkpoint always
+loads into exactly the module tree it was saved from.
+
+A weight is a :class:`~moepress.quantize.QuantizedWeight` (or the :class:`PackedWeight` holding
+one), a :class:`SplitWeight` (neuron groups with their own options), or a plain tensor: a unit the
+plan keeps in 16 bits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import MoepressError
+from ..model.view import EXPERT_LINEARS, ExpertStore, MoEView, set_submodule
+from ..quantize import QuantizedWeight
+from .packed_experts import KeptWeight, PackedExperts
+from .packed_linear import PackedLinear
+from .packed_weight import PackedWeight
+from .split_weight import SplitLinear, SplitWeight, split_meta
+
+KEEP_BITS = 16  # a unit the plan keeps unquantized
+
+
+def _quantized(weight) -> QuantizedWeight:
+    return weight.quantized() if isinstance(weight, PackedWeight) else weight
+
+
+def install_linear(model: nn.Module, path: str, weight, bias: torch.Tensor | None = None) -> None:
+    """Replace the ``nn.Linear`` at ``path`` by its packed form (a kept tensor leaves it as it is)."""
+    if isinstance(weight, torch.Tensor):
+        return
+    if isinstance(weight, SplitWeight):
+        set_submodule(model, path, SplitLinear(list(weight.pieces), weight.axis))
+    else:
+        set_submodule(model, path, PackedLinear(_quantized(weight), bias))
+
+
+def install_experts(store: ExpertStore, packed: dict[str, list]) -> None:
+    """Replace one MoE layer's routed experts with ``packed[linear][expert]``.
+
+    Fused experts become one :class:`PackedExperts` with the same forward signature; per-expert
+    linears each become a :class:`PackedLinear`. When every weight is a kept tensor the layer stays
+    as it is."""
+    if all(isinstance(w, torch.Tensor) for linear in EXPERT_LINEARS for w in packed[linear]):
+        return
+    if store.layout == "per_expert":
+        for linear, per_expert in packed.items():
+            for e, weight in enumerate(per_expert):
+                path = store.per_expert_linear_path(e, linear)
+                install_linear(store.model, path, weight, getattr(store.model.get_submodule(path), "bias", None))
+        return
+    module = PackedExperts(num_experts=store.num_experts, hidden_size=store.hidden_size,
+                           intermediate_size=store.intermediate_size, act_fn=store.act_fn, packed=packed)
+    set_submodule(store.model, store.module_path, module)
+
+
+# ------------------------------------------------------------------ loading
+
+
+def _kept(meta: dict) -> bool:
+    return "pieces" not in meta and meta["bits"] == KEEP_BITS
+
+
+def unit_meta(option: dict, out_features: int, in_features: int) -> dict:
+    """Packed-module metadata of one unit from its unit-map entry; an entry with ``pieces`` is an
+    expert linear split along its intermediate neurons (rows of gate/up: axis 0, columns of down: 1)."""
+    if option.get("pieces"):
+        axis = option["axis"]
+        pieces = []
+        for p in option["pieces"]:
+            shape = (p["width"], in_features) if axis == 0 else (out_features, p["width"])
+            pieces.append(unit_meta({"symmetric": option["symmetric"], "act_order": False, **p}, *shape))
+        return split_meta(pieces, axis)
+    return {
+        "bits": option["bits"],
+        "group_size": option["group_size"],
+        "symmetric": option["symmetric"],
+        "act_order": option["act_order"],
+        "in_features": in_features,
+        "out_features": out_features,
+    }
+
+
+def empty_weight(meta: dict, kept_dtype: torch.dtype):
+    """A zero-filled weight of the shapes ``meta`` implies, to load a checkpoint into."""
+    if "pieces" in meta:
+        return SplitWeight.empty(meta, kept_dtype)
+    if _kept(meta):
+        return torch.zeros(meta["out_features"], meta["in_features"], dtype=kept_dtype)
+    return PackedWeight.empty(meta)
+
+
+def install_skeleton(model: nn.Module, units: dict[str, dict]) -> nn.Module:
+    """Replace every unit named in ``units`` with an empty packed module of the right shape.
+
+    ``units`` maps canonical names to options (bits, group_size, symmetric, act_order). Loading the
+    checkpoint's state dict then fills the packed buffers. A unit the model does not have is an error
+    (the checkpoint does not belong to this architecture/config).
+    """
+    view = MoEView(model)
+    remaining = set(units)
+    for layer in range(view.num_layers):
+        for unit in view.linear_units(layer):
+            if unit.name not in units:
+                continue
+            remaining.discard(unit.name)
+            old = model.get_submodule(unit.module_path)
+            meta = unit_meta(units[unit.name], unit.out_features, unit.in_features)
+            if _kept(meta):
+                continue  # kept as the model's own nn.Linear
+            bias = getattr(old, "bias", None)
+            if bias is not None:
+                dtype = bias.dtype if bias.dtype.is_floating_point else torch.float32
+                bias = torch.zeros(unit.out_features, dtype=dtype)
+            install_linear(model, unit.module_path, empty_weight(meta, torch.float32), bias)
+        store = view.experts(layer)
+        if store is None:
+            continue
+        names = [store.unit_name(e, lin) for e in range(store.num_experts) for lin in EXPERT_LINEARS]
+        present = [n for n in names if n in units]
+        if not present:
+            continue
+        if len(present) != len(names):
+            raise MoepressError(f"layers.{layer}: the checkpoint packs only some experts' linears; it is corrupt")
+        remaining.difference_update(names)
+        kept_dtype = store.weight("down_proj").dtype
+        packed = {lin: [empty_weight(unit_meta(units[store.unit_name(e, lin)], *store.shape(lin)), kept_dtype)
+                        for e in range(store.num_experts)] for lin in EXPERT_LINEARS}
+        install_experts(store, packed)
+    if remaining:
+        example = sorted(remaining)[0]
+        raise MoepressError(
+            f"the checkpoint names {len(remaining)} unit(s) this model does not have (e.g. {example}); "
+            "it was made for another architecture or config"
+        )
+    return model
+
+
+__all__ = ["KEEP_BITS", "KeptWeight", "empty_weight", "install_experts", "install_linear", "install_skeleton",
+           "unit_meta"]
