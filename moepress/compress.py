@@ -51,8 +51,10 @@ class CompressConfig:
     offload_activations: bool = False  # calibration activations in memory-mapped files beside --out
 
     def __post_init__(self):
-        if isinstance(self.act_order, bool):
-            self.act_order = "dynamic" if self.act_order else "off"
+        try:
+            self.act_order = QuantSpec.act_order_mode(self.act_order)
+        except ValueError as exc:
+            raise MoepressError(str(exc)) from None
         try:
             self.quant_spec()
         except ValueError as exc:

@@ -45,9 +45,9 @@ from .errors import MoepressError
 from .model.view import EXPERT_LINEARS, MoEView
 from .quantize import QuantSpec, gptq_quantize, rtn_quantize
 from .quantize.packing import packed_width
+from .quantize.spec import KEEP_BITS
 
 ESTIMATORS = ("gptq", "gptq_routed", "hawq")
-KEEP_BITS = 16
 
 
 @dataclass(frozen=True, order=True)
@@ -439,8 +439,10 @@ def build_cost_table(
     index = {r.name: i for i, r in enumerate(rows)}
     R, O = len(rows), len(options)
     keep_size = next(source.model.parameters()).element_size()
-    act_mode = {True: "dynamic", False: "off"}.get(act_order, act_order)
-    QuantSpec.act_order_flags(act_mode)  # a one-line error for a bad mode
+    try:
+        act_mode = QuantSpec.act_order_mode(act_order)
+    except ValueError as exc:
+        raise MoepressError(str(exc)) from None
     opts = dict(symmetric=symmetric, act_order=act_mode, damp=damp)
     bytes_ = np.array([[option_bytes(o, r.out_features, r.in_features, symmetric=symmetric,
                                      act_order=act_mode == "dynamic", keep_element_size=keep_size)

@@ -32,6 +32,7 @@ import yaml
 
 from ..costs import KEEP_BITS, CostTable, Option, Row, channel_key, check_channel_group
 from ..errors import MoepressError
+from ..quantize import QuantSpec
 from .budget import Budget
 from .heuristic import priority
 from .solvers import Problem, greedy, ilp, random_split, split, uniform, upgrade_in_order
@@ -124,7 +125,8 @@ class Plan:
             keep_element_size = int(self.info.get("keep_element_size", 2))
         resolved = self.resolve(rows)
         sym = bool(self.quantization.get("symmetric"))
-        act = self.quantization.get("act_order") in (True, "dynamic")  # only dynamic act-order stores a g_idx
+        # only dynamic act-order stores a g_idx
+        act = QuantSpec.act_order_mode(self.quantization.get("act_order", "static")) == "dynamic"
         by_kind: dict[str, list[int]] = {}
         histogram: dict[str, int] = {}
         for row in rows:

@@ -12,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 ALLOWED_BITS = (2, 3, 4, 8)
+KEEP_BITS = 16  # the width of a unit kept as it is (plans write it "16b")
+ACT_ORDER_MODES = ("off", "static", "dynamic")
 ALLOWED_GROUP_SIZES = (32, 64, 128)
 ALLOWED_METHODS = ("gptq", "rtn")
 # Group sizes that mean "one group per output row" (per-channel). -1 is the
@@ -81,17 +83,24 @@ class QuantSpec:
         """Whether packed weights carry a g_idx: dynamic act-order with groups."""
         return self.act_order and not self.static_groups and self.group_size is not None
 
+    @staticmethod
+    def act_order_mode(mode) -> str:
+        """The one normal form of an act-order setting: "off", "static" or "dynamic" (True means
+        dynamic and False or None off, as older plans and the Python API wrote them)."""
+        if mode is True:
+            return "dynamic"
+        if mode is False or mode is None:
+            return "off"
+        if mode in ACT_ORDER_MODES:
+            return mode
+        raise ValueError(f"act-order must be off, static or dynamic (got {mode!r})")
+
     @classmethod
     def act_order_flags(cls, mode) -> tuple[bool, bool]:
         """(act_order, static_groups) of an act-order mode: "off", "static", "dynamic" (True means
         dynamic, False off), with a one-line error for anything else."""
-        if mode is True or mode == "dynamic":
-            return True, False
-        if mode is False or mode in (None, "off"):
-            return False, False
-        if mode == "static":
-            return True, True
-        raise ValueError(f"act-order must be off, static or dynamic (got {mode!r})")
+        mode = cls.act_order_mode(mode)
+        return mode != "off", mode == "static"
 
     @property
     def maxq(self) -> int:

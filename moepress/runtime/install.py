@@ -18,12 +18,12 @@ from torch import nn
 from ..errors import MoepressError
 from ..model.view import EXPERT_LINEARS, ExpertStore, MoEView, set_submodule
 from ..quantize import QuantizedWeight
+from ..quantize.spec import KEEP_BITS
 from .packed_experts import KeptWeight, PackedExperts
 from .packed_linear import PackedLinear
 from .packed_weight import PackedWeight
 from .split_weight import SplitLinear, SplitWeight, split_meta
 
-KEEP_BITS = 16  # a unit the plan keeps unquantized
 
 
 def _quantized(weight) -> QuantizedWeight:

@@ -15,9 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quantize import QuantizedWeight
+from ..quantize.spec import KEEP_BITS
 from .packed_weight import PackedWeight
-
-KEEP_BITS = 16
 
 
 def _piece_module(piece):
