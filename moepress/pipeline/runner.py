@@ -235,11 +235,6 @@ class LayerLoop:
                 import sys
 
                 print(f"{self.desc}: resuming after layer {start} of {n} ({self.work.path})", file=sys.stderr)
-            if not self.keep_layers:
-                pass
-            elif self.source.streamed:  # an in-memory result needs the finished layers: read them back
-                for layer in range(start):
-                    self._reload_finished(layer)
         distributed.barrier()  # under torchrun rank 0 removes the read hidden states after its next layer
         bar = tqdm(range(start, n), desc=self.desc, unit="layer", disable=not self.progress, initial=start, total=n)
         for layer in bar:
@@ -264,9 +259,6 @@ class LayerLoop:
             self.layer_seconds.append(round(time.time() - started, 3))
             fault_point("layer_done", layer)
         return results
-
-    def _reload_finished(self, layer: int) -> None:
-        raise MoepressError("resuming a run whose result is kept in memory is not supported; give --out")
 
 
 __all__ = ["LayerLoop", "LayerwiseRunner", "compute_dtype", "resolve_device"]
