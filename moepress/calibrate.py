@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from .errors import MoepressError
 from .model.view import EXPERT_LINEARS, ExpertStore, LinearUnit, MoEView
-from .pipeline.runner import LayerLoop, LayerwiseRunner, compute_dtype, resolve_device  # noqa: F401
+from .pipeline.runner import LayerLoop, LayerwiseRunner
 
 
 class LinearInputStats:
@@ -334,5 +332,4 @@ __all__ = [
     "calibrate",
     "collect_layer_stats",
     "count_routing",
-    "resolve_device",
 ]

@@ -17,6 +17,7 @@ from torch import nn
 
 from .calibrate import Profile, collect_layer_stats
 from .errors import MoepressError
+from .export.checkpoint import check_output_dir
 from .export.format import FORMAT_VERSION
 from .model.view import EXPERT_LINEARS, ExpertStore, MoEView
 from .pipeline import distributed
@@ -585,8 +586,9 @@ def compress(
         if not isinstance(model, str):
             raise MoepressError("compress with a budget streams the model: give its folder or hub id")
         if out is not None:
-            check_output(out, overwrite)
-        plan, costs_work = _plan_for_budget(model, budget, planning, out, restart, progress, trust_remote_code)
+            check_output_dir(out, overwrite)
+        plan, costs_work, opened = _plan_for_budget(model, budget, planning, out, restart, progress,
+                                                    trust_remote_code)
     if plan is not None:
         from .allocate import load_plan
 
@@ -598,13 +600,13 @@ def compress(
         raise MoepressError("a plan gives every unit its option, so --keep-attention does not combine with --plan; "
                             "write 16b for the attention units in the plan instead")
     if out is not None:
-        check_output(out, overwrite)
+        check_output_dir(out, overwrite)
     source_name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
     if isinstance(model, str):
         tokenizer = tokenizer or load_tokenizer(model, trust_remote_code=trust_remote_code)
     if tokenizer is None:
         raise MoepressError("compress needs a tokenizer with an in-memory model: compress(model, tokenizer, ...)")
-    source = open_source(model, trust_remote_code=trust_remote_code)
+    source = open_source(opened if budget is not None else model, trust_remote_code=trust_remote_code)
     view = MoEView(source.model)
     # Fail on an unsupported architecture, a group size or a plan that does not fit before any long work.
     unit_options = None
@@ -626,7 +628,7 @@ def compress(
         # A model held in memory cannot be fingerprinted, and it was changed in place by the run that
         # died: its runs always start afresh.
         work = _open_work_folder(out, _settings(config, plan, tokens), source.fingerprint(), view.num_layers,
-                                 restart=restart or not source.streamed, progress=progress, device=device)
+                                 restart=restart or not source.streamed, device=device)
     started = time.time()
     specs = UnitSpecs(config, unit_options)
     loop = LayerLoop(source, tokens, device=device, batch_size=config.batch_size, work=work,
@@ -675,17 +677,17 @@ def compress(
 
 
 def _open_work_folder(out: str, settings: dict, fingerprint: dict, num_layers: int, *, restart: bool,
-                      progress: bool, device: torch.device):
+                      device: torch.device):
     """The run's working folder. Under torchrun rank 0 opens it (creates, resumes or refuses it) and
     tells the other ranks where the run is, so that every rank resumes after the same layer."""
     from .pipeline.resume import WorkFolder, WorkFolderReader
 
     if distributed.world_size() == 1:
-        return WorkFolder(out, settings, fingerprint, num_layers, restart=restart, progress=progress)
+        return WorkFolder(out, settings, fingerprint, num_layers, restart=restart)
     work, failure = None, None
     if distributed.is_main():
         try:
-            work = WorkFolder(out, settings, fingerprint, num_layers, restart=restart, progress=progress)
+            work = WorkFolder(out, settings, fingerprint, num_layers, restart=restart)
         except Exception as exc:  # every rank must hear of it, or the others wait for rank 0 forever
             failure = exc
     message, state = distributed.from_main(
@@ -705,7 +707,9 @@ def _plan_for_budget(model: str, budget: str, planning, out: str | None, restart
                      trust_remote_code: bool):
     """The cost-table pass and the allocation of ``compress --budget``; with ``out``, the pass keeps
     its finished layers in ``.OUT.moepress-costs`` (resumable) and the finished table and plan there
-    until the compression is complete."""
+    until the compression is complete. Returns the plan, the costs folder (or None) and the opened
+    source, which the compression pass then reads again (its layers are all released)."""
+    import shutil
     from dataclasses import asdict as as_dict
 
     from . import __version__
@@ -715,21 +719,20 @@ def _plan_for_budget(model: str, budget: str, planning, out: str | None, restart
 
     options = planning if isinstance(planning, PlanOptions) else PlanOptions(**(planning or {}))
     options.budget = budget
-    if out is None:
-        plan, _ = plan_model(model, options, progress=progress, trust_remote_code=trust_remote_code)
-        return plan, None
     source = StreamedModel(model, trust_remote_code=trust_remote_code)
+    if out is None:
+        plan, _ = plan_model(model, options, progress=progress, trust_remote_code=trust_remote_code, source=source)
+        return plan, None, source
     settings = {**as_dict(options), "table": None, "moepress_version": __version__}
-    work = WorkFolder(out, settings, source.fingerprint(), source.model.config.num_hidden_layers, restart=restart,
-                      progress=progress, kind="costs")
-    import shutil
-
+    work = WorkFolder(out, settings, source.fingerprint(), MoEView(source.model).num_layers, restart=restart,
+                      kind="costs")
     cache = options.table  # --table: a cost table to reuse (or to keep a copy of)
     options.table = os.path.join(work.path, COSTS_FILE)
     if cache and os.path.isfile(cache) and not os.path.isfile(options.table):
         shutil.copyfile(cache, options.table)
     plan_file = os.path.join(work.path, PLAN_FILE)
-    plan, _ = plan_model(model, options, progress=progress, trust_remote_code=trust_remote_code, work=work)
+    plan, _ = plan_model(model, options, progress=progress, trust_remote_code=trust_remote_code, work=work,
+                         source=source)
     plan.save(plan_file)
     if cache and not os.path.isfile(cache):
         shutil.copyfile(options.table, cache)
@@ -737,7 +740,7 @@ def _plan_for_budget(model: str, budget: str, planning, out: str | None, restart
         import sys
 
         print(summary(plan, budget), file=sys.stderr)
-    return plan, work
+    return plan, work, source
 
 
 def _result_of_saved(out: str, tokenizer, config: CompressConfig, plan, tokens, view: MoEView) -> CompressResult:
@@ -772,18 +775,9 @@ def _report_memory(source, config: CompressConfig) -> None:
               file=sys.stderr)
 
 
-def check_output(out: str, overwrite: bool) -> None:
-    """Refuse an existing output folder unless ``overwrite``, an unwritable parent; before any work."""
-    from .export.checkpoint import check_output_dir
-
-    check_output_dir(out, overwrite)
-
-
 def check_free_space_for(out: str, source, view: MoEView, config: CompressConfig) -> None:
     """The output takes about (bits + 1) / 16 of the linear weights' 16-bit bytes plus the rest at 16
     bits; refuse before the run when the disk cannot hold it (with a 10% margin)."""
-    import shutil
-
     from .costs import model_rows
 
     element = torch.empty(0, dtype=model_dtype(source.model)).element_size()

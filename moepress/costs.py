@@ -38,7 +38,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from .calibrate import collect_layer_stats
 from .errors import MoepressError

@@ -10,14 +10,7 @@ import pytest
 from moepress.cli import main
 from moepress.model.tiny import build_tiny_model
 
-
-def run_cli(capsys, *argv) -> str:
-    code = main(list(argv))
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("moepress: error:")]
-    assert code == 2, err
-    assert len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
+from .helpers import run_cli
 
 
 @pytest.fixture

@@ -7,10 +7,9 @@ import os
 import pytest
 
 from moepress.cli import main
-from moepress.pipeline.faults import InjectedFault
 from moepress.pipeline.resume import work_folder_for
 
-from .test_resume import same_checkpoint
+from .helpers import interrupt, same_checkpoint
 
 COMMON = ["--calib-samples", "8", "--seq-len", "64", "--batch-size", "4", "--group-size", "32", "--quiet"]
 
@@ -53,11 +52,7 @@ def test_budget_resumes_in_either_pass(point, tiny_model_dir, calib_file, tmp_pa
     reference = str(tmp_path / "reference")
     assert main([*args, "--out", reference]) == 0
     out = str(tmp_path / "out")
-    monkeypatch.setenv("MOEPRESS_FAULT", point)
-    monkeypatch.setenv("MOEPRESS_FAULT_MODE", "raise")
-    with pytest.raises(InjectedFault):
-        main([*args, "--out", out])
+    interrupt(monkeypatch, point, lambda: main([*args, "--out", out]))
     assert os.path.isdir(work_folder_for(out, "costs"))
-    monkeypatch.delenv("MOEPRESS_FAULT")
     assert main([*args, "--out", out]) == 0
     same_checkpoint(out, reference)

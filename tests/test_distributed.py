@@ -18,12 +18,12 @@ from torch import nn
 
 import moepress
 from moepress.compress import UnitRecord
-from moepress.export.checkpoint import read_tensors
 from moepress.pipeline import distributed
-from moepress.pipeline.faults import InjectedFault
 from moepress.pipeline.resume import work_folder_for
 from moepress.quantize import QuantSpec, rtn_quantize
 from moepress.runtime import SplitWeight
+
+from .helpers import interrupt, same_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(bits=3, group_size=32, calib_samples=8, seq_len=64, batch_size=4)
@@ -54,16 +54,6 @@ def _run(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
     return done
 
 
-def same_checkpoint(a: str, b: str) -> None:
-    ta, tb = read_tensors(a), read_tensors(b)
-    assert sorted(ta) == sorted(tb)
-    differing = [k for k in ta if not (ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]))]
-    assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
-    ua = json.load(open(os.path.join(a, "moepress.json")))["units"]
-    ub = json.load(open(os.path.join(b, "moepress.json")))["units"]
-    assert ua == ub
-
-
 @pytest.fixture(scope="module")
 def one_process(tiny_model_dir, calib_file, tmp_path_factory):
     source = tiny_model_dir("qwen3_moe")
@@ -86,11 +76,8 @@ def test_a_run_killed_on_one_process_resumes_on_two(one_process, calib_file, tmp
     experts per rank, in chunks of 3 and 1) nor the resume changes the tensors."""
     source, reference = one_process
     out = str(tmp_path / "out")
-    monkeypatch.setenv("MOEPRESS_FAULT", "layer_committed:0")
-    monkeypatch.setenv("MOEPRESS_FAULT_MODE", "raise")
-    with pytest.raises(InjectedFault):
-        moepress.compress(source, calib=calib_file, out=out, device="cpu", expert_chunk=3, progress=False, **SMALL)
-    monkeypatch.delenv("MOEPRESS_FAULT")
+    interrupt(monkeypatch, "layer_committed:0", lambda: moepress.compress(
+        source, calib=calib_file, out=out, device="cpu", expert_chunk=3, progress=False, **SMALL))
     _run(_cli(source, calib_file, out, "--expert-chunk", "3"), nproc=2)
     same_checkpoint(out, reference)
     assert json.load(open(os.path.join(out, "moepress.json")))["resumed_after_layer"] == 1

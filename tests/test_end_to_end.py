@@ -135,8 +135,6 @@ def test_dtype_casts_leave_the_packed_format_alone(tiny_model_dir, calib_file, t
 def test_act_order_modes_from_the_command_line(tiny_model_dir, calib_file, tmp_path):
     """Static act-order is the default and stores no group index; --act-order alone is dynamic (g_idx
     per input column); both reload through from_pretrained to the same logits as in memory."""
-    from safetensors import safe_open
-
     from moepress.cli import main
 
     source = tiny_model_dir("mixtral")

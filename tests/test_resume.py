@@ -20,21 +20,11 @@ import torch
 import moepress
 from moepress.cli import main
 from moepress.errors import MoepressError
-from moepress.export.checkpoint import read_tensors
-from moepress.pipeline.faults import InjectedFault
 from moepress.pipeline.resume import work_folder_for
 
+from .helpers import interrupt, same_checkpoint
+
 SMALL = dict(bits=3, group_size=32, calib_samples=8, seq_len=64, batch_size=4, progress=False)
-
-
-def same_checkpoint(a: str, b: str) -> None:
-    ta, tb = read_tensors(a), read_tensors(b)
-    assert sorted(ta) == sorted(tb)
-    differing = [k for k in ta if not (ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]))]
-    assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
-    ua = json.load(open(os.path.join(a, "moepress.json")))["units"]
-    ub = json.load(open(os.path.join(b, "moepress.json")))["units"]
-    assert ua == ub
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +41,9 @@ def uninterrupted(tiny_model_dir, calib_file, tmp_path_factory):
 def test_resume_after_injected_fault_gives_the_same_tensors(point, uninterrupted, calib_file, tmp_path, monkeypatch):
     source, reference = uninterrupted
     out = str(tmp_path / "out")
-    monkeypatch.setenv("MOEPRESS_FAULT", point)
-    monkeypatch.setenv("MOEPRESS_FAULT_MODE", "raise")
-    with pytest.raises(InjectedFault):
-        moepress.compress(source, calib=calib_file, out=out, **SMALL)
+    interrupt(monkeypatch, point, lambda: moepress.compress(source, calib=calib_file, out=out, **SMALL))
     assert not os.path.exists(out)  # nothing half-written in OUT
     assert os.path.isdir(work_folder_for(out))
-    monkeypatch.delenv("MOEPRESS_FAULT")
     result = moepress.compress(source, calib=calib_file, out=out, **SMALL)
     layer = int(point.split(":")[1])
     finished = {"mid_layer": layer, "layer_shard_written": layer, "layer_files_written": layer,
@@ -71,11 +57,7 @@ def test_resume_after_injected_fault_gives_the_same_tensors(point, uninterrupted
 def test_changed_settings_are_refused_until_restart(uninterrupted, calib_file, tmp_path, monkeypatch, capsys):
     source, reference = uninterrupted
     out = str(tmp_path / "out")
-    monkeypatch.setenv("MOEPRESS_FAULT", "layer_committed:0")
-    monkeypatch.setenv("MOEPRESS_FAULT_MODE", "raise")
-    with pytest.raises(InjectedFault):
-        moepress.compress(source, calib=calib_file, out=out, **SMALL)
-    monkeypatch.delenv("MOEPRESS_FAULT")
+    interrupt(monkeypatch, "layer_committed:0", lambda: moepress.compress(source, calib=calib_file, out=out, **SMALL))
     args = ["compress", "--model", source, "--calib", calib_file, "--out", out, "--calib-samples", "8",
             "--seq-len", "64", "--batch-size", "4", "--group-size", "32", "--quiet"]
     assert main([*args, "--bits", "4"]) == 2
@@ -91,11 +73,7 @@ def test_changed_source_is_refused(tiny_model_dir, calib_file, tmp_path, monkeyp
     source = str(tmp_path / "source")
     shutil.copytree(tiny_model_dir("qwen3_moe"), source)
     out = str(tmp_path / "out")
-    monkeypatch.setenv("MOEPRESS_FAULT", "layer_committed:0")
-    monkeypatch.setenv("MOEPRESS_FAULT_MODE", "raise")
-    with pytest.raises(InjectedFault):
-        moepress.compress(source, calib=calib_file, out=out, **SMALL)
-    monkeypatch.delenv("MOEPRESS_FAULT")
+    interrupt(monkeypatch, "layer_committed:0", lambda: moepress.compress(source, calib=calib_file, out=out, **SMALL))
     weights = os.path.join(source, "model.safetensors")
     os.utime(weights, ns=(time.time_ns(), time.time_ns() + 10**9))
     with pytest.raises(MoepressError, match="source model that has changed.*--restart"):

@@ -20,8 +20,9 @@ from transformers import AutoModelForCausalLM
 
 import moepress
 from moepress.errors import MoepressError
-from moepress.cli import main
 from moepress.loading import load_model
+
+from .helpers import run_cli
 
 SMALL = dict(calib_samples=4, seq_len=64, batch_size=4, progress=False)
 
@@ -32,15 +33,6 @@ def checkpoint(tmp_path_factory, tiny_model_dir, calib_file):
     out = str(tmp_path_factory.mktemp("ckpt") / "out")
     moepress.compress(tiny_model_dir("mixtral"), bits=3, group_size=128, calib=calib_file, out=out, **SMALL)
     return out
-
-
-def run_cli(capsys, *argv) -> str:
-    code = main(list(argv))
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("moepress: error:")]
-    assert code == 2, err
-    assert len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
 
 
 def broken_copy(src: str, dst, drop=(), add=None, replace=None, edit_config=None) -> str:

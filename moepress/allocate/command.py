@@ -54,16 +54,17 @@ class PlanOptions:
 
 
 def plan_model(model: str, options: PlanOptions | None = None, *, progress: bool = True,
-               trust_remote_code: bool = False, work=None, **overrides):
+               trust_remote_code: bool = False, work=None, source=None, **overrides):
     """A :class:`~moepress.allocate.Plan` for ``model`` (a folder or hub id) within ``options.budget``.
 
-    ``work`` (a :class:`~moepress.pipeline.resume.WorkFolder`) makes the cost-table pass resumable.
+    ``work`` (a :class:`~moepress.pipeline.resume.WorkFolder`) makes the cost-table pass resumable;
+    ``source``, the model already opened (``moepress.pipeline.source``), is read instead of opening it again.
     Returns ``(plan, table)``."""
     import torch
 
     from ..costs import CostTable, Option, build_cost_table, model_rows
     from ..data import load_text, token_windows
-    from ..loading import load_model, load_tokenizer
+    from ..loading import load_tokenizer
     from ..model import MoEView
     from ..pipeline.source import open_source
     from . import RULES, Budget, allocate
@@ -81,7 +82,7 @@ def plan_model(model: str, options: PlanOptions | None = None, *, progress: bool
         raise MoepressError(f"unknown heuristic rule(s) {unknown}; choose from {', '.join(RULES)}")
 
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-    source = open_source(model, trust_remote_code=trust_remote_code)
+    source = open_source(source or model, trust_remote_code=trust_remote_code)
     rows = model_rows(MoEView(source.model))
     keep = next(source.model.parameters()).element_size()
     if budget.bytes is not None:  # refuse before the long calibration pass; bytes need no calibration
@@ -124,7 +125,7 @@ def plan_model(model: str, options: PlanOptions | None = None, *, progress: bool
         tokens = token_windows(text, tokenizer, args.seq_len, args.calib_samples, seed=args.seed, what="calibration")
     if table is None:
         all_options = sorted(set(option_list) | {others})
-        table = build_cost_table(resident if resident is not None else model, tokens, all_options,
+        table = build_cost_table(resident if resident is not None else source, tokens, all_options,
                                  symmetric=args.symmetric, damp=args.damp, device=args.device,
                                  batch_size=args.batch_size, progress=progress, keep_variants=in_memory,
                                  work=None if in_memory else work, trust_remote_code=trust_remote_code)

@@ -139,7 +139,7 @@ def evaluate(
     Models given as paths load in ``dtype``; by default float32 on the CPU (whose 16-bit matmuls
     are slow) and the checkpoint's own dtype on a GPU. Both models load the same way.
     """
-    from ..calibrate import resolve_device
+    from ..pipeline.device import resolve_device
     from ..data import load_text, token_windows
 
     if reference is not None:

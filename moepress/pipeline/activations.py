@@ -66,8 +66,5 @@ class ActivationList:
                 self.append(t)
         del self._items[len(tensors):]
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._items)
-
 
 __all__ = ["ActivationList"]

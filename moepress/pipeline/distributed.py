@@ -60,10 +60,10 @@ TIMEOUT = timedelta(hours=1)
 def init_from_env(device=None) -> torch.device:
     """Join the process group torchrun describes in the environment (when ``WORLD_SIZE`` > 1 and no
     group is initialised yet) and return this rank's compute device: ``device`` resolved as
-    :func:`~.runner.resolve_device` does, with CUDA pinned to ``cuda:LOCAL_RANK`` when there are
+    :func:`~.device.resolve_device` does, with CUDA pinned to ``cuda:LOCAL_RANK`` when there are
     several ranks. A group the caller initialised is used as it is (and ``device`` too)."""
     global _created_group
-    from .runner import resolve_device
+    from .device import resolve_device
 
     device = resolve_device(device)
     if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:

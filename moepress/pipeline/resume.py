@@ -71,7 +71,7 @@ class WorkFolder:
     """The resumable state of one run; see the module docstring for the layout."""
 
     def __init__(self, out: str, settings: dict, fingerprint: dict, num_layers: int, *, restart: bool = False,
-                 progress: bool = True, kind: str = "partial"):
+                 kind: str = "partial"):
         self.out = os.path.abspath(out)
         self.path = work_folder_for(out, kind)
         self.settings = settings
@@ -79,7 +79,6 @@ class WorkFolder:
         self.fingerprint = fingerprint
         self.num_layers = num_layers
         self.num_shards = num_layers + 1
-        self.progress = progress
         self.layers_done = 0
         self.hidden_file: str | None = None
         self.finished = False  # every layer and file written; only the rename into OUT is left
@@ -229,7 +228,7 @@ class WorkFolderReader(WorkFolder):
 
     def __init__(self, out: str, settings: dict, fingerprint: dict, num_layers: int, state: dict):
         self._state = state
-        super().__init__(out, settings, fingerprint, num_layers, progress=False)
+        super().__init__(out, settings, fingerprint, num_layers)
 
     def _open(self, restart: bool) -> None:
         if self._state["settings_hash"] != self.key:

@@ -294,15 +294,12 @@ class StreamedModel:
             config_hash = hashlib.sha256(f.read()).hexdigest()
         return {"path": os.path.abspath(self.path), "config_sha256": config_hash, "shards": shards}
 
-    def layer_bytes(self, layer: int) -> int:
-        """Bytes of decoder layer ``layer``'s tensors in the checkpoint's dtype."""
-        prefix = f"{self.spec.layers}.{layer}."
-        element = torch.empty(0, dtype=self.dtype).element_size()
-        return sum(int(torch.Size(s).numel()) for k, s in self.expected_shapes.items() if k.startswith(prefix)) * element
-
 
 def open_source(model, *, trust_remote_code: bool = False):
-    """A :class:`ResidentModel` for a module, a :class:`StreamedModel` for a path or hub id."""
+    """A :class:`ResidentModel` for a module, a :class:`StreamedModel` for a path or hub id; a
+    source already opened is returned as it is (its layers are all released between passes)."""
+    if isinstance(model, (ResidentModel, StreamedModel)):
+        return model
     if isinstance(model, nn.Module):
         return ResidentModel(model)
     return StreamedModel(model, trust_remote_code=trust_remote_code)

@@ -19,7 +19,8 @@ from ..errors import MoepressError
 from ..model.view import EXPERT_LINEARS, ExpertStore, MoEView, set_submodule
 from ..quantize import QuantizedWeight
 from ..quantize.spec import KEEP_BITS
-from .packed_experts import KeptWeight, PackedExperts
+from .kept_weight import KeptWeight
+from .packed_experts import PackedExperts
 from .packed_linear import PackedLinear
 from .packed_weight import PackedWeight
 from .split_weight import SplitLinear, SplitWeight, split_meta

@@ -16,12 +16,11 @@ from torch import nn
 
 from ..quantize import QuantizedWeight
 from ..quantize.spec import KEEP_BITS
+from .kept_weight import KeptWeight
 from .packed_weight import PackedWeight
 
 
 def _piece_module(piece):
-    from .packed_experts import KeptWeight
-
     if isinstance(piece, (PackedWeight, KeptWeight)):
         return piece
     if isinstance(piece, QuantizedWeight):
@@ -58,8 +57,6 @@ class SplitWeight(nn.Module):
     @classmethod
     def empty(cls, meta: dict, kept_dtype: torch.dtype = torch.bfloat16) -> "SplitWeight":
         """Zero-filled pieces of the shapes ``meta`` (as :func:`split_meta` writes it) implies."""
-        from .packed_experts import KeptWeight
-
         pieces = [KeptWeight.empty(m["out_features"], m["in_features"], kept_dtype) if m["bits"] == KEEP_BITS
                   else PackedWeight.empty(m) for m in meta["pieces"]]
         return cls(pieces, meta["axis"])

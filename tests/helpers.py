@@ -1,0 +1,43 @@
+"""Assertions several test modules share."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from moepress.cli import main
+from moepress.export.checkpoint import read_tensors
+from moepress.pipeline.faults import InjectedFault
+
+
+def run_cli(capsys, *argv) -> str:
+    """Run the CLI expecting a refusal: exit code 2, exactly one error line, no traceback."""
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("moepress: error:")]
+    assert code == 2, err
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def same_checkpoint(a: str, b: str) -> None:
+    """Two checkpoint folders hold the same tensors (names, dtypes, bytes) and the same unit map."""
+    ta, tb = read_tensors(a), read_tensors(b)
+    assert sorted(ta) == sorted(tb)
+    differing = [k for k in ta if not (ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]))]
+    assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
+    ua = json.load(open(os.path.join(a, "moepress.json")))["units"]
+    ub = json.load(open(os.path.join(b, "moepress.json")))["units"]
+    assert ua == ub
+
+
+def interrupt(monkeypatch, point: str, run) -> None:
+    """Run ``run()`` with a fault injected (raised) at ``point`` ("POINT:LAYER"); it must stop there."""
+    monkeypatch.setenv("MOEPRESS_FAULT", point)
+    monkeypatch.setenv("MOEPRESS_FAULT_MODE", "raise")
+    with pytest.raises(InjectedFault):
+        run()
+    monkeypatch.delenv("MOEPRESS_FAULT")
