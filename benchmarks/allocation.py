@@ -53,7 +53,8 @@ sys.path.insert(0, ROOT)
 
 from moepress.allocate import Budget, add_kl_scaled, allocate  # noqa: E402
 from moepress.allocate.evolution import PlanEvaluator  # noqa: E402
-from moepress.costs import Option, build_cost_table, synthetic_table  # noqa: E402
+from moepress.costs import build_cost_table, synthetic_table  # noqa: E402
+from moepress.treatment import Treatment  # noqa: E402
 from moepress.errors import MoepressError  # noqa: E402
 
 BUDGETS = (2.25, 2.5, 3.0, 3.5)
@@ -117,7 +118,7 @@ def run_model(model_dir: str, args) -> tuple[list[dict], dict]:
     log(f"{name}: cost table on {calib.numel():,} calibration tokens")
     started = time.time()
     gs = args.group_size
-    table = build_cost_table(model, calib, [Option(b, gs) for b in (2, 3, 4, 8, 16)], keep_variants=True,
+    table = build_cost_table(model, calib, [Treatment.parse(b, gs) for b in (2, 3, 4, 8, 16)], keep_variants=True,
                              progress=False)
     table_seconds = time.time() - started
     fitness = PlanEvaluator(model, table, held_out)
@@ -380,7 +381,7 @@ def main(argv=None) -> int:
                    help="ablation: also kl_scaled measured in the otherwise original model (background None)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    args.others = Option.parse(args.others, args.group_size)
+    args.others = Treatment.parse(args.others, args.group_size)
     args.channel_group = args.channel_group or args.group_size or 32
 
     date = datetime.date.today().isoformat()
@@ -394,7 +395,7 @@ def main(argv=None) -> int:
         payload = {"date": date, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                                              "torch_threads": torch.get_num_threads()},
-                   "settings": {k: (str(v) if isinstance(v, Option) else v) for k, v in vars(args).items()}, "ilp_timing": timing, "models": info, "rows": rows}
+                   "settings": {k: (str(v) if isinstance(v, Treatment) else v) for k, v in vars(args).items()}, "ilp_timing": timing, "models": info, "rows": rows}
         with open(out + ".tmp", "w") as f:
             json.dump(payload, f, indent=1)
         os.replace(out + ".tmp", out)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from .pipeline.runner import LayerLoop, LayerwiseRunner, model_dtype, resolve_de
 from .pipeline.source import ResidentModel
 from .quantize import QuantSpec, gptq_quantize, hessian_weighted_error, rtn_quantize
 from .runtime.install import install_experts, install_linear
+from .treatment import KEEP, Treatment
 
 
 @dataclass
@@ -56,10 +57,7 @@ class CompressConfig:
             self.act_order = QuantSpec.act_order_mode(self.act_order)
         except ValueError as exc:
             raise MoepressError(str(exc)) from None
-        try:
-            self.quant_spec()
-        except ValueError as exc:
-            raise MoepressError(str(exc)) from None
+        self.treatment()  # a bad bit width, group size or damping fails here, in one line
         for name in ("calib_samples", "seq_len", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise MoepressError(f"{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
@@ -68,40 +66,10 @@ class CompressConfig:
         if self.rare_experts not in ("all_tokens", "routed_only"):
             raise MoepressError(f"rare-experts must be 'all_tokens' or 'routed_only' (got {self.rare_experts!r})")
 
-    def quant_spec(self) -> QuantSpec:
-        act_order, static = QuantSpec.act_order_flags(self.act_order)
-        gptq = self.method == "gptq"  # act-order needs a Hessian: round-to-nearest ignores it
-        return QuantSpec(
-            bits=self.bits,
-            group_size=self.group_size,
-            symmetric=self.symmetric,
-            act_order=act_order and gptq,
-            damp=self.damp,
-            method=self.method,
-            static_groups=static and gptq,
-        )
-
-
-@dataclass
-class UnitRecord:
-    """What happened to one unit: its option and its measured output error on calibration inputs."""
-
-    bits: int
-    group_size: int | None
-    symmetric: bool
-    act_order: bool  # whether the packed weight stores a g_idx (dynamic act-order with groups)
-    method: str
-    error: float  # trace((W-Q) H (W-Q)^T) with H = X^T X / n: mean squared output error per token
-    # An expert linear split along its intermediate neurons (channel-level plans): each piece's
-    # bits/group_size/width, rows of gate/up (axis 0) or columns of down (axis 1); ``bits`` is the widest.
-    pieces: list | None = None
-    axis: int | None = None
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        if self.pieces is None:
-            del d["pieces"], d["axis"]
-        return d
+    def treatment(self) -> Treatment:
+        """The one treatment every unit gets without a plan (``--bits``, ``--group-size``, ...)."""
+        return Treatment.quantize(self.bits, self.group_size, symmetric=self.symmetric, act_order=self.act_order,
+                                  method=self.method, damp=self.damp)
 
 
 @dataclass
@@ -112,7 +80,8 @@ class CompressResult:
     _model: nn.Module | None
     tokenizer: object
     config: CompressConfig
-    units: dict[str, UnitRecord]
+    units: dict[str, Treatment]  # what each unit got
+    errors: dict[str, float]  # trace((W-Q) H (W-Q)^T), H = X^T X / n: mean squared output error per token
     profile: Profile
     seconds: float
     calibration_tokens: int
@@ -164,8 +133,19 @@ class CompressResult:
             "seconds": round(self.seconds, 2),
             "layer_seconds": self.layer_seconds,
             "resumed_after_layer": self.resumed_after_layer,
-            "units": {name: rec.to_dict() for name, rec in self.units.items()},
+            "units": unit_records(self.units, self.errors),
         }
+
+
+def unit_records(units: dict[str, Treatment], errors: dict[str, float]) -> dict:
+    """The unit map of ``moepress.json``: every unit's treatment and its measured output error."""
+    return {name: {**treatment.to_unit_map(), "error": errors[name]} for name, treatment in units.items()}
+
+
+def read_unit_records(records: dict) -> tuple[dict[str, Treatment], dict[str, float]]:
+    """Inverse of :func:`unit_records`."""
+    units = {name: Treatment.from_unit_map(rec, name) for name, rec in records.items()}
+    return units, {name: float(rec.get("error", 0.0)) for name, rec in records.items()}
 
 
 def quantize_batch(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, name: str):
@@ -180,71 +160,40 @@ def quantize_batch(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
     return packed.to(weight.device), error.reshape(-1).cpu()
 
 
-class UnitSpecs:
-    """Which :class:`QuantSpec` each unit gets: one for all (``--bits``), or a plan's per-unit
-    options (None = keep the unit in 16 bits; a list = one spec or None per neuron group of a split
-    expert linear). Method, symmetry, act-order and damping are shared."""
-
-    def __init__(self, config: CompressConfig, options: dict | None = None):
-        self.default = config.quant_spec()
-        self.options = options
-
-    def __call__(self, name: str) -> QuantSpec | None:
-        if self.options is None:
-            return self.default
-        option = self.options[name]
-        if isinstance(option, tuple):  # neuron-group pieces never store a g_idx: dynamic act-order is dropped
-            specs = [self._spec(o) for o in option]
-            return [replace(s, act_order=False) if s is not None and s.stores_group_index else s for s in specs]
-        return self._spec(option)
-
-    def _spec(self, option) -> QuantSpec | None:
-        if option.keep:
-            return None
-        d = self.default
-        return QuantSpec(bits=option.bits, group_size=option.group_size, symmetric=d.symmetric,
-                         act_order=d.act_order, damp=d.damp, method=d.method, static_groups=d.static_groups)
+def unit_treatments(config: CompressConfig, resolved: dict[str, Treatment] | None):
+    """Name -> treatment: a resolved plan's, or ``config``'s one treatment for every unit."""
+    if resolved is not None:
+        return resolved.__getitem__
+    uniform = config.treatment()
+    return lambda name: uniform
 
 
-def _keep_record(spec: QuantSpec) -> "UnitRecord":
-    return UnitRecord(bits=16, group_size=None, symmetric=spec.symmetric, act_order=False, method="keep", error=0.0)
-
-
-def _check_group_size(view: MoEView, spec: QuantSpec, config: CompressConfig) -> None:
-    for name, (_out, in_features) in view.unit_shapes().items():
+def _check_group_size(view: MoEView, treatment: Treatment, config: CompressConfig) -> None:
+    for name, (out_features, in_features) in view.unit_shapes().items():
         if ".attn." in name and not config.quantize_attention:
             continue
-        try:
-            spec.check_in_features(in_features, name)
-        except ValueError as exc:
-            raise MoepressError(str(exc)) from None
+        treatment.check_shape(out_features, in_features, name)
 
 
-def _quantize_linear_units(model, units, stats, specs: UnitSpecs, records, device: torch.device) -> None:
+def _quantize_linear_units(model, units, stats, treatment_of, records, device: torch.device) -> None:
     """Quantize ``units`` (attention, shared-expert or dense-MLP linears) and install packed linears.
-    Under torchrun each rank quantizes its share and every rank installs all of them."""
-    done: dict[str, tuple] = {}  # name -> (packed weight, or None: kept; record)
+    Under torchrun each rank quantizes its share and every rank installs all of them. ``records``
+    gets (treatment, error) per unit."""
+    done: dict[str, tuple] = {}  # name -> (packed weight, or None: kept; (treatment, error))
     for unit in distributed.shard(units):
-        spec = specs(unit.name)
-        if spec is None:
-            done[unit.name] = (None, _keep_record(specs.default))
+        treatment = treatment_of(unit.name)
+        if treatment.keep:
+            done[unit.name] = (None, (KEEP, 0.0))
             continue
         module = model.get_submodule(unit.module_path)
-        packed, error = quantize_batch(module.weight, stats[unit].hessian(), spec, unit.name)
-        done[unit.name] = (packed, UnitRecord(**_option(spec), error=float(error[0])))
+        packed, error = quantize_batch(module.weight, stats[unit].hessian(), treatment.spec(), unit.name)
+        done[unit.name] = (packed, (treatment, float(error[0])))
     done = distributed.share(done, device)
     for unit in units:
         packed, records[unit.name] = done[unit.name]
         if packed is not None:
             module = model.get_submodule(unit.module_path)
             install_linear(model, unit.module_path, packed, module.bias)
-
-
-def _option(spec: QuantSpec) -> dict:
-    return dict(
-        bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric, act_order=spec.stores_group_index,
-        method=spec.method
-    )
 
 
 class _ByExpert:
@@ -257,10 +206,10 @@ class _ByExpert:
         return self.tensor[expert - self.first]
 
 
-def _quantize_experts(store: ExpertStore, stats, specs: UnitSpecs, records, packed: dict) -> None:
-    """The routed experts of ``stats.chunk``, batched: the experts of one linear with the same option
+def _quantize_experts(store: ExpertStore, stats, treatment_of, records, packed: dict) -> None:
+    """The routed experts of ``stats.chunk``, batched: the experts of one linear with the same treatment
     are one batched GPTQ call (gate and up share their Hessians, which are passed as they are, not
-    stacked into copies: a Mixtral-8x7B layer's down Hessians alone are 6.6 GB). With one option
+    stacked into copies: a Mixtral-8x7B layer's down Hessians alone are 6.6 GB). With one treatment
     for all, that is three calls per chunk. The
     results go into ``packed[linear][expert]``; the caller installs them once every chunk is done."""
     in_hessian, mid_hessian = (_ByExpert(h, stats.chunk.start) for h in stats.hessians())
@@ -268,93 +217,82 @@ def _quantize_experts(store: ExpertStore, stats, specs: UnitSpecs, records, pack
     weights = {linear: store.weight(linear) for linear in EXPERT_LINEARS}
     for linear in EXPERT_LINEARS:
         hessian = mid_hessian if linear == "down_proj" else in_hessian
-        batches: dict[QuantSpec | None, list[tuple[str, int]]] = {}
-        splits: list[tuple[str, int, list]] = []
+        batches: dict[Treatment, list[int]] = {}
+        splits: list[tuple[str, int, Treatment]] = []
         for e in stats.chunk:
-            spec = specs(store.unit_name(e, linear))
-            if isinstance(spec, list):
-                splits.append((linear, e, spec))
+            treatment = treatment_of(store.unit_name(e, linear))
+            if treatment.kind == "split":
+                splits.append((linear, e, treatment))
             else:
-                batches.setdefault(spec, []).append((linear, e))
+                batches.setdefault(treatment, []).append(e)
         if splits:
-            _quantize_splits(store, weights, hessian, splits, specs.default, packed, records)
-        for spec, members in batches.items():
-            if spec is None:  # kept in 16 bits
-                for linear, e in members:
+            _quantize_splits(store, weights, hessian, splits, packed, records)
+        for treatment, experts in batches.items():
+            if treatment.keep:  # kept in 16 bits
+                for e in experts:
                     packed[linear][e] = weights[linear][e].detach().clone()
-                    records[store.unit_name(e, linear)] = _keep_record(specs.default)
+                    records[store.unit_name(e, linear)] = (KEEP, 0.0)
                 continue
-            experts = [e for _, e in members]
             if experts == list(stats.chunk):  # the whole chunk: its tensors as they are, no stacked copies
                 w = weights[linear][stats.chunk.start:stats.chunk.stop]
                 h = hessian.tensor
             else:
                 w = torch.stack([weights[linear][e] for e in experts])
                 h = torch.stack([hessian[e] for e in experts])
-            q, err = quantize_batch(w, h, spec, f"{name}.{linear}")
-            for i, (linear, e) in enumerate(members):
+            q, err = quantize_batch(w, h, treatment.spec(), f"{name}.{linear}")
+            for i, e in enumerate(experts):
                 packed[linear][e] = q.select(i)
-                records[store.unit_name(e, linear)] = UnitRecord(**_option(spec), error=float(err[i]))
+                records[store.unit_name(e, linear)] = (treatment, float(err[i]))
 
 
-
-
-def _quantize_splits(store: ExpertStore, weights, hessian, splits, default: QuantSpec, packed, records) -> None:
-    """Expert linears whose intermediate neurons are split into equal groups with their own specs.
+def _quantize_splits(store: ExpertStore, weights, hessian, splits, packed, records) -> None:
+    """Expert linears whose intermediate neurons are split into equal groups with their own treatments.
 
     Gate and up are split by rows, which GPTQ treats independently: every (linear, expert, group)
-    row block with the same spec is one batched call on its expert's Hessian, exactly what quantizing
-    the whole matrix would give those rows. Down is split by columns: one GPTQ pass per expert over
-    all its columns (``gptq_quantize_segments``) so later groups still absorb earlier groups' error.
+    row block with the same treatment is one batched call on its expert's Hessian, exactly what
+    quantizing the whole matrix would give those rows. Down is split by columns: one GPTQ pass per
+    expert over all its columns (``gptq_quantize_segments``) so later groups still absorb earlier
+    groups' error.
     """
     from .quantize import gptq_quantize_segments
     from .runtime import SplitWeight
 
     pieces: dict[tuple[str, int], list] = {}
-    row_batches: dict[QuantSpec | None, list[tuple[str, int, int, int]]] = {}
-    for linear, e, piece_specs in splits:
-        n = len(piece_specs)
+    row_batches: dict[Treatment, list[tuple[str, int, int, int]]] = {}
+    for linear, e, split in splits:
+        n = len(split.pieces)
         width = store.intermediate_size // n
         pieces[linear, e] = [None] * n
         if linear == "down_proj":
             w = weights[linear][e].detach().float()
-            if default.method == "gptq":  # segments are contiguous: no act-order across them
-                segments = [(width, s and replace(s, act_order=False, static_groups=False)) for s in piece_specs]
+            if split.method == "gptq":  # segments are contiguous: no act-order across them
+                segments = [(width, p.with_settings(act_order="off").spec()) for p in split.pieces]
                 got, _ = gptq_quantize_segments(w, hessian[e], segments, name=store.unit_name(e, linear))
             else:
-                got = [w[:, k * width:(k + 1) * width].clone() if s is None else
-                       rtn_quantize(w[:, k * width:(k + 1) * width], s, name=store.unit_name(e, linear))
-                       for k, s in enumerate(piece_specs)]
+                got = [w[:, k * width:(k + 1) * width].clone() if p.keep else
+                       rtn_quantize(w[:, k * width:(k + 1) * width], p.spec(), name=store.unit_name(e, linear))
+                       for k, p in enumerate(split.pieces)]
             dtype = weights[linear][e].dtype
             pieces[linear, e] = [p.to(dtype) if isinstance(p, torch.Tensor) else p for p in got]
         else:
-            for k, s in enumerate(piece_specs):
-                row_batches.setdefault(s, []).append((linear, e, k, width))
-    for spec, members in row_batches.items():
+            for k, piece in enumerate(split.pieces):
+                row_batches.setdefault(piece, []).append((linear, e, k, width))
+    for piece, members in row_batches.items():
         rows = [weights[linear][e][k * width:(k + 1) * width] for linear, e, k, width in members]
-        if spec is None:
+        if piece.keep:
             for (linear, e, k, _), w in zip(members, rows):
                 pieces[linear, e][k] = w.detach().clone()
             continue
-        q, _ = quantize_batch(torch.stack(rows), torch.stack([hessian[e] for _, e, _, _ in members]), spec,
+        q, _ = quantize_batch(torch.stack(rows), torch.stack([hessian[e] for _, e, _, _ in members]), piece.spec(),
                               f"layers.{store.layer}.experts (neuron groups)")
         for i, (linear, e, k, _) in enumerate(members):
             pieces[linear, e][k] = q.select(i)
-    for linear, e, piece_specs in splits:
-        axis = 1 if linear == "down_proj" else 0
-        weight = SplitWeight(pieces[linear, e], axis)
+    for linear, e, split in splits:
+        weight = SplitWeight(pieces[linear, e], split.axis)
         packed[linear][e] = weight
         w = weights[linear][e].detach().float()
         error = hessian_weighted_error(w, weight.dequantize(torch.float32).to(w.device), hessian[e])
-        width = store.intermediate_size // len(piece_specs)
-        quantized = [s for s in piece_specs if s is not None]  # resolve() never splits into all-kept pieces
-        records[store.unit_name(e, linear)] = UnitRecord(
-            bits=16 if len(quantized) < len(piece_specs) else max(s.bits for s in quantized),
-            group_size=quantized[0].group_size, symmetric=default.symmetric, act_order=False, method=default.method,
-            error=float(error), axis=axis,
-            pieces=[{"bits": 16 if s is None else s.bits, "group_size": None if s is None else s.group_size,
-                     "width": width} for s in piece_specs],
-        )
+        records[store.unit_name(e, linear)] = (split, float(error))
 
 
 class QuantizeStep:
@@ -369,21 +307,21 @@ class QuantizeStep:
     Returns the layer's unit records (JSON) and its calibration statistics (profile tensors).
     """
 
-    def __init__(self, view: MoEView, config: CompressConfig, specs: "UnitSpecs"):
+    def __init__(self, view: MoEView, config: CompressConfig, treatment_of):
         self.view = view
         self.config = config
-        self.specs = specs
+        self.treatment_of = treatment_of  # canonical unit name -> Treatment
 
     def __call__(self, layer: int, runner: LayerwiseRunner):
-        config, view, specs = self.config, self.view, self.specs
-        records: dict[str, UnitRecord] = {}
+        config, view, treatment_of = self.config, self.view, self.treatment_of
+        records: dict[str, tuple[Treatment, float]] = {}
         part = Profile()
         fault_point("mid_layer", layer)
         if config.quantize_attention:
             attention = view.attention_units(layer)
             stats, handles = collect_layer_stats(view, layer, runner, 0, "routed_only", units=attention, experts=False)
             _run_and_unhook(runner, layer, handles)
-            _quantize_linear_units(view.model, attention, stats["linear"], specs, records, runner.device)
+            _quantize_linear_units(view.model, attention, stats["linear"], treatment_of, records, runner.device)
             for unit in attention:
                 part.record_linear(unit, stats["linear"][unit])
         mlp_units = view.mlp_units(layer) if config.quantize_mlp else []
@@ -396,13 +334,14 @@ class QuantizeStep:
             handles.append(store.module.register_forward_pre_hook(_capture_expert_inputs(captured), with_kwargs=True))
         _run_and_unhook(runner, layer, handles)
         if stats["experts"] is not None:
-            _quantize_routed_experts(store, stats["experts"], captured, chunks, specs, records, runner.device)
+            _quantize_routed_experts(store, stats["experts"], captured, chunks, treatment_of, records, runner.device)
             part.record_experts(layer, stats["experts"])
-        _quantize_linear_units(view.model, mlp_units, stats["linear"], specs, records, runner.device)
+        _quantize_linear_units(view.model, mlp_units, stats["linear"], treatment_of, records, runner.device)
         for unit in mlp_units:
             part.record_linear(unit, stats["linear"][unit])
         runner.run_layer(layer, update=True)
-        return {name: rec.to_dict() for name, rec in records.items()}, part.tensors
+        units = {name: treatment for name, (treatment, _) in records.items()}
+        return unit_records(units, {name: error for name, (_, error) in records.items()}), part.tensors
 
 
 def _capture_expert_inputs(captured: list):
@@ -426,7 +365,7 @@ def _expert_chunks(store: ExpertStore | None, chunk: int | None) -> list[range]:
     return [range(start, min(owned.stop, start + size)) for start in range(owned.start, owned.stop, size)] or [owned]
 
 
-def _quantize_routed_experts(store: ExpertStore, first, captured: list, chunks: list[range], specs: "UnitSpecs",
+def _quantize_routed_experts(store: ExpertStore, first, captured: list, chunks: list[range], treatment_of,
                              records, device: torch.device) -> None:
     """Quantize this rank's experts chunk by chunk, then install the whole layer's packed experts.
 
@@ -439,13 +378,13 @@ def _quantize_routed_experts(store: ExpertStore, first, captured: list, chunks: 
     from .calibrate import ExpertInputStats
 
     packed = {linear: [None] * store.num_experts for linear in EXPERT_LINEARS}
-    owned_records: dict[str, UnitRecord] = {}
-    _quantize_experts(store, first, specs, owned_records, packed)
+    owned_records: dict[str, tuple[Treatment, float]] = {}
+    _quantize_experts(store, first, treatment_of, owned_records, packed)
     for experts in chunks[1:]:
         stats = ExpertInputStats(store, first.device, rare=first.rare, chunk=experts)
         for hidden, index, weights in captured:
             stats.add(hidden, index, weights)
-        _quantize_experts(store, stats, specs, owned_records, packed)
+        _quantize_experts(store, stats, treatment_of, owned_records, packed)
         first.add_norms_of(stats)
         del stats
     if distributed.world_size() > 1:
@@ -476,12 +415,15 @@ def _share_experts(store: ExpertStore, stats, chunks: list[range], packed: dict,
 
 
 def _records_and_profile(results, view: MoEView, tokens, config: CompressConfig):
-    records: dict[str, UnitRecord] = {}
+    """Every unit's treatment and error, and the profile, from the layers' results (JSON records)."""
+    units, errors = {}, {}
     profile = Profile.start(view.model_type, tokens, config.min_expert_tokens, config.rare_experts)
     for layer_records, tensors in results:
-        records.update({name: UnitRecord(**rec) for name, rec in layer_records.items()})
+        layer_units, layer_errors = read_unit_records(layer_records)
+        units.update(layer_units)
+        errors.update(layer_errors)
         profile.tensors.update(tensors)
-    return records, profile
+    return units, errors, profile
 
 
 def quantize_model(
@@ -489,21 +431,21 @@ def quantize_model(
     tokens: torch.Tensor,
     config: CompressConfig,
     progress: bool = True,
-    unit_options: dict | None = None,
-) -> tuple[dict[str, UnitRecord], Profile]:
+    treatments: dict[str, Treatment] | None = None,
+) -> tuple[dict[str, Treatment], dict[str, float], Profile]:
     """Quantize a model held in memory in place, layer by layer, on calibration ``tokens`` [N, seq_len].
 
-    ``unit_options`` (a resolved plan: every linear's canonical name -> :class:`~moepress.costs.Option`)
-    replaces ``config``'s single bits/group size; method, symmetry and damping still come from ``config``.
+    ``treatments`` (a resolved plan: every linear's canonical name -> its
+    :class:`~moepress.treatment.Treatment`) replaces ``config``'s one treatment for all units.
+    Returns every unit's treatment, its measured output error, and the calibration profile.
     (:func:`compress` streams a model from its folder instead; both run the same :class:`QuantizeStep`.)
     """
     view = MoEView(model)
-    specs = UnitSpecs(config, unit_options)
-    if unit_options is None:
-        _check_group_size(view, specs.default, config)
+    if treatments is None:
+        _check_group_size(view, config.treatment(), config)
     loop = LayerLoop(ResidentModel(model), tokens, device=config.device, batch_size=config.batch_size,
                      progress=progress, desc="quantize")
-    results = loop.run(QuantizeStep(view, config, specs))
+    results = loop.run(QuantizeStep(view, config, unit_treatments(config, treatments)))
     return _records_and_profile(results, view, tokens, config)
 
 
@@ -609,13 +551,13 @@ def compress(
     source = open_source(opened if budget is not None else model, trust_remote_code=trust_remote_code)
     view = MoEView(source.model)
     # Fail on an unsupported architecture, a group size or a plan that does not fit before any long work.
-    unit_options = None
+    treatments = None
     if plan is not None:
         from .costs import model_rows
 
-        unit_options = plan.resolve(model_rows(view))
+        treatments = plan.resolve(model_rows(view))
     else:
-        _check_group_size(view, config.quant_spec(), config)
+        _check_group_size(view, config.treatment(), config)
     text = load_text(config.calib)
     tokens = token_windows(
         text, tokenizer, config.seq_len, config.calib_samples, seed=config.seed, what="calibration"
@@ -630,7 +572,6 @@ def compress(
         work = _open_work_folder(out, _settings(config, plan, tokens), source.fingerprint(), view.num_layers,
                                  restart=restart or not source.streamed, device=device)
     started = time.time()
-    specs = UnitSpecs(config, unit_options)
     loop = LayerLoop(source, tokens, device=device, batch_size=config.batch_size, work=work,
                      write_layers=out is not None and main, keep_layers=out is None or not source.streamed,
                      offload_activations=config.offload_activations, progress=progress, desc="quantize")
@@ -638,14 +579,15 @@ def compress(
         work.finish(overwrite)
         distributed.finish()  # (the other ranks read the record once rank 0 has moved it into OUT)
         return _result_of_saved(out, tokenizer, config, plan, tokens, view)
-    results = loop.run(QuantizeStep(view, config, specs))
+    results = loop.run(QuantizeStep(view, config, unit_treatments(config, treatments)))
     distributed.barrier()  # every rank is past its last layer before rank 0 completes (and renames) the folder
-    records, profile = _records_and_profile(results, view, tokens, config)
+    units, errors, profile = _records_and_profile(results, view, tokens, config)
     result = CompressResult(
         _model=None if (source.streamed and out is not None) else source.model,
         tokenizer=tokenizer,
         config=config,
-        units=records,
+        units=units,
+        errors=errors,
         profile=profile,
         seconds=time.time() - started,
         calibration_tokens=int(tokens.numel()),
@@ -748,9 +690,9 @@ def _result_of_saved(out: str, tokenizer, config: CompressConfig, plan, tokens, 
     from .export.checkpoint import read_record
 
     record = read_record(out)
-    units = {name: UnitRecord(**rec) for name, rec in record["units"].items()}
+    units, errors = read_unit_records(record["units"])
     profile = Profile.start(view.model_type, tokens, config.min_expert_tokens, config.rare_experts)
-    return CompressResult(_model=None, tokenizer=tokenizer, config=config, units=units, profile=profile,
+    return CompressResult(_model=None, tokenizer=tokenizer, config=config, units=units, errors=errors, profile=profile,
                           seconds=float(record.get("seconds", 0.0)), calibration_tokens=int(tokens.numel()),
                           source=record.get("source_model", ""), saved_to=out, plan=plan,
                           layer_seconds=record.get("layer_seconds", []),

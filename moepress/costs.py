@@ -43,89 +43,10 @@ from .calibrate import collect_layer_stats
 from .errors import MoepressError
 from .model.view import EXPERT_LINEARS, MoEView
 from .quantize import QuantSpec, gptq_quantize, rtn_quantize
-from .quantize.packing import packed_width
 from .quantize.spec import KEEP_BITS
+from .treatment import DEFAULT_OPTIONS, DEFAULT_SETTINGS, Treatment
 
 ESTIMATORS = ("gptq", "gptq_routed", "hawq")
-
-
-@dataclass(frozen=True, order=True)
-class Option:
-    """One treatment of a unit: ``bits`` (2, 3, 4, 8, or 16 = keep as it is) and a group size
-    (None = per-channel). Written in plans as ``3b-g128``, ``4b-ch`` or ``16b``."""
-
-    bits: int
-    group_size: int | None = 128
-
-    def __post_init__(self):
-        if self.bits == KEEP_BITS:
-            object.__setattr__(self, "group_size", None)
-        else:
-            try:
-                spec = QuantSpec(bits=self.bits, group_size=self.group_size, method="rtn")
-            except ValueError as exc:
-                raise MoepressError(f"option {self.bits} bits / group {self.group_size}: {exc}") from None
-            object.__setattr__(self, "group_size", spec.group_size)
-
-    @property
-    def keep(self) -> bool:
-        return self.bits == KEEP_BITS
-
-    @property
-    def label(self) -> str:
-        if self.keep:
-            return "16b"
-        return f"{self.bits}b-" + ("ch" if self.group_size is None else f"g{self.group_size}")
-
-    def __str__(self) -> str:
-        return self.label
-
-    @classmethod
-    def parse(cls, text, default_group: int | None = 128) -> "Option":
-        """``"3b-g128"``, ``"4b-ch"``, ``"16b"``, ``"3b"`` / ``3`` (at ``default_group``)."""
-        if isinstance(text, Option):
-            return text
-        if isinstance(text, bool):
-            raise MoepressError(f"cannot read option {text!r}; write e.g. 3b-g128, 4b-ch or 16b")
-        if isinstance(text, int):
-            return cls(text, default_group)
-        m = re.fullmatch(r"\s*(\d+)\s*b(?:its?)?\s*(?:-\s*(?:g(\d+)|(ch|channel)))?\s*", str(text))
-        if not m:
-            raise MoepressError(f"cannot read option {text!r}; write e.g. 3b-g128, 4b-ch or 16b")
-        bits = int(m.group(1))
-        if bits not in (2, 3, 4, 8, KEEP_BITS):
-            raise MoepressError(f"option {text!r}: bits must be 2, 3, 4, 8 or 16 (keep)")
-        group = int(m.group(2)) if m.group(2) else (None if m.group(3) else default_group)
-        return cls(bits, group)
-
-    def spec(self, method: str = "gptq", symmetric: bool = False, act_order="off", damp: float = 0.01):
-        """The :class:`QuantSpec` of this option (None for keep); ``act_order`` off/static/dynamic."""
-        if self.keep:
-            return None
-        ordered, static = QuantSpec.act_order_flags(act_order)
-        gptq = method == "gptq"
-        return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=symmetric,
-                         act_order=ordered and gptq, damp=damp, method=method, static_groups=static and gptq)
-
-
-def option_bytes(option: Option, out_features: int, in_features: int, *, symmetric: bool = False,
-                 act_order: bool = False, keep_element_size: int = 2) -> int:
-    """Exact bytes of one [out, in] weight stored with ``option``, as moepress packs it:
-    uint8 codes packed 8 per ``bits`` bytes, fp16 scales, uint8 zeros (asymmetric), int16 g_idx
-    (``act_order``: dynamic act-order, which stores one); a kept weight costs its own element size
-    (bf16: 2) per parameter."""
-    if option.keep:
-        return out_features * in_features * keep_element_size
-    groups = 1 if option.group_size is None else -(-in_features // option.group_size)
-    total = out_features * packed_width(in_features, option.bits) + out_features * groups * 2
-    if not symmetric:
-        total += out_features * groups
-    if act_order and option.group_size is not None:
-        total += in_features * 2
-    return total
-
-
-DEFAULT_OPTIONS = (Option(2), Option(3), Option(4), Option(8), Option(16))
 
 
 @dataclass
@@ -164,13 +85,11 @@ def channel_key(group: str, k: int) -> str:
     return f"{group}.channels.{k}"
 
 
-def split_piece_bytes(option: Option, hidden: int, width: int, *, symmetric: bool = False,
-                      keep_element_size: int = 2) -> int:
+def split_piece_bytes(option: Treatment, hidden: int, width: int, keep_element_size: int = 2) -> int:
     """Bytes of one neuron group of ``width`` neurons of an expert at ``option``: its rows of gate and
     up ([width, hidden] each) and its columns of down ([hidden, width]), each stored as its own piece."""
-    rows = option_bytes(option, width, hidden, symmetric=symmetric, keep_element_size=keep_element_size)
-    cols = option_bytes(option, hidden, width, symmetric=symmetric, keep_element_size=keep_element_size)
-    return 2 * rows + cols
+    piece = option.as_piece()
+    return 2 * piece.nbytes(width, hidden, keep_element_size) + piece.nbytes(hidden, width, keep_element_size)
 
 
 def check_channel_group(options, intermediate: int, hidden: int, width: int) -> None:
@@ -183,8 +102,8 @@ def check_channel_group(options, intermediate: int, hidden: int, width: int) -> 
             continue
         for n, what in ((hidden, "hidden size"), (width, "channel group")):
             try:
-                option.spec().check_in_features(n, what)
-            except ValueError:
+                option.check_shape(1, n, what)
+            except MoepressError:
                 raise MoepressError(f"option {option} does not tile a {what} of {n}; use a channel group that "
                                     "is a multiple of the group size, or per-channel options") from None
 
@@ -206,7 +125,7 @@ class CostTable:
     """Bytes [rows, options] and damage {estimator: [rows, options]} for every linear of a model,
     plus the per-unit facts the heuristics rank by (routing frequency, outlier score, block score)."""
 
-    def __init__(self, rows: list[Row], options: list[Option], bytes_: np.ndarray, damage: dict[str, np.ndarray],
+    def __init__(self, rows: list[Row], options: list[Treatment], bytes_: np.ndarray, damage: dict[str, np.ndarray],
                  stats: dict[str, np.ndarray], meta: dict, neuron: dict[str, np.ndarray] | None = None,
                  neuron_rows: np.ndarray | None = None):
         self.rows = rows
@@ -223,13 +142,32 @@ class CostTable:
         self.neuron_rows = np.asarray(neuron_rows if neuron_rows is not None else [], dtype=np.int64)
 
     # ------------------------------------------------------------------ queries
-    def option_index(self, option: Option) -> int:
+    @property
+    def settings(self) -> dict:
+        """The quantization settings every column shares (symmetric, act-order, damping; GPTQ)."""
+        return {**DEFAULT_SETTINGS, **{k: self.meta[k] for k in ("symmetric", "act_order", "damp") if k in self.meta},
+                "method": "gptq"}
+
+    def parse(self, label, default_group: int | None = 128) -> Treatment:
+        """A column's treatment from its label (``"3b-g128"``), with the table's settings."""
+        return Treatment.parse(label, default_group, self.settings)
+
+    def option_index(self, option: Treatment | str) -> int:
+        """The column of ``option`` (a treatment or a label)."""
+        if not isinstance(option, Treatment):
+            option = self.parse(option)
         try:
             return self.options.index(option)
         except ValueError:
             raise MoepressError(
-                f"option {option} is not in the cost table ({', '.join(map(str, self.options))}); "
-                "rebuild the table with it (--options)") from None
+                f"option {option} is not in the cost table ({', '.join(map(str, self.options))}, "
+                f"{'symmetric' if self.settings['symmetric'] else 'asymmetric'}, act-order "
+                f"{self.settings['act_order']}); rebuild the table with it (--options)") from None
+
+    def column(self, bits: int, group_size: int | None = 128) -> Treatment | None:
+        """The table's option of ``bits`` at ``group_size``, if it has one."""
+        want = Treatment.parse(bits, group_size, self.settings)
+        return want if want in self.options else None
 
     def groups(self, granularity: str = "expert", estimator: str = "gptq_routed",
                kinds: tuple[str, ...] | None = None, channel_group: int | None = None) -> Groups:
@@ -269,7 +207,7 @@ class CostTable:
         linear = self.groups("linear", estimator, kinds)
         where = {int(r): i for i, r in enumerate(self.neuron_rows)}
         neuron = self.neuron[estimator]
-        sym, keep = bool(self.meta.get("symmetric", False)), int(self.meta.get("keep_element_size", 2))
+        keep = int(self.meta.get("keep_element_size", 2))
         names, rows, kinds_, layers, params, bytes_, damage = [], [], [], [], [], [], []
         experts: dict[str, list[int]] = {}
         for i, (name, r, kind) in enumerate(zip(linear.names, linear.rows, linear.kinds)):
@@ -282,8 +220,7 @@ class CostTable:
             gate = self.rows[members[0]]
             intermediate, hidden = gate.out_features, gate.in_features
             check_channel_group(self.options, intermediate, hidden, width)
-            piece_bytes = np.array([split_piece_bytes(o, hidden, width, symmetric=sym, keep_element_size=keep)
-                                    for o in self.options])
+            piece_bytes = np.array([split_piece_bytes(o, hidden, width, keep_element_size=keep) for o in self.options])
             for k in range(intermediate // width):
                 names.append(channel_key(group, k))
                 rows.append(list(members))
@@ -297,7 +234,7 @@ class CostTable:
                       bytes=np.array(bytes_, dtype=np.int64).reshape(len(names), len(self.options)),
                       damage=np.array(damage, dtype=np.float64).reshape(len(names), len(self.options)))
 
-    def uniform_bytes(self, option: Option, kinds: tuple[str, ...] | None = None) -> int:
+    def uniform_bytes(self, option: Treatment, kinds: tuple[str, ...] | None = None) -> int:
         o = self.option_index(option)
         return int(sum(self.bytes[i, o] for i, row in enumerate(self.rows) if kinds is None or row.kind in kinds))
 
@@ -331,7 +268,7 @@ class CostTable:
             raise MoepressError(f"cannot read cost table {path}: {exc}; rebuild it") from None
         return cls(
             rows=[Row(**r) for r in info["rows"]],
-            options=[Option.parse(o) for o in info["options"]],
+            options=[Treatment.parse(o, settings={**info["meta"], "method": "gptq"}) for o in info["options"]],
             bytes_=tensors["bytes"],
             damage={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("damage.")},
             stats={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("stats.")},
@@ -364,7 +301,7 @@ def _outlier_score(weight: torch.Tensor) -> torch.Tensor:
     return a.amax(-1) / a.mean(-1).clamp(min=1e-12)
 
 
-def _damage(weight, hessian, option: Option, method_opts: dict, name: str, neuron_axis: int | None = None):
+def _damage(weight, hessian, option: Treatment, name: str, neuron_axis: int | None = None):
     """(gptq loss, rtn perturbation ||W - RTN(W)||^2, the GPTQ-quantized weight or None) per matrix,
     for a batch [E, out, in] or one [out, in]. With ``neuron_axis`` (-2: rows of gate/up, -1:
     columns of down) also both per neuron, [E, neurons] (see the module docstring); else None."""
@@ -374,12 +311,12 @@ def _damage(weight, hessian, option: Option, method_opts: dict, name: str, neuro
         neurons = None if neuron_axis is None else torch.zeros(*lead, weight.shape[neuron_axis])
         return zeros.reshape(-1), zeros.reshape(-1), None, neurons, neurons
     w = weight.detach().float()
-    spec = option.spec("gptq", **method_opts)
+    spec = option.spec()
     packed = gptq_quantize(w, hessian, spec, name=name).weight
     d = w - packed.dequantize(torch.float32).to(w.device)
     p = (d @ hessian.float()) * d  # sums to trace(D H D^T)
     gptq_loss = p.sum(dim=(-1, -2)).reshape(-1).cpu()
-    r = rtn_quantize(w, option.spec("rtn", symmetric=method_opts["symmetric"]), name=name).dequantize(torch.float32)
+    r = rtn_quantize(w, option.with_settings(method="rtn").spec(), name=name).dequantize(torch.float32)
     dr = (w - r.to(w.device)) ** 2
     perturbation = dr.sum(dim=(-1, -2)).reshape(-1).cpu()
     if neuron_axis is None:
@@ -391,7 +328,7 @@ def _damage(weight, hessian, option: Option, method_opts: dict, name: str, neuro
 def build_cost_table(
     model,
     tokens: torch.Tensor,
-    options: list[Option] = DEFAULT_OPTIONS,
+    options: list[Treatment] = DEFAULT_OPTIONS,
     *,
     symmetric: bool = False,
     act_order="static",
@@ -421,31 +358,26 @@ def build_cost_table(
     from .pipeline.runner import LayerLoop
     from .pipeline.source import open_source
 
-    options = sorted(set(options))
+    try:
+        act_mode = QuantSpec.act_order_mode(act_order)
+    except ValueError as exc:
+        raise MoepressError(str(exc)) from None
+    # Every column shares the table's settings: the options say only bits and group size.
+    settings = dict(symmetric=symmetric, act_order=act_mode, damp=damp, method="gptq")
+    options = sorted({Treatment.parse(o).with_settings(**settings) for o in options}, key=Treatment.sort_key)
     source = open_source(model, trust_remote_code=trust_remote_code)
     view = MoEView(source.model)
     rows = model_rows(view)
     for row in rows:
         for option in options:
-            if not option.keep:
-                try:
-                    option.spec().check_in_features(row.in_features, row.name)
-                except ValueError as exc:
-                    raise MoepressError(f"option {option}: {exc}") from None
+            option.check_shape(row.out_features, row.in_features, row.name)
     if keep_variants and work is not None:
         raise MoepressError("a cost table that keeps its quantized variants (evolution, kl_scaled) is built in memory "
                             "and cannot resume")
     index = {r.name: i for i, r in enumerate(rows)}
     R, O = len(rows), len(options)
     keep_size = next(source.model.parameters()).element_size()
-    try:
-        act_mode = QuantSpec.act_order_mode(act_order)
-    except ValueError as exc:
-        raise MoepressError(str(exc)) from None
-    opts = dict(symmetric=symmetric, act_order=act_mode, damp=damp)
-    bytes_ = np.array([[option_bytes(o, r.out_features, r.in_features, symmetric=symmetric,
-                                     act_order=act_mode == "dynamic", keep_element_size=keep_size)
-                        for o in options] for r in rows])
+    bytes_ = np.array([[o.nbytes(r.out_features, r.in_features, keep_size) for o in options] for r in rows])
     variants: dict[tuple[int, int], object] = {}
     hessians: dict[int, torch.Tensor] = {}  # down rows -> their Hessian, with keep_variants
     n_tokens = int(tokens.numel())
@@ -471,7 +403,7 @@ def build_cost_table(
             hessian = s.hessian()
             g_row, p_row = np.zeros(O), np.zeros(O)
             for o, option in enumerate(options):
-                g, p, packed, _, _ = _damage(weight, hessian, option, opts, unit.name)
+                g, p, packed, _, _ = _damage(weight, hessian, option, unit.name)
                 g_row[o], p_row[o] = float(g[0]), float(p[0])
                 if keep_variants and packed is not None:
                     variants[i, o] = packed
@@ -494,7 +426,7 @@ def build_cost_table(
                 ng = np.zeros((len(lin_ids), O, n_neurons))
                 npert = np.zeros((len(lin_ids), O, n_neurons))
                 for o, option in enumerate(options):
-                    g, p, packed, gn, pn = _damage(weight, hessian, option, opts, f"layers.{layer}.experts.{linear}",
+                    g, p, packed, gn, pn = _damage(weight, hessian, option, f"layers.{layer}.experts.{linear}",
                                                    neuron_axis=axis)
                     g_rows[:, o], p_rows[:, o] = g.numpy(), p.numpy()
                     ng[:, o], npert[:, o] = gn.numpy(), pn.numpy()
@@ -577,7 +509,7 @@ def build_cost_table(
 
 
 def synthetic_table(layers: int, experts: int, hidden: int, intermediate: int,
-                    options: list[Option] = DEFAULT_OPTIONS, seed: int = 0, neurons: bool = False) -> CostTable:
+                    options: list[Treatment] = DEFAULT_OPTIONS, seed: int = 0, neurons: bool = False) -> CostTable:
     """A table of the given shape with plausible random damage (decreasing in bits), for
     solver benchmarks at real model sizes (e.g. Mixtral-8x7B: 32 x 8 x 4096 x 14336). ``neurons``
     also spreads every expert row's damage over its neurons (for channel granularity)."""
@@ -591,8 +523,8 @@ def synthetic_table(layers: int, experts: int, hidden: int, intermediate: int,
             for linear in EXPERT_LINEARS:
                 shape = (hidden, intermediate) if linear == "down_proj" else (intermediate, hidden)
                 rows.append(Row(f"layers.{layer}.experts.{e}.{linear}", "expert", layer, e, linear, *shape))
-    options = sorted(set(options))
-    bytes_ = np.array([[option_bytes(o, r.out_features, r.in_features) for o in options] for r in rows])
+    options = sorted(set(options), key=Treatment.sort_key)
+    bytes_ = np.array([[o.nbytes(r.out_features, r.in_features) for o in options] for r in rows])
     scale = rng.lognormal(0.0, 1.0, size=len(rows))
     bits = np.array([o.bits for o in options], dtype=float)
     damage = scale[:, None] * np.where(bits >= KEEP_BITS, 0.0, 4.0 ** (-bits))[None, :]
@@ -612,6 +544,6 @@ def synthetic_table(layers: int, experts: int, hidden: int, intermediate: int,
                      {"synthetic": True, "seed": seed}, neuron=neuron, neuron_rows=neuron_rows)
 
 
-__all__ = ["CostTable", "DEFAULT_OPTIONS", "ESTIMATORS", "GRANULARITIES", "Groups", "Option", "Row",
-           "build_cost_table", "channel_key", "check_channel_group", "model_rows", "option_bytes",
+__all__ = ["CostTable", "DEFAULT_OPTIONS", "ESTIMATORS", "GRANULARITIES", "Groups", "Row",
+           "build_cost_table", "channel_key", "check_channel_group", "model_rows",
            "split_piece_bytes", "synthetic_table"]

@@ -60,8 +60,7 @@ class MoepressHfQuantizer(HfQuantizer):
         files = [str(f) for f in checkpoint_files or () if str(f).endswith(".safetensors")]
         name = getattr(model.config, "_name_or_path", "") or (os.path.dirname(files[0]) if files else "")
         check_format_version(self.quantization_config.format_version, name)
-        check_unit_map(self.quantization_config.units, name)
-        install_skeleton(model, self.quantization_config.units)
+        install_skeleton(model, read_unit_map(self.quantization_config.units, name))
         if files:  # (a state dict handed to from_pretrained has no files to check first)
             check_stored_tensors(model, stored_tensors(files, name), name)
 
@@ -92,23 +91,20 @@ def check_format_version(version, checkpoint: str = "the checkpoint") -> None:
                             f"moepress ({_version()}) reads versions {known}: upgrade moepress (pip install -U moepress)")
 
 
-_UNIT_KEYS = ("bits", "group_size", "symmetric", "act_order")
-_PIECES_KEYS = ("pieces", "axis", "symmetric")
+def read_unit_map(units, checkpoint: str) -> dict:
+    """config.json's unit map as :class:`~moepress.treatment.Treatment` values, or one line naming
+    the first malformed entry."""
+    from .treatment import Treatment
 
-
-def check_unit_map(units, checkpoint: str) -> None:
-    """Every unit of config.json's unit map has the fields the packed modules are built from."""
     if not isinstance(units, dict):
         raise MoepressError(f"moepress checkpoint {checkpoint}: config.json's quantization_config has no unit map; "
                             "restore config.json or re-create the checkpoint with moepress compress")
-    for unit, option in units.items():
-        needed = _PIECES_KEYS if isinstance(option, dict) and option.get("pieces") else _UNIT_KEYS
-        lacking = [k for k in needed if not isinstance(option, dict) or k not in option]
-        bits = option.get("bits") if isinstance(option, dict) else None
-        if lacking or (needed is _UNIT_KEYS and (isinstance(bits, bool) or bits not in (2, 3, 4, 8, 16))):
-            what = f"lacks {lacking[0]!r}" if lacking else f"has bits {bits!r} (not 2, 3, 4, 8 or 16)"
-            raise MoepressError(f"moepress checkpoint {checkpoint}: unit {unit} of config.json's unit map {what}; "
-                                "restore config.json or re-create the checkpoint with moepress compress")
+    try:
+        return {unit: Treatment.from_unit_map(entry, f"unit {unit} of config.json's unit map")
+                for unit, entry in units.items()}
+    except MoepressError as exc:
+        raise MoepressError(f"moepress checkpoint {checkpoint}: {exc}; restore config.json or re-create the "
+                            "checkpoint with moepress compress") from None
 
 
 def _version() -> str:

@@ -13,7 +13,8 @@ from moepress.export.checkpoint import read_tensors
 
 import moepress
 from moepress.allocate import Budget, Problem, allocate, greedy, ilp, load_plan, random_split, uniform
-from moepress.costs import DEFAULT_OPTIONS, CostTable, Option, build_cost_table, model_rows, option_bytes, synthetic_table
+from moepress.costs import DEFAULT_OPTIONS, CostTable, build_cost_table, model_rows, synthetic_table
+from moepress.treatment import Treatment
 from moepress.errors import MoepressError
 from moepress.model import MoEView
 from moepress.quantize import QuantSpec, rtn_quantize
@@ -37,20 +38,21 @@ def test_option_bytes_are_the_packed_bytes():
     w = torch.randn(3, 256, 384)
     for option in DEFAULT_OPTIONS:
         if option.keep:
-            assert option_bytes(option, 256, 384) == 256 * 384 * 2
+            assert option.nbytes(256, 384) == 256 * 384 * 2
             continue
         for symmetric in (False, True):
+            treatment = option.with_settings(symmetric=symmetric)
             packed = rtn_quantize(w, QuantSpec(option.bits, option.group_size, symmetric=symmetric, method="rtn"))
-            assert option_bytes(option, 256, 384, symmetric=symmetric) == packed.select(0).nbytes()
+            assert treatment.nbytes(256, 384) == packed.select(0).nbytes()
 
 
 def test_option_labels_round_trip_and_bad_ones_fail():
-    for option in DEFAULT_OPTIONS + (Option(3, None), Option(4, 64)):
-        assert Option.parse(option.label) == option
-    assert Option.parse(3) == Option(3, 128) and Option.parse("4b") == Option(4, 128)
+    for option in DEFAULT_OPTIONS + (Treatment.quantize(3, None), Treatment.quantize(4, 64)):
+        assert Treatment.parse(option.label) == option
+    assert Treatment.parse(3) == Treatment.quantize(3, 128) and Treatment.parse("4b") == Treatment.quantize(4, 128)
     for bad in ("5b", "3b-g100", "three", True):
         with pytest.raises(MoepressError):
-            Option.parse(bad)
+            Treatment.parse(bad)
 
 
 def test_cost_table_damage_falls_with_bits_and_saves(tiny_table, tmp_path):
@@ -112,7 +114,7 @@ def test_ilp_matches_brute_force_on_a_small_problem():
     import itertools
 
     table = synthetic_table(layers=1, experts=2, hidden=128, intermediate=128, seed=3,
-                            options=[Option(2), Option(3), Option(4)])
+                            options=[Treatment.quantize(b) for b in (2, 3, 4)])
     problem = _problem(table, 2.6)
     G, A = problem.bytes.shape
     feasible = [c for c in itertools.product(range(A), repeat=G) if problem.total_bytes(np.array(c)) <= problem.budget_bytes]
@@ -138,7 +140,7 @@ def test_budget_parsing_and_refusals(tiny_table):
         with pytest.raises(MoepressError, match="cannot read budget"):
             Budget.parse(bad)
     # 3 bits over the experts is exactly uniform 3-bit's bytes; 2.5 is half way to 2-bit's.
-    b2, b3 = (tiny_table.uniform_bytes(Option(b), ("expert",)) for b in (2, 3))
+    b2, b3 = (tiny_table.uniform_bytes(tiny_table.column(b), ("expert",)) for b in (2, 3))
     assert Budget.parse("3bits").to_bytes(tiny_table) == b3
     assert Budget.parse("2.5bits").to_bytes(tiny_table) == round((b2 + b3) / 2)
     with pytest.raises(MoepressError, match="below the smallest option"):
@@ -153,7 +155,7 @@ def test_every_strategy_fits_its_budget(tiny_table, strategy, granularity):
         plan = allocate(tiny_table, budget, strategy, granularity=granularity)
         assert plan.totals["budget_scope_bytes"] <= budget.to_bytes(tiny_table)
         resolved = plan.resolve(tiny_table.rows)
-        assert all(resolved[r.name] == Option(4) for r in tiny_table.rows if r.kind == "attn")  # others
+        assert all(resolved[r.name] == tiny_table.parse("4b") for r in tiny_table.rows if r.kind == "attn")  # others
     ilp_plan = allocate(tiny_table, Budget.parse("2.5bits"), "ilp", granularity=granularity)
     for other in ("uniform", "greedy", "heuristic"):
         plan = allocate(tiny_table, Budget.parse("2.5bits"), other, granularity=granularity)
@@ -162,10 +164,11 @@ def test_every_strategy_fits_its_budget(tiny_table, strategy, granularity):
 
 def test_heuristic_rules_move_bits_where_they_say(tiny_table):
     budget = Budget.parse("3.2bits", scope="all")
-    plan = allocate(tiny_table, budget, "heuristic", rules=("attention",), options=[Option(3), Option(4)])
+    three, four = tiny_table.parse("3b"), tiny_table.parse("4b")
+    plan = allocate(tiny_table, budget, "heuristic", rules=("attention",), options=[three, four])
     resolved = plan.resolve(tiny_table.rows)
-    assert all(resolved[r.name] == Option(4) for r in tiny_table.rows if r.kind == "attn")
-    assert all(resolved[r.name] == Option(3) for r in tiny_table.rows if r.kind == "expert")
+    assert all(resolved[r.name] == four for r in tiny_table.rows if r.kind == "attn")
+    assert all(resolved[r.name] == three for r in tiny_table.rows if r.kind == "expert")
     plan = allocate(tiny_table, Budget.parse("2.5bits"), "heuristic", rules=("frequency",))
     fractions = tiny_table.stats["tokens_fraction"]
     resolved = plan.resolve(tiny_table.rows)
@@ -207,14 +210,13 @@ def test_hand_edited_plan_is_applied_exactly_and_bytes_match_checkpoint(tiny_tab
     rows = model_rows(MoEView(moepress.load(source)))
     resolved = plan.resolve(rows)
     assert resolved["layers.0.experts.1.gate_proj"].keep and resolved["layers.0.attn.q_proj"].keep
-    assert resolved["layers.1.experts.2.down_proj"] == Option(8, None)
-    assert resolved["layers.1.attn.o_proj"] == Option(2, None)
+    assert resolved["layers.1.experts.2.down_proj"] == tiny_table.parse("8b-ch")
+    assert resolved["layers.1.attn.o_proj"] == tiny_table.parse("2b-ch")
 
     # The checkpoint's unit map is the plan, unit by unit.
     record = json.load(open(os.path.join(out, "moepress.json")))
-    for name, option in resolved.items():
-        unit = record["units"][name]
-        assert (unit["bits"], unit["group_size"]) == (option.bits, option.group_size), name
+    for name, treatment in resolved.items():
+        assert Treatment.from_unit_map(record["units"][name]) == treatment, name
 
     # Bytes: the plan's accounting equals the bytes of those units' tensors in the checkpoint.
     unit_bytes = 0
@@ -301,8 +303,7 @@ def test_plan_command_then_compress_with_the_plan(tiny_model_dir, calib_file, tm
     plan = load_plan(plan_path)
     assert record["plan"]["strategy"] == "ilp" and record["bits"] is None
     resolved = plan.resolve(model_rows(MoEView(moepress.load(source))))
-    assert {n: (u["bits"], u["group_size"]) for n, u in record["units"].items()} == {
-        n: (o.bits, o.group_size) for n, o in resolved.items()}
+    assert {n: Treatment.from_unit_map(u) for n, u in record["units"].items()} == resolved
 
     # Refusals: one line, exit 2, nothing written.
     capsys.readouterr()

@@ -69,7 +69,7 @@ def test_expert_statistics_are_the_routed_grams():
 def test_rare_experts_are_calibrated_on_all_tokens():
     model = build_tiny_model("olmoe")
     config = CompressConfig(bits=4, group_size=128, calib_samples=8, seq_len=64, min_expert_tokens=10**9)
-    _, profile = quantize_model(model, TOKENS, config, progress=False)
+    _, _, profile = quantize_model(model, TOKENS, config, progress=False)
     for layer in profile.moe_layers():
         assert torch.all(profile.tensors[f"layers.{layer}.experts.calibration_samples"] == TOKENS.numel())
     table = profile.coverage_table()
@@ -77,7 +77,7 @@ def test_rare_experts_are_calibrated_on_all_tokens():
 
     model = build_tiny_model("olmoe")
     config = CompressConfig(bits=4, group_size=128, calib_samples=8, seq_len=64, rare_experts="routed_only")
-    _, profile = quantize_model(model, TOKENS, config, progress=False)
+    _, _, profile = quantize_model(model, TOKENS, config, progress=False)
     for layer in profile.moe_layers():
         samples = profile.tensors[f"layers.{layer}.experts.calibration_samples"]
         assert torch.equal(samples, profile.tokens_per_expert(layer))
@@ -102,8 +102,8 @@ def test_gptq_beats_rtn_inside_the_pipeline():
     for method in ("rtn", "gptq"):
         model = build_tiny_model("mixtral")
         config = CompressConfig(bits=3, group_size=128, method=method, calib_samples=8, seq_len=64)
-        records, _ = quantize_model(model, TOKENS, config, progress=False)
-        errors[method] = {n: r.error for n, r in records.items() if n.startswith("layers.0.")}
+        _, unit_errors, _ = quantize_model(model, TOKENS, config, progress=False)
+        errors[method] = {n: e for n, e in unit_errors.items() if n.startswith("layers.0.")}
     for name in errors["gptq"]:
         if ".attn." in name or name.endswith(("gate_proj", "up_proj")):
             assert errors["gptq"][name] < errors["rtn"][name], name

@@ -15,14 +15,15 @@ import torch
 import moepress
 from moepress.allocate import Budget, allocate, load_plan
 from moepress.compress import CompressConfig, quantize_model
-from moepress.costs import Option, build_cost_table, channel_key, model_rows, option_bytes
+from moepress.costs import build_cost_table, channel_key, model_rows
+from moepress.treatment import KEEP, Treatment
 from moepress.errors import MoepressError
 from moepress.model import MoEView
 from moepress.model.tiny import build_tiny_model, unfuse_experts
 from moepress.quantize import QuantSpec, gptq_quantize, gptq_quantize_segments, hessian_weighted_error
 from moepress.runtime import SplitWeight
 
-OPTIONS_G32 = [Option(2, 32), Option(3, 32), Option(4, 32), Option(8, 32), Option(16)]
+OPTIONS_G32 = [Treatment.quantize(b, 32) for b in (2, 3, 4, 8)] + [KEEP]
 
 
 def _problem(out=48, cols=128, seed=0):
@@ -74,7 +75,7 @@ def test_split_weight_concatenates_its_pieces():
     split = SplitWeight([top, bottom], axis=0)
     assert torch.equal(split.dequantize(), torch.cat([top.dequantize(), bottom.float()]))
     assert split.nbytes() == top.nbytes() + bottom.numel() * 2
-    assert split.meta["out_features"] == 64 and split.meta["in_features"] == 128
+    assert split.out_features == 64 and split.in_features == 128 and split.bits == 16
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +176,10 @@ def test_half_the_neurons_at_two_bits_and_half_at_three_is_a_two_and_a_half_bit_
     uniform = _channel_plan(table, str(tmp_path / "u.yaml"), "layers.0.experts.0", ["3b-g32"] * 4)
     rows = [r for r in table.rows if r.group == "layers.0.experts.0"]
     resolved = plan.resolve(table.rows)
-    assert resolved["layers.0.experts.0.up_proj"] == (Option(2, 32), Option(3, 32)) * 2
-    at_three = sum(option_bytes(Option(3, 32), r.out_features, r.in_features) for r in rows)
+    two, three = table.parse("2b-g32"), table.parse("3b-g32")
+    assert resolved["layers.0.experts.0.up_proj"] == Treatment.split((two, three) * 2, axis=0)
+    assert resolved["layers.0.experts.0.down_proj"] == Treatment.split((two, three) * 2, axis=1)
+    at_three = sum(three.nbytes(r.out_features, r.in_features) for r in rows)
     expert_bytes = (plan.accounting(table.rows)["bytes"] - uniform.accounting(table.rows)["bytes"]) + at_three
     params = sum(r.params for r in rows)
     codes_bits = 8 * expert_bytes / params - (8 * 3 / 32)  # fp16 scale + uint8 zero per 32 weights
@@ -197,7 +200,7 @@ def test_channel_plans_that_do_not_fit_are_refused(table_and_tokens, tmp_path):
                                                          "layers.0.experts.0.channels.0: 2b-g128"))
     with pytest.raises(MoepressError, match="2b-g128 does not tile a channel group of 32"):
         load_plan(str(tmp_path / "g128.yaml")).resolve(table.rows)
-    assert plan.resolve(table.rows)["layers.0.experts.0.down_proj"] == Option(2, 32)  # equal groups: not split
+    assert plan.resolve(table.rows)["layers.0.experts.0.down_proj"] == table.parse("2b-g32")  # equal groups: not split
     with pytest.raises(MoepressError, match="use ilp for channel plans"):
         allocate(table, Budget.parse("2.5bits"), "evolution", granularity="channel", channel_group=32,
                  group_size=32, evolution={"evaluate": None})
@@ -208,14 +211,14 @@ def test_per_expert_layout_takes_channel_plans_like_the_fused_one(table_and_toke
     plan = allocate(table, Budget.parse("2.5bits"), "ilp", granularity="channel", channel_group=32, group_size=32)
     fused = build_tiny_model("mixtral")
     split = unfuse_experts(build_tiny_model("mixtral"))
-    options = plan.resolve(model_rows(MoEView(fused)))
-    assert any(isinstance(o, tuple) for o in options.values())  # the ILP really splits some expert
+    treatments = plan.resolve(model_rows(MoEView(fused)))
+    assert any(t.kind == "split" for t in treatments.values())  # the ILP really splits some expert
     config = CompressConfig(group_size=32, calib_samples=4, seq_len=64)
-    rec_f, _ = quantize_model(fused, tokens, config, progress=False, unit_options=options)
-    rec_s, _ = quantize_model(split, tokens, config, progress=False, unit_options=options)
-    for name in rec_f:
-        assert rec_s[name].pieces == rec_f[name].pieces
-        assert rec_s[name].error == pytest.approx(rec_f[name].error, rel=1e-3, abs=1e-6), name
+    units_f, err_f, _ = quantize_model(fused, tokens, config, progress=False, treatments=treatments)
+    units_s, err_s, _ = quantize_model(split, tokens, config, progress=False, treatments=treatments)
+    assert units_f == units_s == treatments
+    for name in err_f:
+        assert err_s[name] == pytest.approx(err_f[name], rel=1e-3, abs=1e-6), name
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(split(ids).logits, fused(ids).logits, rtol=1e-4, atol=1e-4)
@@ -242,9 +245,11 @@ def test_plan_command_at_channel_granularity(tiny_model_dir, calib_file, tmp_pat
                  "--seq-len", "64", "--out", out, "--quiet"]) == 0
     record = json.load(open(os.path.join(out, "moepress.json")))
     resolved = plan.resolve(model_rows(MoEView(moepress.load(source))))
-    for name, option in resolved.items():
+    for name, treatment in resolved.items():
         pieces = record["units"][name].get("pieces")
-        if isinstance(option, tuple):
-            assert [(p["bits"], p["group_size"]) for p in pieces] == [(o.bits, o.group_size) for o in option]
+        assert Treatment.from_unit_map(record["units"][name]) == treatment, name
+        if treatment.kind == "split":
+            assert [(p["bits"], p.get("group_size")) for p in pieces] == \
+                [(o.bits, o.group_size) for o in treatment.pieces]
         else:
-            assert pieces is None and record["units"][name]["bits"] == option.bits
+            assert pieces is None and record["units"][name]["bits"] == treatment.bits

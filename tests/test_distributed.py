@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import moepress
-from moepress.compress import UnitRecord
+from moepress.treatment import Treatment
 from moepress.pipeline import distributed
 from moepress.pipeline.resume import work_folder_for
 from moepress.quantize import QuantSpec, rtn_quantize
@@ -105,13 +105,13 @@ def _exchange(rank: int, world: int, init_file: str, folder: str) -> None:
     packed = rtn_quantize(torch.randn(2, 8, 64), QuantSpec(bits=3, group_size=32))
     split = SplitWeight([rtn_quantize(torch.randn(8, 32), QuantSpec(bits=2, group_size=32)), torch.randn(8, 32)], axis=1)
     owned = {rank: {"packed": packed.select(1), "split": split, "norm": torch.randn(64)[::2],
-                    "record": UnitRecord(3, 32, False, False, "rtn", error=0.5 + rank)}}
+                    "record": (Treatment.quantize(3, 32, method="rtn"), 0.5 + rank)}}
     every = distributed.share(owned, torch.device("cpu"))
     assert sorted(every) == list(range(world))
     received = []
     flat = {}
     for owner, got in every.items():
-        assert isinstance(got["split"], SplitWeight) and got["record"].error == 0.5 + owner
+        assert isinstance(got["split"], SplitWeight) and got["record"] == (Treatment.quantize(3, 32, method="rtn"), 0.5 + owner)
         piece = got["split"].pieces[1].weight
         assert isinstance(piece, nn.Parameter) and not piece.requires_grad
         tensors = {**{f"packed.{k}": v for k, v in got["packed"].tensors().items()},

@@ -68,10 +68,11 @@ def test_per_expert_linear_layout_matches_fused():
 
     tokens = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(0))
     config = CompressConfig(bits=3, group_size=64, calib_samples=8, seq_len=64)
-    rec_f, _ = quantize_model(fused, tokens, config, progress=False)
-    rec_s, _ = quantize_model(split, tokens, config, progress=False)
-    for name in rec_f:
-        assert rec_s[name].error == pytest.approx(rec_f[name].error, rel=1e-3, abs=1e-6), name
+    units_f, err_f, _ = quantize_model(fused, tokens, config, progress=False)
+    units_s, err_s, _ = quantize_model(split, tokens, config, progress=False)
+    assert units_s == units_f
+    for name in err_f:
+        assert err_s[name] == pytest.approx(err_f[name], rel=1e-3, abs=1e-6), name
     with torch.no_grad():
         torch.testing.assert_close(split(ids).logits, fused(ids).logits, rtol=1e-4, atol=1e-4)
 
@@ -85,8 +86,9 @@ def test_per_expert_checkpoint_loads_into_the_fused_architecture(tmp_path, token
     split = unfuse_experts(build_tiny_model("mixtral", vocab_size=len(tokenizer)))
     tokens = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(0))
     config = CompressConfig(bits=4, group_size=128, calib_samples=8, seq_len=64)
-    records, profile = quantize_model(split, tokens, config, progress=False)
-    save_compressed(CompressResult(split, tokenizer, config, records, profile, 0.0, tokens.numel()), str(tmp_path / "q"))
+    units, errors, profile = quantize_model(split, tokens, config, progress=False)
+    save_compressed(CompressResult(split, tokenizer, config, units, errors, profile, 0.0, tokens.numel()),
+                    str(tmp_path / "q"))
     fused = moepress.load(str(tmp_path / "q"))
     assert MoEView(fused).experts(0).layout == "packed"
     ids = torch.randint(0, 512, (2, 32))

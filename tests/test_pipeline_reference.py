@@ -4,7 +4,7 @@
 model before compressing) wrote for tiny models of all 8 architectures, stored on disk in the hub
 layout (one tensor per expert, GraniteMoE's ``input_linear``) and in the fused in-memory layout
 (``experts.gate_up_proj``). Every case is compressed again here, streamed from its shards, and every
-tensor of the checkpoint must have the same dtype, shape and bytes, and every unit the same option.
+tensor of the checkpoint must have the same dtype, shape and bytes, and every unit the same treatment.
 The hashes were taken with one torch thread (a few GPTQ codes flip with the thread count), so this
 test pins one thread too.
 """
@@ -21,6 +21,8 @@ import torch
 
 import moepress
 from moepress.model.tiny import build_tiny_model
+from moepress.quantize import QuantSpec
+from moepress.treatment import Treatment
 
 DATA = Path(__file__).parent / "data"
 REFERENCE = json.loads((DATA / "reference_tensors.json").read_text())
@@ -62,10 +64,22 @@ def assert_same_as_reference(case: dict, out: str) -> None:
     assert sorted(got) == sorted(want), f"tensor names differ: {sorted(set(got) ^ set(want))[:5]}"
     differing = [k for k in want if got[k] != want[k]]
     assert not differing, f"{len(differing)} tensor(s) differ from the reference, e.g. {differing[:3]}"
+    # The reference's unit maps are format 1's: they say whether a unit stores a group index, not
+    # whether its act-order was static or off (stored alike), so treatments are compared in that form.
     units = json.loads(Path(out, "moepress.json").read_text())["units"]
-    assert {k: {f: v for f, v in u.items() if f != "error"} for k, u in units.items()} == case["units"]
     config = json.loads(Path(out, "config.json").read_text())["quantization_config"]
-    assert config["units"] == case["quantization_config"]["units"]
+    assert {k: {f: v for f, v in u.items() if f != "error"} for k, u in units.items()} == config["units"]
+    for recorded in (case["units"], case["quantization_config"]["units"]):
+        assert {k: _stored_form(Treatment.from_unit_map(u)) for k, u in config["units"].items()} == \
+            {k: _stored_form(Treatment.from_unit_map(u)) for k, u in recorded.items()}
+    mode = QuantSpec.act_order_mode(case["compress_kwargs"].get("act_order", "static"))
+    for name, entry in config["units"].items():
+        if entry["kind"] == "quantize" and entry["method"] == "gptq":
+            assert entry["act_order"] == mode, name
+
+
+def _stored_form(treatment: Treatment) -> Treatment:
+    return treatment.with_settings(act_order="dynamic" if treatment.stores_group_index else "off")
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE["cases"]))

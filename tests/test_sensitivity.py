@@ -8,7 +8,7 @@ import pytest
 import moepress
 from moepress.allocate import Budget, add_kl_scaled, allocate, load_plan
 from moepress.allocate.sensitivity import ORIGINAL, blocks, probe_option_indices
-from moepress.costs import CostTable, Option, build_cost_table, synthetic_table
+from moepress.costs import CostTable, build_cost_table, synthetic_table
 
 
 class _KnownSensitivity:
@@ -69,7 +69,7 @@ def test_kl_scaled_on_a_real_model_matches_what_it_measured(tiny_model_dir, cali
     assert info["background"] == "4b-g128" and info["probes"] == ["2b-g128", "3b-g128", "4b-g128"]
     probes = probe_option_indices(table)
     scaled, base = table.damage["kl_scaled"], table.damage["gptq_routed"]
-    four = table.option_index(Option(4))
+    four = table.option_index("4b-g128")
     for (layer, kind), rows in blocks(table).items():
         background = np.full(len(table.rows), four)
         background[rows] = ORIGINAL
@@ -88,7 +88,7 @@ def test_kl_scaled_on_a_real_model_matches_what_it_measured(tiny_model_dir, cali
             # Within a block and option the table's ranking is kept: one factor for every row.
             ratio = scaled[rows, probe] / base[rows, probe]
             np.testing.assert_allclose(ratio, ratio[0], rtol=1e-9)
-        eight = table.option_index(Option(8))  # not probed: the factor of the nearest probe (4 bits)
+        eight = table.option_index("8b-g128")  # not probed: the factor of the nearest probe (4 bits)
         np.testing.assert_allclose(scaled[rows, eight] / base[rows, eight],
                                    scaled[rows[0], probes[-1]] / base[rows[0], probes[-1]], rtol=1e-9)
     scales = [b["scale"] for b in info["blocks"]]

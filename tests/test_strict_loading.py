@@ -143,7 +143,7 @@ def test_unit_map_entry_without_bits_is_one_line(checkpoint, tmp_path, capsys, c
     def drop_bits(config):
         del config["quantization_config"]["units"]["layers.0.attn.q_proj"]["bits"]
     path = broken_copy(checkpoint, tmp_path / "edited", edit_config=drop_bits)
-    assert_refused_everywhere(path, capsys, "unit layers.0.attn.q_proj of config.json's unit map lacks 'bits'", calib_file)
+    assert_refused_everywhere(path, capsys, "unit layers.0.attn.q_proj of config.json's unit map: 'bits' is missing", calib_file)
 
 
 @pytest.mark.parametrize("version", [1, 2])

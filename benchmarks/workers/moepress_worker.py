@@ -37,10 +37,10 @@ def main(args, row):
     # (embeddings, norms, routers) are saved in it; calibration still computes in float32 on CPU.
     model = moepress.load(args.model)
     started = time.time()
-    records, profile = quantize_model(model, tokens, config, progress=False)
+    units, errors, profile = quantize_model(model, tokens, config, progress=False)
     seconds = time.time() - started
     out = os.path.join(args.workdir, "out")
-    save_compressed(CompressResult(model, tokenizer, config, records, profile, seconds, tokens.numel()), out, overwrite=True)
+    save_compressed(CompressResult(model, tokenizer, config, units, errors, profile, seconds, tokens.numel()), out, overwrite=True)
     row.update(tool="moepress", method=args.method, compress_seconds=round(seconds, 2),
                act_order=act_order if args.method == "gptq" else "off")
     return evaluate_row(moepress.load(out, dtype=torch.float32), reference, windows, out, params, row)

@@ -19,7 +19,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from ..costs import CostTable, Option
+from ..costs import CostTable
 from ..errors import MoepressError
 
 SCOPES = {"experts": ("expert",), "all": ("attn", "expert", "shared", "dense_mlp")}
@@ -69,12 +69,12 @@ class Budget:
             raise MoepressError(f"budget of {self.bits:g} bits is below the smallest option "
                                 f"({bits_available[0]} bits); raise the budget")
         for b in {low, high}:
-            if Option(b, group_size) not in table.options:
+            if table.column(b, group_size) is None:
                 raise MoepressError(
-                    f"budget {self.bits:g} bits needs the {Option(b, group_size)} option in the cost table "
+                    f"budget {self.bits:g} bits needs the {table.parse(b, group_size)} option in the cost table "
                     f"(it has {', '.join(map(str, table.options))}); bits available: {bits_available}")
-        low_bytes = table.uniform_bytes(Option(low, group_size), self.kinds)
+        low_bytes = table.uniform_bytes(table.column(low, group_size), self.kinds)
         if low == high:
             return low_bytes
-        high_bytes = table.uniform_bytes(Option(high, group_size), self.kinds)
+        high_bytes = table.uniform_bytes(table.column(high, group_size), self.kinds)
         return int(round(low_bytes + (self.bits - low) * (high_bytes - low_bytes)))

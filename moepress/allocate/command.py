@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 
 from ..errors import MoepressError
+from ..treatment import Treatment
 
 
 @dataclass
@@ -62,7 +63,7 @@ def plan_model(model: str, options: PlanOptions | None = None, *, progress: bool
     Returns ``(plan, table)``."""
     import torch
 
-    from ..costs import CostTable, Option, build_cost_table, model_rows
+    from ..costs import CostTable, build_cost_table, model_rows
     from ..data import load_text, token_windows
     from ..loading import load_tokenizer
     from ..model import MoEView
@@ -74,8 +75,10 @@ def plan_model(model: str, options: PlanOptions | None = None, *, progress: bool
         setattr(args, key, value)
     budget = Budget.parse(args.budget, scope=args.scope)
     bits = [int(b) for b in str(args.options).replace(" ", "").split(",") if b]
-    option_list = [Option.parse(b, args.group_size) for b in bits]
-    others = Option.parse(args.others, args.group_size)
+    # The options the table measures, with the settings it is built with (GPTQ, static act-order).
+    settings = {"symmetric": args.symmetric, "damp": args.damp, "act_order": "static", "method": "gptq"}
+    option_list = [Treatment.parse(b, args.group_size, settings) for b in bits]
+    others = Treatment.parse(args.others, args.group_size, settings)
     rules = tuple(r for r in args.rules.split(",") if r)
     unknown = [r for r in rules if r not in RULES]
     if unknown:
@@ -86,10 +89,7 @@ def plan_model(model: str, options: PlanOptions | None = None, *, progress: bool
     rows = model_rows(MoEView(source.model))
     keep = next(source.model.parameters()).element_size()
     if budget.bytes is not None:  # refuse before the long calibration pass; bytes need no calibration
-        from ..costs import option_bytes
-
-        smallest = sum(min(option_bytes(o, r.out_features, r.in_features, symmetric=args.symmetric,
-                                        keep_element_size=keep) for o in option_list)
+        smallest = sum(min(o.nbytes(r.out_features, r.in_features, keep) for o in option_list)
                        for r in rows if r.kind in budget.kinds)
         if smallest > budget.bytes:
             raise MoepressError(f"budget of {budget.bytes:,} bytes is below the smallest option: the {budget.scope} "
@@ -124,7 +124,7 @@ def plan_model(model: str, options: PlanOptions | None = None, *, progress: bool
         text = load_text(args.calib)
         tokens = token_windows(text, tokenizer, args.seq_len, args.calib_samples, seed=args.seed, what="calibration")
     if table is None:
-        all_options = sorted(set(option_list) | {others})
+        all_options = sorted(set(option_list) | {others}, key=Treatment.sort_key)
         table = build_cost_table(resident if resident is not None else source, tokens, all_options,
                                  symmetric=args.symmetric, damp=args.damp, device=args.device,
                                  batch_size=args.batch_size, progress=progress, keep_variants=in_memory,

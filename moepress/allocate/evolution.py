@@ -95,10 +95,9 @@ class PlanEvaluator:
             if i not in self.table.hessians:
                 raise MoepressError("scoring a channel plan needs the down projections' Hessians: build the cost "
                                     "table with keep_variants=True")
-            meta = self.table.meta
             width = self.original[i].shape[1] // len(o)
-            segments = [(width, self.table.options[g].spec("gptq", symmetric=bool(meta.get("symmetric", False)),
-                                                           damp=float(meta.get("damp", 0.01)))) for g in o]
+            # segments are contiguous: no act-order across them (as compression quantizes them)
+            segments = [(width, self.table.options[g].with_settings(act_order="off").spec()) for g in o]
             pieces, _ = gptq_quantize_segments(self.original[i], self.table.hessians[i], segments)
             self._splits[key] = torch.cat([p.float() if isinstance(p, torch.Tensor) else p.dequantize(torch.float32)
                                            for p in pieces], dim=1)

@@ -1,4 +1,5 @@
-"""The Plan: one option per unit, in a plain YAML file a person can read and edit.
+"""The Plan: one treatment per unit (:class:`~moepress.treatment.Treatment`), in a plain YAML file a
+person can read and edit.
 
     moepress_plan: 1
     strategy: ilp
@@ -12,6 +13,7 @@
       layers.1.experts.3: 3b-g128    # a whole expert: its gate, up and down
       layers.1.experts.3.down_proj: 4b-g128   # a more specific key wins over a whole-expert one
       layers.2.experts.0.channels.0: 2b-g32   # neuron group 0 (channel granularity, channel_group: 32)
+      layers.3.attn.q_proj: {bits: 4, group_size: 64, method: rtn}   # a unit with its own settings
 
 Keys are canonical unit names: a linear (``layers.L.attn.q_proj``, ``layers.L.experts.E.up_proj``,
 ``layers.L.shared.down_proj``, ``layers.L.mlp.gate_proj``) or a group of linears
@@ -19,6 +21,8 @@ Keys are canonical unit names: a linear (``layers.L.attn.q_proj``, ``layers.L.ex
 intermediate neurons of an expert (``layers.L.experts.E.channels.K``: rows K*c..(K+1)*c-1 of its gate
 and up, the same columns of its down). Every linear of the model must get an option; ``16b`` keeps
 it as it is. Precedence: a linear's own key, then its expert's channel keys, then the expert's key.
+A label (``3b-g128``, ``4b-ch``, ``16b``) takes the plan's ``quantization`` settings; a mapping gives
+a treatment's fields (bits, group_size, symmetric, act_order, method, damp) over those settings.
 """
 
 from __future__ import annotations
@@ -30,9 +34,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import yaml
 
-from ..costs import KEEP_BITS, CostTable, Option, Row, channel_key, check_channel_group
+from ..costs import KEEP_BITS, CostTable, Row, channel_key, check_channel_group
 from ..errors import MoepressError
-from ..quantize import QuantSpec
+from ..treatment import DEFAULT_SETTINGS, SETTINGS, Treatment
 from .budget import Budget
 from .heuristic import priority
 from .solvers import Problem, greedy, ilp, random_split, split, uniform, upgrade_in_order
@@ -42,7 +46,10 @@ FORMAT_VERSION = 1
 
 @dataclass
 class Plan:
-    units: dict[str, Option]
+    """Every unit's :class:`~moepress.treatment.Treatment`, and how they were chosen. ``quantization``
+    holds the settings the units share (a unit whose settings differ is written as a mapping)."""
+
+    units: dict[str, Treatment]
     strategy: str = "manual"
     estimator: str | None = None
     granularity: str | None = None
@@ -54,40 +61,34 @@ class Plan:
     info: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------- resolution
-    def resolve(self, rows: list[Row]) -> dict[str, Option | tuple[Option, ...]]:
-        """The option of every linear of the model, or for an expert linear whose neuron groups differ,
-        the tuple of its groups' options; one-line errors name the offending unit."""
+    def resolve(self, rows: list[Row]) -> dict[str, Treatment]:
+        """The treatment of every linear of the model (an expert linear whose neuron groups differ: a
+        split treatment of its groups' treatments); one-line errors name the offending unit."""
         by_name = {r.name: r for r in rows}
         groups = {r.group for r in rows}
         channels = self._channel_options(rows)
-        for key, option in self.units.items():
+        for key in self.units:
             if key not in by_name and key not in groups and key not in channels["keys"]:
                 raise MoepressError(f"plan unit {key!r} does not exist in this model (e.g. {rows[0].name}); "
                                     "was the plan made for another model?")
         resolved = {}
         for row in rows:
-            option = self.units.get(row.name)
-            if option is None and row.group in channels["groups"]:
-                option = channels["groups"][row.group]
-            if option is None:
-                option = self.units.get(row.group)
-            if option is None:
+            treatment = self.units.get(row.name)
+            if treatment is None and row.group in channels["groups"]:
+                given = channels["groups"][row.group]
+                treatment = given if isinstance(given, Treatment) else \
+                    Treatment.split(given, 1 if row.linear == "down_proj" else 0)
+            if treatment is None:
+                treatment = self.units.get(row.group)
+            if treatment is None:
                 raise MoepressError(f"plan gives no option for {row.name} (nor for {row.group}); add one "
                                     "(16b keeps it unquantized)")
-            for o in option if isinstance(option, tuple) else (option,):
-                if o.keep:
-                    continue
-                in_features = row.in_features if row.linear != "down_proj" or not isinstance(option, tuple) \
-                    else self.channel_group
-                try:
-                    o.spec().check_in_features(in_features, row.name)
-                except ValueError as exc:
-                    raise MoepressError(f"plan option {o} for {row.name}: {exc}") from None
-            resolved[row.name] = option
+            treatment.check_shape(row.out_features, row.in_features, row.name)
+            resolved[row.name] = treatment
         return resolved
 
     def _channel_options(self, rows: list[Row]) -> dict:
-        """Expert -> the options of its neuron groups (a tuple; one Option when all groups agree)."""
+        """Expert -> the treatments of its neuron groups (a tuple; one treatment when all groups agree)."""
         out: dict = {"keys": set(), "groups": {}}
         if not any(".channels." in k for k in self.units):
             return out
@@ -119,32 +120,21 @@ class Plan:
         """Bytes and average stored bits per parameter (scales and zeros included), by kind.
         A kept (16b) unit costs ``keep_element_size`` bytes per parameter: the model's own dtype,
         recorded in ``info`` when the plan was made (2 for bf16/fp16 checkpoints)."""
-        from ..costs import option_bytes
-
         if keep_element_size is None:
             keep_element_size = int(self.info.get("keep_element_size", 2))
         resolved = self.resolve(rows)
-        sym = bool(self.quantization.get("symmetric"))
-        # only dynamic act-order stores a g_idx
-        act = QuantSpec.act_order_mode(self.quantization.get("act_order", "static")) == "dynamic"
         by_kind: dict[str, list[int]] = {}
         histogram: dict[str, int] = {}
         for row in rows:
-            option = resolved[row.name]
-            pieces = option if isinstance(option, tuple) else (option,)
-            for o in pieces:
-                if len(pieces) == 1:
-                    shape = (row.out_features, row.in_features)
-                elif row.linear == "down_proj":
-                    shape = (row.out_features, row.in_features // len(pieces))
-                else:
-                    shape = (row.out_features // len(pieces), row.in_features)
-                b = option_bytes(o, *shape, symmetric=sym, act_order=act and not o.keep and len(pieces) == 1,
-                                 keep_element_size=keep_element_size)
+            treatment = resolved[row.name]
+            shape = (row.out_features, row.in_features)
+            pieces = zip(treatment.pieces, treatment.piece_shapes(*shape)) if treatment.kind == "split" \
+                else [(treatment, shape)]
+            for piece, (out_f, in_f) in pieces:
                 acc = by_kind.setdefault(row.kind, [0, 0])
-                acc[0] += b
-                acc[1] += shape[0] * shape[1]
-                histogram[o.label] = histogram.get(o.label, 0) + shape[0] * shape[1]
+                acc[0] += piece.nbytes(out_f, in_f, keep_element_size)
+                acc[1] += out_f * in_f
+                histogram[piece.label] = histogram.get(piece.label, 0) + out_f * in_f
         total_b = sum(v[0] for v in by_kind.values())
         total_p = sum(v[1] for v in by_kind.values())
         return {
@@ -155,6 +145,18 @@ class Plan:
             "bytes_by_kind": {k: v[0] for k, v in sorted(by_kind.items())},
             "params_by_option": dict(sorted(histogram.items())),
         }
+
+    @property
+    def settings(self) -> dict:
+        """The shared quantization settings, complete (a plan file may give only some)."""
+        return {**DEFAULT_SETTINGS, **{k: v for k, v in self.quantization.items() if k in SETTINGS}}
+
+    def entry(self, treatment: Treatment):
+        """How the plan file writes ``treatment``: its label when it has the plan's shared settings,
+        else a mapping of its fields."""
+        if treatment.keep or treatment.settings == Treatment.parse(treatment.label, settings=self.settings).settings:
+            return treatment.label
+        return {k: v for k, v in treatment.to_unit_map().items() if k != "kind"}
 
     # ------------------------------------------------------------- files
     def to_dict(self) -> dict:
@@ -168,7 +170,7 @@ class Plan:
             "quantization": self.quantization,
             "totals": self.totals,
             "info": self.info,
-            "units": {k: v.label for k, v in self.units.items()},
+            "units": {k: self.entry(v) for k, v in self.units.items()},
         }
 
     def save(self, path: str) -> None:
@@ -204,12 +206,15 @@ def load_plan(path: str) -> Plan:
     version = data.get("moepress_plan")
     if version != FORMAT_VERSION:
         raise MoepressError(f"plan {path}: format version {version!r} is not {FORMAT_VERSION}")
-    quantization = {"method": "gptq", "symmetric": False, "act_order": "static", "damp": 0.01}
-    quantization.update(data.get("quantization") or {})
+    quantization = dict(DEFAULT_SETTINGS)
+    given = data.get("quantization") or {}
+    if not isinstance(given, dict) or set(given) - set(SETTINGS):
+        raise MoepressError(f"plan {path}: 'quantization' may set {', '.join(SETTINGS)} (got {given!r})")
+    quantization.update(given)
     units = {}
     for key, value in data["units"].items():
         try:
-            units[str(key)] = Option.parse(value)
+            units[str(key)] = Treatment.parse(value, settings=quantization)
         except MoepressError as exc:
             raise MoepressError(f"plan unit {key}: {exc}") from None
     return Plan(units=units, strategy=data.get("strategy", "manual"), estimator=data.get("estimator"),
@@ -228,8 +233,8 @@ def allocate(
     estimator: str = "gptq_routed",
     granularity: str = "expert",
     channel_group: int | None = None,
-    options: list[Option] | None = None,
-    others: Option = Option(4),
+    options: list[Treatment] | None = None,
+    others: Treatment = Treatment.quantize(4),
     group_size: int | None = 128,
     rules: tuple[str, ...] = ("attention", "shared", "first_k", "frequency", "outlier", "block"),
     first_k: int = 1,
@@ -277,7 +282,7 @@ def allocate(
         raise MoepressError(f"unknown strategy {strategy!r}; choose uniform, greedy, heuristic, ilp or evolution")
 
     chosen = {name: table.options[allowed[c]] for name, c in zip(groups.names, choice)}
-    units: dict[str, Option] = {}  # in model order, as a person reads the file
+    units: dict[str, Treatment] = {}  # in model order, as a person reads the file
     for row in table.rows:
         if granularity == "channel" and row.kind == "expert":
             keys = [channel_key(row.group, k) for k in range(row.out_features // channel_group)] \
@@ -294,8 +299,7 @@ def allocate(
         granularity=granularity,
         channel_group=channel_group if granularity == "channel" else None,
         budget={"spec": str(budget).split(" over ")[0], "scope": budget.scope, "bytes": problem.budget_bytes},
-        quantization={"method": "gptq", "symmetric": bool(table.meta.get("symmetric", False)),
-                      "act_order": table.meta.get("act_order", "off"), "damp": table.meta.get("damp", 0.01)},
+        quantization={k: table.settings[k] for k in ("method", "symmetric", "act_order", "damp")},
         info={**info, "seed": seed, "planning_seconds": round(time.time() - started, 3),
               "keep_element_size": int(table.meta.get("keep_element_size", 2)),
               "others": others.label if budget.scope == "experts" else None},
@@ -342,8 +346,8 @@ def _uniform_choice(problem: Problem, budget: Budget, group_size, seed: int) -> 
     """Uniform at an integer bit budget; a random split of the two neighbouring options at a
     fractional one (the papers' baseline at, e.g., 2.5 bits)."""
     if budget.bits is not None and budget.bits != int(budget.bits):
-        low = problem.column_of(Option(int(np.floor(budget.bits)), group_size))
-        high = problem.column_of(Option(int(np.ceil(budget.bits)), group_size))
+        low = problem.column_of(problem.table.parse(int(np.floor(budget.bits)), group_size))
+        high = problem.column_of(problem.table.parse(int(np.ceil(budget.bits)), group_size))
         return random_split(problem, low, high, seed)
     return uniform(problem, _largest_uniform(problem))
 

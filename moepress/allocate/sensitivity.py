@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from ..costs import CostTable, Option
+from ..costs import CostTable
 from ..errors import MoepressError
 
 ORIGINAL = -1  # PlanEvaluator's option index for "the unit's own weights": no variant is installed
@@ -51,12 +51,12 @@ def blocks(table: CostTable) -> dict[tuple[int, str], list[int]]:
 
 
 def _index(table: CostTable, option) -> int:
-    """Table column of ``option``, given as a label ("3b-g128") or an :class:`Option`."""
-    return table.option_index(Option.parse(option) if isinstance(option, str) else option)
+    """Table column of ``option``, given as a label ("3b-g128") or a :class:`~moepress.treatment.Treatment`."""
+    return table.option_index(option)
 
 
 def probe_option_indices(table: CostTable, probes=None) -> list[int]:
-    """The options measured end to end: ``probes`` (option labels or Options), by default every
+    """The options measured end to end: ``probes`` (option labels or treatments), by default every
     quantized option below 8 bits (at 8 bits the KL is too small to be worth an evaluation)."""
     quantized = [i for i, o in enumerate(table.options) if not o.keep]
     if not quantized:
@@ -72,7 +72,7 @@ def probe_option_indices(table: CostTable, probes=None) -> list[int]:
 
 def background_option_index(table: CostTable, background) -> int | None:
     """The option every other unit takes while a block is measured: "auto" (4 bits, else the widest
-    quantized option below 8), an option (label or Option), or None for the original model."""
+    quantized option below 8), an option (label or treatment), or None for the original model."""
     if background is None:
         return None
     if background != "auto":

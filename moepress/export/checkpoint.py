@@ -11,7 +11,7 @@ Layout of ``OUT_DIR``::
     moepress.json                what was done: method, bits, group size, calibration, version, units,
                                  seconds per layer
 
-The unit map (every quantized unit's bits, group size, symmetry, act order) is in both
+The unit map (every unit's treatment: kind, bits, group size, symmetry, act-order, method) is in both
 ``moepress.json`` and ``config.json``, so ``AutoModelForCausalLM.from_pretrained`` (through the
 quantizer registered by ``import moepress``) can rebuild the packed modules before loading weights.
 
@@ -127,9 +127,9 @@ def write_checkpoint(work, result, source, overwrite: bool = False) -> str:
 
 
 def quantization_config_dict(record: dict) -> dict:
-    """The ``quantization_config`` entry of config.json: enough to rebuild the packed modules."""
-    keys = ("bits", "group_size", "symmetric", "act_order", "method", "pieces", "axis")
-    units = {name: {k: unit[k] for k in keys if k in unit} for name, unit in record["units"].items()}
+    """The ``quantization_config`` entry of config.json: enough to rebuild the packed modules (every
+    unit's treatment, as :meth:`~moepress.treatment.Treatment.to_unit_map` writes it)."""
+    units = {name: {k: v for k, v in unit.items() if k != "error"} for name, unit in record["units"].items()}
     return {
         "quant_method": "moepress",
         "format_version": record["format_version"],

@@ -18,12 +18,12 @@ from torch import nn
 from ..errors import MoepressError
 from ..model.view import EXPERT_LINEARS, ExpertStore, MoEView, set_submodule
 from ..quantize import QuantizedWeight
-from ..quantize.spec import KEEP_BITS
+from ..treatment import Treatment
 from .kept_weight import KeptWeight
 from .packed_experts import PackedExperts
 from .packed_linear import PackedLinear
 from .packed_weight import PackedWeight
-from .split_weight import SplitLinear, SplitWeight, split_meta
+from .split_weight import SplitLinear, SplitWeight
 
 
 
@@ -63,43 +63,21 @@ def install_experts(store: ExpertStore, packed: dict[str, list]) -> None:
 # ------------------------------------------------------------------ loading
 
 
-def _kept(meta: dict) -> bool:
-    return "pieces" not in meta and meta["bits"] == KEEP_BITS
+def empty_weight(treatment: Treatment, out_features: int, in_features: int, kept_dtype: torch.dtype):
+    """A zero-filled weight of the shapes ``treatment`` of an [out, in] weight implies, to load a
+    checkpoint into: a tensor (kept), a :class:`PackedWeight` or a :class:`SplitWeight`."""
+    if treatment.kind == "split":
+        return SplitWeight.empty(treatment, out_features, in_features, kept_dtype)
+    if treatment.keep:
+        return torch.zeros(out_features, in_features, dtype=kept_dtype)
+    return PackedWeight.empty(treatment, out_features, in_features)
 
 
-def unit_meta(option: dict, out_features: int, in_features: int) -> dict:
-    """Packed-module metadata of one unit from its unit-map entry; an entry with ``pieces`` is an
-    expert linear split along its intermediate neurons (rows of gate/up: axis 0, columns of down: 1)."""
-    if option.get("pieces"):
-        axis = option["axis"]
-        pieces = []
-        for p in option["pieces"]:
-            shape = (p["width"], in_features) if axis == 0 else (out_features, p["width"])
-            pieces.append(unit_meta({"symmetric": option["symmetric"], "act_order": False, **p}, *shape))
-        return split_meta(pieces, axis)
-    return {
-        "bits": option["bits"],
-        "group_size": option["group_size"],
-        "symmetric": option["symmetric"],
-        "act_order": option["act_order"],
-        "in_features": in_features,
-        "out_features": out_features,
-    }
-
-
-def empty_weight(meta: dict, kept_dtype: torch.dtype):
-    """A zero-filled weight of the shapes ``meta`` implies, to load a checkpoint into."""
-    if "pieces" in meta:
-        return SplitWeight.empty(meta, kept_dtype)
-    if _kept(meta):
-        return torch.zeros(meta["out_features"], meta["in_features"], dtype=kept_dtype)
-    return PackedWeight.empty(meta)
-
-
-def install_skeleton(model: nn.Module, units: dict[str, dict]) -> nn.Module:
+def install_skeleton(model: nn.Module, units: dict[str, Treatment]) -> nn.Module:
     """Replace every unit named in ``units`` with an empty packed module of the right shape.
 
-    ``units`` maps canonical names to options (bits, group_size, symmetric, act_order). Loading the
+    ``units`` maps canonical names to treatments (the checkpoint's unit map, read with
+    :meth:`Treatment.from_unit_map`). Loading the
     checkpoint's state dict then fills the packed buffers. A unit the model does not have is an error
     (the checkpoint does not belong to this architecture/config).
     """
@@ -111,14 +89,15 @@ def install_skeleton(model: nn.Module, units: dict[str, dict]) -> nn.Module:
                 continue
             remaining.discard(unit.name)
             old = model.get_submodule(unit.module_path)
-            meta = unit_meta(units[unit.name], unit.out_features, unit.in_features)
-            if _kept(meta):
+            treatment = units[unit.name]
+            if treatment.keep:
                 continue  # kept as the model's own nn.Linear
             bias = getattr(old, "bias", None)
             if bias is not None:
                 dtype = bias.dtype if bias.dtype.is_floating_point else torch.float32
                 bias = torch.zeros(unit.out_features, dtype=dtype)
-            install_linear(model, unit.module_path, empty_weight(meta, torch.float32), bias)
+            weight = empty_weight(treatment, unit.out_features, unit.in_features, torch.float32)
+            install_linear(model, unit.module_path, weight, bias)
         store = view.experts(layer)
         if store is None:
             continue
@@ -130,7 +109,7 @@ def install_skeleton(model: nn.Module, units: dict[str, dict]) -> nn.Module:
             raise MoepressError(f"layers.{layer}: the checkpoint packs only some experts' linears; it is corrupt")
         remaining.difference_update(names)
         kept_dtype = store.weight("down_proj").dtype
-        packed = {lin: [empty_weight(unit_meta(units[store.unit_name(e, lin)], *store.shape(lin)), kept_dtype)
+        packed = {lin: [empty_weight(units[store.unit_name(e, lin)], *store.shape(lin), kept_dtype)
                         for e in range(store.num_experts)] for lin in EXPERT_LINEARS}
         install_experts(store, packed)
     if remaining:
@@ -142,5 +121,4 @@ def install_skeleton(model: nn.Module, units: dict[str, dict]) -> nn.Module:
     return model
 
 
-__all__ = ["KEEP_BITS", "KeptWeight", "empty_weight", "install_experts", "install_linear", "install_skeleton",
-           "unit_meta"]
+__all__ = ["KeptWeight", "empty_weight", "install_experts", "install_linear", "install_skeleton"]

@@ -62,19 +62,6 @@ class PackedExperts(nn.ModuleList):
         self.intermediate_size = intermediate_size
         self.act_fn = act_fn
 
-    @classmethod
-    def empty(cls, num_experts, hidden_size, intermediate_size, act_fn, metas: dict[str, list[dict]],
-              kept_dtype: torch.dtype = torch.bfloat16):
-        def empty(m):
-            if "pieces" in m:
-                return SplitWeight.empty(m, kept_dtype)
-            if m["bits"] == 16:
-                return KeptWeight.empty(m["out_features"], m["in_features"], kept_dtype)
-            return PackedWeight.empty(m)
-
-        packed = {linear: [empty(m) for m in metas[linear]] for linear in EXPERT_LINEARS}
-        return cls(num_experts, hidden_size, intermediate_size, act_fn, packed)
-
     def packed_weight(self, expert: int, linear: str) -> PackedWeight | KeptWeight | SplitWeight:
         return getattr(self[expert], linear)
 
@@ -97,5 +84,5 @@ class PackedExperts(nn.ModuleList):
         return output
 
     def extra_repr(self) -> str:
-        bits = sorted({self.packed_weight(e, lin).meta["bits"] for e in range(len(self)) for lin in EXPERT_LINEARS})
+        bits = sorted({self.packed_weight(e, lin).bits for e in range(len(self)) for lin in EXPERT_LINEARS})
         return f"num_experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, bits={bits}"

@@ -30,11 +30,6 @@ class PackedLinear(PackedWeight):
         else:
             self.register_parameter("bias", None)
 
-    @classmethod
-    def empty(cls, meta: dict, has_bias: bool = False, dtype: torch.dtype = torch.float32) -> "PackedLinear":
-        bias = torch.zeros(meta["out_features"], dtype=dtype) if has_bias else None
-        return cls(PackedWeight.empty(meta).quantized(), bias)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.dequantize(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)

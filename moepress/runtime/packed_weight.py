@@ -7,6 +7,7 @@ from torch import nn
 
 from ..quantize import QuantizedWeight
 from ..quantize.packing import packed_width
+from ..treatment import Treatment
 
 TENSOR_NAMES = ("qweight", "scales", "zeros", "g_idx")
 
@@ -20,22 +21,23 @@ class PackedWeight(nn.Module):
 
     def __init__(self, quantized: QuantizedWeight):
         super().__init__()
-        self.meta = {**quantized.meta(), "act_order": quantized.g_idx is not None}
+        self.bits, self.group_size = quantized.bits, quantized.group_size
+        self.in_features, self.out_features = quantized.in_features, quantized.out_features
         for name in TENSOR_NAMES:
             self.register_buffer(name, getattr(quantized, name))
 
     @classmethod
-    def empty(cls, meta: dict) -> "PackedWeight":
-        """Zero-filled buffers of the shapes ``meta`` implies, for loading a checkpoint into."""
-        bits, group_size = meta["bits"], meta["group_size"]
-        out_features, in_features = meta["out_features"], meta["in_features"]
+    def empty(cls, treatment: Treatment, out_features: int, in_features: int) -> "PackedWeight":
+        """Zero-filled buffers of the shapes a quantized ``treatment`` of an [out, in] weight implies,
+        for loading a checkpoint into."""
+        bits, group_size = treatment.bits, treatment.group_size
         n_groups = 1 if group_size is None else -(-in_features // group_size)
         return cls(
             QuantizedWeight(
                 qweight=torch.zeros(out_features, packed_width(in_features, bits), dtype=torch.uint8),
                 scales=torch.zeros(out_features, n_groups, dtype=torch.float16),
-                zeros=None if meta["symmetric"] else torch.zeros(out_features, n_groups, dtype=torch.uint8),
-                g_idx=torch.zeros(in_features, dtype=torch.int16) if meta.get("act_order") else None,
+                zeros=None if treatment.symmetric else torch.zeros(out_features, n_groups, dtype=torch.uint8),
+                g_idx=torch.zeros(in_features, dtype=torch.int16) if treatment.stores_group_index else None,
                 bits=bits,
                 group_size=group_size,
                 in_features=in_features,
@@ -61,16 +63,13 @@ class PackedWeight(nn.Module):
 
     def quantized(self) -> QuantizedWeight:
         """The buffers as a :class:`QuantizedWeight` (no validation: this runs on every forward)."""
-        m = self.meta
-        return QuantizedWeight(
-            self.qweight, self.scales, self.zeros, self.g_idx,
-            m["bits"], m["group_size"], m["in_features"], m["out_features"],
-        )
+        return QuantizedWeight(self.qweight, self.scales, self.zeros, self.g_idx,
+                               self.bits, self.group_size, self.in_features, self.out_features)
 
     def validate(self, name: str) -> None:
         """Check the loaded buffers against the metadata; one-line ValueError naming ``name`` if not."""
         tensors = {t: getattr(self, t) for t in TENSOR_NAMES if getattr(self, t) is not None}
-        QuantizedWeight.from_tensors(tensors, self.meta, name=name)
+        QuantizedWeight.from_tensors(tensors, self.quantized().meta(), name=name)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.quantized().dequantize(dtype)
@@ -79,6 +78,5 @@ class PackedWeight(nn.Module):
         return sum(buf.numel() * buf.element_size() for buf in self.buffers())
 
     def extra_repr(self) -> str:
-        m = self.meta
-        group = m["group_size"] or "channel"
-        return f"{m['out_features']}x{m['in_features']}, bits={m['bits']}, group={group}"
+        group = self.group_size or "channel"
+        return f"{self.out_features}x{self.in_features}, bits={self.bits}, group={group}"

@@ -29,7 +29,7 @@ _HINTS = {
     ("zeros", "unexpected"): "zero points are stored but the unit map says the unit is symmetric",
     ("zeros", "missing"): "the unit map says the unit stores zero points (symmetric: false)",
     ("g_idx", "unexpected"): "a group index is stored but the unit map says the unit has no dynamic act-order",
-    ("g_idx", "missing"): "the unit map says the unit stores a group index (act_order: true)",
+    ("g_idx", "missing"): "the unit map says the unit stores a group index (act_order: dynamic)",
     ("qweight", "shape"): "the unit map's bits for the unit disagree with the stored codes",
     ("scales", "shape"): "the unit map's group size for the unit disagrees with the stored scales",
     ("zeros", "shape"): "the unit map's group size for the unit disagrees with the stored zero points",

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quantize import QuantizedWeight
-from ..quantize.spec import KEEP_BITS
+from ..treatment import Treatment
 from .kept_weight import KeptWeight
 from .packed_weight import PackedWeight
 
@@ -32,7 +32,8 @@ class SplitWeight(nn.Module):
     """Pieces of one [out, in] weight, concatenated along ``axis`` when dequantized.
 
     State-dict keys: ``pieces.{k}.qweight`` (or ``pieces.{k}.weight`` for a kept piece). It answers
-    ``dequantize``/``meta``/``nbytes`` like :class:`PackedWeight`, so expert loops do not care.
+    ``dequantize``/``nbytes`` and the shape attributes like :class:`PackedWeight`, so expert loops
+    do not care.
     """
 
     def __init__(self, pieces: list, axis: int):
@@ -41,25 +42,23 @@ class SplitWeight(nn.Module):
             raise ValueError(f"axis must be 0 (rows) or 1 (columns), got {axis}")
         self.pieces = nn.ModuleList(_piece_module(p) for p in pieces)
         self.axis = axis
-        metas = [p.meta for p in self.pieces]
         other = "in_features" if axis == 0 else "out_features"
         along = "out_features" if axis == 0 else "in_features"
-        if len({m[other] for m in metas}) != 1:
-            raise ValueError(f"pieces split along axis {axis} must share {other}; got {[m[other] for m in metas]}")
-        self.meta = {
-            "bits": max(m["bits"] for m in metas),  # the widest piece, for displays; pieces carry the truth
-            "pieces": metas,
-            "axis": axis,
-            other: metas[0][other],
-            along: sum(m[along] for m in metas),
-        }
+        shared = {getattr(p, other) for p in self.pieces}
+        if len(shared) != 1:
+            raise ValueError(f"pieces split along axis {axis} must share {other}; got {sorted(shared)}")
+        setattr(self, other, shared.pop())
+        setattr(self, along, sum(getattr(p, along) for p in self.pieces))
+        # the widest piece, for displays (16 when a piece is kept, as the unit map writes it)
+        self.bits = max(p.bits for p in self.pieces)
 
     @classmethod
-    def empty(cls, meta: dict, kept_dtype: torch.dtype = torch.bfloat16) -> "SplitWeight":
-        """Zero-filled pieces of the shapes ``meta`` (as :func:`split_meta` writes it) implies."""
-        pieces = [KeptWeight.empty(m["out_features"], m["in_features"], kept_dtype) if m["bits"] == KEEP_BITS
-                  else PackedWeight.empty(m) for m in meta["pieces"]]
-        return cls(pieces, meta["axis"])
+    def empty(cls, treatment: Treatment, out_features: int, in_features: int,
+              kept_dtype: torch.dtype = torch.bfloat16) -> "SplitWeight":
+        """Zero-filled pieces of the shapes a split ``treatment`` of an [out, in] weight implies."""
+        pieces = [KeptWeight.empty(*shape, kept_dtype) if piece.keep else PackedWeight.empty(piece, *shape)
+                  for piece, shape in zip(treatment.pieces, treatment.piece_shapes(out_features, in_features))]
+        return cls(pieces, treatment.axis)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.cat([p.dequantize(dtype) for p in self.pieces], dim=self.axis)
@@ -68,9 +67,8 @@ class SplitWeight(nn.Module):
         return sum(p.nbytes() for p in self.pieces)
 
     def extra_repr(self) -> str:
-        bits = "/".join(str(m["bits"]) for m in self.meta["pieces"])
-        return f"{self.meta['out_features']}x{self.meta['in_features']}, {len(self.pieces)} pieces along axis " \
-               f"{self.axis}, bits={bits}"
+        bits = "/".join(str(p.bits) for p in self.pieces)
+        return f"{self.out_features}x{self.in_features}, {len(self.pieces)} pieces along axis {self.axis}, bits={bits}"
 
 
 class SplitLinear(SplitWeight):
@@ -80,17 +78,7 @@ class SplitLinear(SplitWeight):
 
     def __init__(self, pieces: list, axis: int):
         super().__init__(pieces, axis)
-        self.in_features = self.meta["in_features"]
-        self.out_features = self.meta["out_features"]
         self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantize(x.dtype))
-
-
-def split_meta(pieces: list[dict], axis: int) -> dict:
-    """The metadata of a split weight from its pieces' metadata (for building empty skeletons)."""
-    other = "in_features" if axis == 0 else "out_features"
-    along = "out_features" if axis == 0 else "in_features"
-    return {"bits": max(m["bits"] for m in pieces), "pieces": pieces, "axis": axis,
-            other: pieces[0][other], along: sum(m[along] for m in pieces)}

@@ -1,0 +1,315 @@
+"""What happens to one unit, from the plan to the runtime: one typed value, :class:`Treatment`.
+
+A unit (an attention projection, one linear of a routed expert, a shared-expert or dense-MLP
+linear) is kept as it is, quantized, or split along its intermediate neurons into pieces with
+their own treatments (channel-level plans). The same value is
+
+* parsed and validated once, at the edge: a plan label (``3b-g128``, ``4b-ch``, ``16b``) or a
+  plan's mapping entry, ``compress --bits`` (:meth:`CompressConfig.treatment`), a unit-map entry
+  of a checkpoint (:meth:`Treatment.from_unit_map`);
+* a column of the cost table (every option a unit may take), carried by the plan;
+* what the compression step quantizes with (:meth:`spec`, the quantizer's algorithm parameters);
+* written into the checkpoint's unit map (:meth:`to_unit_map`) and read back by the loader, which
+  builds each packed module from it (:func:`moepress.runtime.install.empty_weight`).
+
+New kinds of treatment (pruning, dropping, target formats) are new ``kind`` values with their own
+fields; everything that passes treatments along does not change.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields, replace
+
+from .errors import MoepressError
+from .quantize.packing import packed_width
+from .quantize.spec import ACT_ORDER_MODES, ALLOWED_BITS, KEEP_BITS, QuantSpec
+
+KINDS = ("keep", "quantize", "split")
+# The settings a plan or a compression shares between its units (a unit may still differ).
+SETTINGS = ("symmetric", "act_order", "method", "damp")
+DEFAULT_SETTINGS = {"symmetric": False, "act_order": "static", "method": "gptq", "damp": 0.01}
+
+
+@dataclass(frozen=True)
+class Treatment:
+    """One unit's treatment.
+
+    kind:       "keep" (stored as it is, at the model's own dtype), "quantize", or "split" (an
+                expert linear whose intermediate neurons are split into equal groups: rows of
+                gate/up, ``axis`` 0, or columns of down, ``axis`` 1; ``pieces`` in neuron order).
+    bits:       code width (2, 3, 4, 8); 16 for keep. For a split, the widest piece (16 if a piece
+                is kept): a display value, the pieces carry the truth.
+    group_size: input columns sharing one (scale, zero); None = per-channel.
+    symmetric:  absmax grid without stored zero points.
+    act_order:  "off", "static" (groups fixed in the original column order: no group index
+                stored) or "dynamic" (an int16 group index per input column); "off" for RTN.
+    method:     "gptq" or "rtn".
+    damp:       GPTQ's dampening, a fraction of the mean Hessian diagonal.
+
+    Construct with :meth:`keep`, :meth:`quantize`, :meth:`split` or :meth:`parse`; a bad value
+    raises a one-line :class:`MoepressError`.
+    """
+
+    kind: str = "quantize"
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
+    act_order: str = "static"
+    method: str = "gptq"
+    damp: float = 0.01
+    pieces: tuple = field(default=())
+    axis: int | None = None
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        if self.kind not in KINDS:
+            raise MoepressError(f"unknown treatment {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if self.kind == "keep":
+            for f in fields(self):  # a kept unit has no other properties: one value for all of them
+                if f.name not in ("kind", "bits"):
+                    set_(self, f.name, f.default)
+            set_(self, "bits", KEEP_BITS)
+            set_(self, "group_size", None)
+            return
+        if self.kind == "split":
+            self._check_split()
+            return
+        if self.pieces or self.axis is not None:
+            raise MoepressError("only a split treatment has pieces and an axis")
+        try:
+            mode = QuantSpec.act_order_mode(self.act_order)
+            if self.method == "rtn":
+                mode = "off"  # round-to-nearest has no Hessian to order columns by
+            set_(self, "act_order", mode)
+            spec = self.spec()
+        except ValueError as exc:
+            raise MoepressError(f"treatment {self.label}: {exc}") from None
+        set_(self, "group_size", spec.group_size)
+        set_(self, "damp", spec.damp)
+
+    def _check_split(self):
+        set_ = object.__setattr__
+        pieces = tuple(self.pieces)
+        if len(pieces) < 2:
+            raise MoepressError("a split treatment needs at least two pieces")
+        if self.axis not in (0, 1):
+            raise MoepressError(f"a split's axis must be 0 (rows of gate/up) or 1 (columns of down), got {self.axis!r}")
+        if any(not isinstance(p, Treatment) or p.kind not in ("keep", "quantize") for p in pieces):
+            raise MoepressError("the pieces of a split are kept or quantized treatments")
+        # Pieces never store a group index (a g_idx per piece would need its own bookkeeping in every
+        # kernel): see as_piece.
+        pieces = tuple(p.as_piece() for p in pieces)
+        quantized = [p for p in pieces if not p.keep]
+        if not quantized:
+            raise MoepressError("a split whose pieces are all kept is a kept unit; write 16b")
+        if len({p.method for p in quantized}) > 1:
+            raise MoepressError("the quantized pieces of a split share one method (gptq or rtn)")
+        set_(self, "pieces", pieces)
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in ("group_size", "symmetric", "act_order", "damp"):
+            set_(self, name, defaults[name])
+        set_(self, "method", quantized[0].method)
+        set_(self, "bits", KEEP_BITS if len(quantized) < len(pieces) else max(p.bits for p in quantized))
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def keep_unit(cls) -> "Treatment":
+        return cls(kind="keep")
+
+    @classmethod
+    def quantize(cls, bits: int, group_size: int | None = 128, **settings) -> "Treatment":
+        unknown = sorted(set(settings) - set(SETTINGS))
+        if unknown:
+            raise MoepressError(f"unknown quantization setting(s) {unknown}; expected {', '.join(SETTINGS)}")
+        return cls(kind="quantize", bits=bits, group_size=group_size, **settings)
+
+    @classmethod
+    def split(cls, pieces, axis: int) -> "Treatment":
+        return cls(kind="split", pieces=tuple(pieces), axis=axis)
+
+    @classmethod
+    def parse(cls, value, default_group: int | None = 128, settings: dict | None = None) -> "Treatment":
+        """A plan's entry: a label (``"3b-g128"``, ``"4b-ch"``, ``"16b"``, ``"3b"`` or ``3`` at
+        ``default_group``) with the shared ``settings``, or a mapping of a treatment's fields
+        (``{bits: 4, group_size: 128, method: rtn}``) over those settings."""
+        settings = {**DEFAULT_SETTINGS, **(settings or {})}
+        settings = {k: v for k, v in settings.items() if k in SETTINGS}
+        if isinstance(value, Treatment):
+            return value
+        if isinstance(value, dict):
+            return cls.from_unit_map({"group_size": default_group, **settings, **value})
+        if isinstance(value, bool):
+            raise MoepressError(f"cannot read treatment {value!r}; write e.g. 3b-g128, 4b-ch or 16b")
+        if isinstance(value, int):
+            bits, group = value, default_group
+        else:
+            m = re.fullmatch(r"\s*(\d+)\s*b(?:its?)?\s*(?:-\s*(?:g(\d+)|(ch|channel)))?\s*", str(value))
+            if not m:
+                raise MoepressError(f"cannot read treatment {value!r}; write e.g. 3b-g128, 4b-ch or 16b")
+            bits = int(m.group(1))
+            group = int(m.group(2)) if m.group(2) else (None if m.group(3) else default_group)
+        if bits == KEEP_BITS:
+            return cls.keep_unit()
+        if bits not in ALLOWED_BITS:
+            raise MoepressError(f"treatment {value!r}: bits must be 2, 3, 4, 8 or 16 (keep)")
+        return cls.quantize(bits, group, **settings)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def keep(self) -> bool:
+        return self.kind == "keep"
+
+    @property
+    def label(self) -> str:
+        """The short name plans and tables use: ``3b-g128``, ``4b-ch``, ``16b`` (a split: its
+        pieces' labels joined by ``/``). The shared settings are not part of it."""
+        if self.kind == "keep":
+            return "16b"
+        if self.kind == "split":
+            return "/".join(p.label for p in self.pieces)
+        return f"{self.bits}b-" + ("ch" if self.group_size is None else f"g{self.group_size}")
+
+    def __str__(self) -> str:
+        return self.label
+
+    @property
+    def settings(self) -> dict:
+        return {name: getattr(self, name) for name in SETTINGS}
+
+    def with_settings(self, **settings) -> "Treatment":
+        """The same grid (bits, group size) with other shared settings; keep stays keep."""
+        if self.kind == "keep":
+            return self
+        if self.kind == "split":
+            return Treatment.split([p.with_settings(**settings) for p in self.pieces], self.axis)
+        return replace(self, **{k: v for k, v in settings.items() if k in SETTINGS})
+
+    @property
+    def stores_group_index(self) -> bool:
+        """Whether the packed weight carries an int16 g_idx: dynamic act-order with groups."""
+        return self.kind == "quantize" and self.act_order == "dynamic" and self.group_size is not None
+
+    def as_piece(self) -> "Treatment":
+        """This treatment as one piece of a split stores it: without a group index (dynamic
+        act-order with groups becomes plain GPTQ; static and per-channel act-order stay)."""
+        return replace(self, act_order="off") if self.stores_group_index else self
+
+    def sort_key(self) -> tuple:
+        """Narrow to wide, per-channel before grouped at one width (the cost table's column order)."""
+        return (self.bits, 0 if self.group_size is None else self.group_size, self.label)
+
+    def spec(self) -> QuantSpec | None:
+        """The quantizer's parameters (None for keep; a split's pieces each have their own)."""
+        if self.kind == "keep":
+            return None
+        if self.kind == "split":
+            raise ValueError("a split treatment is quantized piece by piece")
+        ordered, static = QuantSpec.act_order_flags(self.act_order)
+        return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, act_order=ordered,
+                         damp=self.damp, method=self.method, static_groups=static)
+
+    def piece_shapes(self, out_features: int, in_features: int) -> list[tuple[int, int]]:
+        """[out, in] of every piece of a split of an [out, in] weight (equal neuron groups)."""
+        n = len(self.pieces)
+        if self.axis == 0:
+            return [(out_features // n, in_features)] * n
+        return [(out_features, in_features // n)] * n
+
+    def check_shape(self, out_features: int, in_features: int, name: str) -> None:
+        """One line naming ``name`` when this treatment cannot store an [out, in] weight."""
+        if self.kind == "keep":
+            return
+        if self.kind == "split":
+            n, along = len(self.pieces), (out_features if self.axis == 0 else in_features)
+            if along % n:
+                raise MoepressError(f"{name}: {n} neuron groups do not divide its {along} neurons")
+            for piece, shape in zip(self.pieces, self.piece_shapes(out_features, in_features)):
+                piece.check_shape(*shape, name)
+            return
+        try:
+            self.spec().check_in_features(in_features, name)
+        except ValueError as exc:
+            raise MoepressError(f"treatment {self.label} for {name}: {exc}") from None
+
+    def nbytes(self, out_features: int, in_features: int, keep_element_size: int = 2) -> int:
+        """Exact bytes of one [out, in] weight stored with this treatment, as moepress packs it:
+        codes packed 8 per ``bits`` bytes, fp16 scales, uint8 zeros (asymmetric), an int16 g_idx
+        (dynamic act-order); a kept weight costs ``keep_element_size`` bytes per parameter."""
+        if self.kind == "keep":
+            return out_features * in_features * keep_element_size
+        if self.kind == "split":
+            return sum(p.nbytes(*shape, keep_element_size)
+                       for p, shape in zip(self.pieces, self.piece_shapes(out_features, in_features)))
+        groups = 1 if self.group_size is None else math.ceil(in_features / self.group_size)
+        total = out_features * packed_width(in_features, self.bits) + out_features * groups * 2
+        if not self.symmetric:
+            total += out_features * groups
+        if self.stores_group_index:
+            total += in_features * 2
+        return total
+
+    # ------------------------------------------------------------------ the unit map
+    def to_unit_map(self) -> dict:
+        """The checkpoint's unit-map entry (JSON); :meth:`from_unit_map` reads it back equal."""
+        if self.kind == "keep":
+            return {"kind": "keep", "bits": KEEP_BITS}
+        if self.kind == "split":
+            return {"kind": "split", "bits": self.bits, "axis": self.axis,
+                    "pieces": [p.to_unit_map() for p in self.pieces]}
+        return {"kind": "quantize", "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+                "act_order": self.act_order, "method": self.method, "damp": self.damp}
+
+    @classmethod
+    def from_unit_map(cls, entry: dict, unit: str = "unit") -> "Treatment":
+        """A unit-map entry of any moepress checkpoint: this version's (``kind``), or format 1's and
+        early format 2's (no ``kind``; ``method: keep`` or bits 16 for a kept unit; ``act_order`` a
+        bool saying whether a g_idx is stored, so static act-order reads back as "off", which is
+        stored the same way; ``pieces`` of ``{bits, group_size, width}`` sharing the entry's
+        ``symmetric``). One line naming ``unit`` when an entry is malformed."""
+        if not isinstance(entry, dict):
+            raise MoepressError(f"{unit}: a unit-map entry must be a mapping (got {type(entry).__name__})")
+        kind = entry.get("kind")
+        if kind is None:  # older entries
+            kind = "split" if entry.get("pieces") else (
+                "keep" if entry.get("method") == "keep" or entry.get("bits") == KEEP_BITS else "quantize")
+        known = {f.name for f in fields(cls)} | {"error", "width"}
+        unknown = sorted(set(entry) - known)
+        if unknown:
+            raise MoepressError(f"{unit}: unknown unit-map field(s) {unknown} (written by a newer moepress?)")
+        try:
+            if kind == "keep":
+                return cls.keep_unit()
+            if kind == "split":
+                pieces = entry.get("pieces")
+                if not isinstance(pieces, list) or "axis" not in entry:
+                    raise MoepressError("a split needs 'pieces' (a list) and 'axis'")
+                widths = {p.get("width") for p in pieces if isinstance(p, dict)} - {None}
+                if len(widths) > 1:
+                    raise MoepressError(f"its pieces have different widths {sorted(widths)}; moepress splits "
+                                        "neurons into equal groups")
+                inherited = {"symmetric": entry.get("symmetric", False), "method": entry.get("method", "gptq"),
+                             "act_order": False}
+                return cls.split([cls.from_unit_map({**inherited, **p}, unit) if isinstance(p, dict) else p
+                                  for p in pieces], entry["axis"])
+            if kind != "quantize":
+                raise MoepressError(f"unknown treatment {kind!r}")
+            for key in ("bits", "group_size", "symmetric", "act_order"):
+                if key not in entry:
+                    raise MoepressError(f"{key!r} is missing")
+            act = entry["act_order"]
+            act = "dynamic" if act is True else "off" if act is False else act
+            if act not in ACT_ORDER_MODES:
+                raise MoepressError(f"act_order must be off, static or dynamic (got {act!r})")
+            return cls.quantize(entry["bits"], entry["group_size"], symmetric=entry["symmetric"], act_order=act,
+                                method=entry.get("method", "gptq"), damp=entry.get("damp", 0.01))
+        except MoepressError as exc:
+            raise MoepressError(f"{unit}: {exc}") from None
+
+
+KEEP = Treatment.keep_unit()
+# The options a cost table measures by default: 2, 3, 4 and 8 bits at group 128, and keep.
+DEFAULT_OPTIONS = tuple(Treatment.quantize(b) for b in (2, 3, 4, 8)) + (KEEP,)
+
+__all__ = ["DEFAULT_OPTIONS", "DEFAULT_SETTINGS", "KEEP", "KINDS", "SETTINGS", "Treatment"]
