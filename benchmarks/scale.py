@@ -334,7 +334,9 @@ try:
 except ImportError:
     print(json.dumps([None, "no prediction (moepress.pipeline.memory.predicted_peak_bytes not importable)"])); sys.exit()
 try:
-    value = predicted_peak_bytes(sys.argv[1], calib_samples=int(sys.argv[2]), seq_len=int(sys.argv[3]), method=sys.argv[4])
+    chunk = {"expert_chunk": int(sys.argv[5])} if len(sys.argv) > 5 else {}  # only when compress got --expert-chunk
+    value = predicted_peak_bytes(sys.argv[1], calib_samples=int(sys.argv[2]), seq_len=int(sys.argv[3]), method=sys.argv[4],
+                                 **chunk)
 except Exception as exc:  # TypeError/ImportError: another signature; anything else must not sink the benchmark
     print(json.dumps([None, f"no prediction ({type(exc).__name__}: {exc})"[:300]])); sys.exit()
 if isinstance(value, dict):
@@ -348,11 +350,23 @@ except (TypeError, ValueError):
 """
 
 
+def expert_chunk_of(extra: list[str]) -> int | None:
+    """The ``--expert-chunk N`` among the extra compress arguments, if any."""
+    for i, arg in enumerate(extra):
+        if arg == "--expert-chunk" and i + 1 < len(extra):
+            return int(extra[i + 1])
+        if arg.startswith("--expert-chunk="):
+            return int(arg.split("=", 1)[1])
+    return None
+
+
 def predicted_peak(model_dir: str, calib_samples: int, seq_len: int, method: str, root: str = ROOT,
-                   env: dict | None = None) -> tuple[int | None, str]:
-    """``moepress.pipeline.memory.predicted_peak_bytes(model_dir, calib_samples=, seq_len=, method=)`` of
-    the moepress under test (run in that tree, like the compress runs), or (None, 'no prediction (why)')."""
-    proc = subprocess.run([sys.executable, "-c", PREDICT, model_dir, str(calib_samples), str(seq_len), method],
+                   env: dict | None = None, expert_chunk: int | None = None) -> tuple[int | None, str]:
+    """``moepress.pipeline.memory.predicted_peak_bytes(model_dir, calib_samples=, seq_len=, method=,
+    [expert_chunk=])`` of the moepress under test (run in that tree, like the compress runs), or
+    (None, 'no prediction (why)')."""
+    chunk = [] if expert_chunk is None else [str(expert_chunk)]
+    proc = subprocess.run([sys.executable, "-c", PREDICT, model_dir, str(calib_samples), str(seq_len), method, *chunk],
                           cwd=root, env=env, capture_output=True, text=True)
     try:
         value, source = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -455,7 +469,8 @@ class Bench:
         else:
             row["layer_seconds_mean"] = round(run["wall_seconds"] / depth, 3)
             row["layer_seconds_source"] = "wall / layers"
-        predicted, source = predicted_peak(model_dir, calib, seq, quant_method(method), self.root, self.env)
+        predicted, source = predicted_peak(model_dir, calib, seq, quant_method(method), self.root, self.env,
+                                           expert_chunk_of(list(self.args.extra)))
         row["predicted_peak_bytes"], row["prediction"] = predicted, source
         if shape.project_to:
             per_layer = row["layer_seconds_mean"]

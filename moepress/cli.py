@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--model", required=True, help="local Hugging Face model folder or hub id (safetensors only)")
     c.add_argument("--out", required=True, help="output folder (written atomically; refused if it exists unless --overwrite)")
-    c.add_argument("--bits", type=int, default=None, help="2, 3, 4 or 8 (default 4; not with --budget or --plan)")
+    c.add_argument("--bits", type=int, default=None,
+                   help="2, 3, 4 or 8 (default 4; not with --budget or --plan); 16 keeps the weights (with --prune: "
+                        "pruned only)")
     c.add_argument("--group-size", type=_group_size, default=128, help="32, 64, 128, or 0 for per-channel (default 128)")
     c.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="GPTQ (default) or round-to-nearest")
     c.add_argument("--symmetric", action="store_true", help="symmetric grid without stored zero points")
@@ -98,6 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rare-experts", choices=("all_tokens", "routed_only"), default="all_tokens",
                    help="statistics for rare experts: route all calibration tokens through them (default) or only their own")
     c.add_argument("--keep-attention", action="store_true", help="leave attention projections in 16 bits")
+    c.add_argument("--prune", metavar="PATTERN",
+                   help="also prune: a sparsity (50%%: that share of every output row's weights) or N:M (2:4, 4:8: N "
+                        "kept of every M inputs), for the routed experts (--prune-scope all: every unit); pruned and "
+                        "quantized at --bits in one pass (SparseGPT), or pruned only with --bits 16")
+    c.add_argument("--pruner", choices=("sparsegpt", "wanda", "magnitude"), default="sparsegpt",
+                   help="how --prune chooses the weights: SparseGPT (OBS with the calibration Hessian; the default), "
+                        "Wanda (|W| x input norm, per row) or magnitude")
+    c.add_argument("--prune-scope", choices=("experts", "all"), default="experts",
+                   help="what --prune applies to: the routed experts (default) or every unit --bits applies to")
+    c.add_argument("--drop-experts", metavar="AMOUNT",
+                   help="remove the least important routed experts of every MoE layer: a share (25%%) or a count (2); "
+                        "the router then chooses among the rest")
+    c.add_argument("--drop-criterion", choices=("frequency", "mass", "router", "reap"), default="reap",
+                   help="what --drop-experts ranks experts by (see the README): routing frequency, routing-weight "
+                        "mass, He et al.'s router probability, or REAP's router-weighted output norm (default)")
     c.add_argument("--plan", metavar="PLAN.yaml",
                    help="mixed precision: every unit's option from a plan file (moepress plan); replaces --bits/--group-size, "
                    "and the plan's method/symmetric/act-order/damp apply")
@@ -185,6 +202,8 @@ def run_compress(args) -> None:
         seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, device=args.device,
         min_expert_tokens=args.min_expert_tokens, rare_experts=args.rare_experts,
         quantize_attention=not args.keep_attention, expert_chunk=args.expert_chunk,
+        prune=args.prune, pruner=args.pruner, prune_scope=args.prune_scope,
+        drop_experts=args.drop_experts, drop_criterion=args.drop_criterion,
         offload_activations=args.offload_activations,
     )
     if args.save_profile:
@@ -228,7 +247,8 @@ def run_compress(args) -> None:
     fp = result.footprint()
     what = (f"the options of {args.plan}" if args.plan else
             f"the options of the {args.strategy} plan within {args.budget} (plan.yaml in {args.out})" if args.budget else
-            f"{config.bits} bits")
+            f"{config.bits} bits" + (f", the {config.prune_scope} pruned to {config.prune} ({config.pruner})"
+                                     if config.prune else ""))
     print("\nexpert coverage (calibration tokens routed per expert):", file=sys.stderr)
     print(result.profile.coverage_table(), file=sys.stderr)
     print(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -49,6 +49,11 @@ class CompressConfig:
     rare_experts: str = "all_tokens"
     quantize_attention: bool = True
     quantize_mlp: bool = True  # shared experts and dense MLP layers
+    prune: str | None = None  # "50%" or "2:4": prune every routed expert linear (He et al.'s expert slimming)
+    pruner: str = "sparsegpt"  # sparsegpt | wanda | magnitude
+    prune_scope: str = "experts"  # experts | all (every unit --bits applies to)
+    drop_experts: str | None = None  # "25%" or "2": routed experts removed from every MoE layer
+    drop_criterion: str = "reap"  # frequency | mass | router | reap (moepress.trim.importance)
     expert_chunk: int | None = None  # experts whose Hessians are held at once (None: all of a layer)
     offload_activations: bool = False  # calibration activations in memory-mapped files beside --out
 
@@ -57,7 +62,15 @@ class CompressConfig:
             self.act_order = QuantSpec.act_order_mode(self.act_order)
         except ValueError as exc:
             raise MoepressError(str(exc)) from None
+        if self.prune_scope not in ("experts", "all"):
+            raise MoepressError(f"prune-scope must be 'experts' or 'all' (got {self.prune_scope!r})")
         self.treatment()  # a bad bit width, group size or damping fails here, in one line
+        self.pruned_treatment()
+        self.experts_to_drop(8)
+        from .trim.importance import CRITERIA
+
+        if self.drop_criterion not in CRITERIA:
+            raise MoepressError(f"drop-criterion must be one of {', '.join(CRITERIA)} (got {self.drop_criterion!r})")
         for name in ("calib_samples", "seq_len", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise MoepressError(f"{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
@@ -67,9 +80,48 @@ class CompressConfig:
             raise MoepressError(f"rare-experts must be 'all_tokens' or 'routed_only' (got {self.rare_experts!r})")
 
     def treatment(self) -> Treatment:
-        """The one treatment every unit gets without a plan (``--bits``, ``--group-size``, ...)."""
+        """The one treatment every unit gets without a plan (``--bits``, ``--group-size``, ...);
+        ``bits`` 16 keeps the units (with ``--prune``: pruned, the rest kept)."""
+        if self.bits == KEEP.bits:
+            return KEEP
         return Treatment.quantize(self.bits, self.group_size, symmetric=self.symmetric, act_order=self.act_order,
                                   method=self.method, damp=self.damp)
+
+    def pruned_treatment(self) -> Treatment | None:
+        """The treatment of the units ``--prune`` applies to: pruned, and quantized at ``bits``."""
+        if self.prune is None:
+            return None
+        pruning = Treatment.parse(self.prune, settings={"pruner": self.pruner, "damp": self.damp})
+        if pruning.kind != "prune":
+            raise MoepressError(f"--prune takes a sparsity or an N:M pattern, e.g. 50% or 2:4 (got {self.prune!r})")
+        return Treatment.prune(pruning.sparsity, pruning.nm, bits=self.bits, group_size=self.group_size,
+                               symmetric=self.symmetric, damp=self.damp, pruner=self.pruner)
+
+    def experts_to_drop(self, num_experts: int) -> int:
+        """How many of a layer's ``num_experts`` routed experts ``drop_experts`` removes."""
+        if self.drop_experts is None:
+            return 0
+        text = str(self.drop_experts).strip()
+        try:
+            if text.endswith("%"):
+                share = float(text[:-1]) / 100
+                if not 0 < share < 1:
+                    raise ValueError
+                return max(1, round(num_experts * share))
+            count = int(text)
+            if count < 1:
+                raise ValueError
+            return count
+        except ValueError:
+            raise MoepressError(f"--drop-experts takes a share of each layer's experts (25%) or a count (2), "
+                                f"got {self.drop_experts!r}") from None
+
+    def treatment_of(self, name: str) -> Treatment:
+        """The treatment of unit ``name`` without a plan."""
+        pruned = self.pruned_treatment()
+        if pruned is not None and (self.prune_scope == "all" or ".experts." in name):
+            return pruned
+        return self.treatment()
 
 
 @dataclass
@@ -91,6 +143,11 @@ class CompressResult:
     layer_seconds: list = field(default_factory=list)
     resumed_after_layer: int = 0
     structure: nn.Module | None = None  # the compressed module tree, its streamed layers on ``meta``
+
+    def experts_kept(self) -> dict[int, list[int]]:
+        """MoE layer -> the original indices of the experts an expert drop kept (in their new order)."""
+        return {int(k.split(".")[1]): [int(i) for i in v.tolist()] for k, v in self.profile.tensors.items()
+                if k.endswith(".experts.kept")}
 
     def footprint(self):
         """Linear weight bytes from the tensors' shapes and dtypes, without loading a streamed model."""
@@ -121,6 +178,11 @@ class CompressResult:
             "symmetric": self.config.symmetric,
             "act_order": self.config.act_order if self.config.method == "gptq" else "off",
             "damp": self.config.damp,
+            "prune": None if self.config.prune is None else {"pattern": self.config.prune, "pruner": self.config.pruner,
+                                                             "scope": self.config.prune_scope},
+            "drop_experts": None if self.config.drop_experts is None else {
+                "amount": self.config.drop_experts, "criterion": self.config.drop_criterion},
+            "experts_kept": {str(layer): kept for layer, kept in self.experts_kept().items()},
             "calibration": {
                 "source": self.config.calib,
                 "samples": self.config.calib_samples,
@@ -160,19 +222,68 @@ def quantize_batch(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
     return packed.to(weight.device), error.reshape(-1).cpu()
 
 
+def treat_batch(weight: torch.Tensor, hessian: torch.Tensor, treatment: Treatment, name: str):
+    """Apply one quantized or pruned ``treatment`` to [E, out, in] (or [out, in]) weights; returns the
+    stored weight (packed or sparse) and the per-matrix output error."""
+    if not treatment.pruned:
+        return quantize_batch(weight, hessian, treatment.spec(), name)
+    from .prune.sparse import sparsify
+    from .prune.sparsegpt import sparsegpt_prune
+    from .prune.wanda import magnitude_mask, wanda_mask
+
+    dtype = weight.dtype
+    w = weight.detach().float()
+    n, m = treatment.nm or (None, None)
+    pattern = {"sparsity": None if treatment.nm else treatment.sparsity, "n": n, "m": m}
+    spec = treatment.spec()  # None: pruned only, the kept weights stay as they are
+    if treatment.pruner == "sparsegpt":
+        sparse = sparsegpt_prune(w, hessian, **pattern, spec=spec, damp=treatment.damp, name=name).weight
+    else:
+        if treatment.pruner == "wanda":  # ||X_j||^2 is the Hessian's diagonal (up to the token count)
+            mask = wanda_mask(w, hessian.diagonal(dim1=-2, dim2=-1).float(), **pattern)
+        else:
+            mask = magnitude_mask(w, **pattern)
+        sparse = sparsify(w, mask, spec)
+    if sparse.values is not None:  # pruned only: the kept weights in the model's own dtype
+        sparse = replace(sparse, values=sparse.values.to(dtype))
+    error = hessian_weighted_error(w, sparse.dequantize(torch.float32).to(w.device), hessian)
+    return sparse.to(w.device), error.reshape(-1).cpu()
+
+
 def unit_treatments(config: CompressConfig, resolved: dict[str, Treatment] | None):
-    """Name -> treatment: a resolved plan's, or ``config``'s one treatment for every unit."""
+    """Name -> treatment: a resolved plan's, or ``config``'s (``--bits``, ``--prune``) for every unit."""
     if resolved is not None:
         return resolved.__getitem__
-    uniform = config.treatment()
-    return lambda name: uniform
+    return config.treatment_of
 
 
-def _check_group_size(view: MoEView, treatment: Treatment, config: CompressConfig) -> None:
+def _check_drop(view: MoEView, config: CompressConfig) -> None:
+    """An expert drop leaves every MoE layer at least its top-k experts, and as many in every group
+    of a group-limited router; checked before any work."""
+    if config.drop_experts is None:
+        return
+    from .trim.expert_drop import router_groups, top_k_of
+
+    for layer in range(view.num_layers):
+        store = view.experts(layer)
+        if store is None:
+            continue
+        drop, top_k, groups = config.experts_to_drop(store.num_experts), top_k_of(view.model, layer), \
+            router_groups(view.model, layer)
+        if store.num_experts - drop < top_k:
+            raise MoepressError(f"layers.{layer}: dropping {drop} of its {store.num_experts} experts leaves fewer "
+                                f"than the {top_k} each token is routed to; drop at most {store.num_experts - top_k}")
+        if groups and drop % groups:
+            raise MoepressError(f"layers.{layer}: its router picks experts in {groups} groups; drop a multiple of "
+                                f"{groups} experts so every group keeps as many")
+
+
+def _check_shapes(view: MoEView, config: CompressConfig) -> None:
+    """Every unit's treatment (``--bits``, ``--prune``) fits its shape, checked before any work."""
     for name, (out_features, in_features) in view.unit_shapes().items():
         if ".attn." in name and not config.quantize_attention:
             continue
-        treatment.check_shape(out_features, in_features, name)
+        config.treatment_of(name).check_shape(out_features, in_features, name)
 
 
 def _quantize_linear_units(model, units, stats, treatment_of, records, device: torch.device) -> None:
@@ -186,7 +297,7 @@ def _quantize_linear_units(model, units, stats, treatment_of, records, device: t
             done[unit.name] = (None, (KEEP, 0.0))
             continue
         module = model.get_submodule(unit.module_path)
-        packed, error = quantize_batch(module.weight, stats[unit].hessian(), treatment.spec(), unit.name)
+        packed, error = treat_batch(module.weight, stats[unit].hessian(), treatment, unit.name)
         done[unit.name] = (packed, (treatment, float(error[0])))
     done = distributed.share(done, device)
     for unit in units:
@@ -239,7 +350,7 @@ def _quantize_experts(store: ExpertStore, stats, treatment_of, records, packed: 
             else:
                 w = torch.stack([weights[linear][e] for e in experts])
                 h = torch.stack([hessian[e] for e in experts])
-            q, err = quantize_batch(w, h, treatment.spec(), f"{name}.{linear}")
+            q, err = treat_batch(w, h, treatment, f"{name}.{linear}")
             for i, e in enumerate(experts):
                 packed[linear][e] = q.select(i)
                 records[store.unit_name(e, linear)] = (treatment, float(err[i]))
@@ -324,6 +435,8 @@ class QuantizeStep:
             _quantize_linear_units(view.model, attention, stats["linear"], treatment_of, records, runner.device)
             for unit in attention:
                 part.record_linear(unit, stats["linear"][unit])
+        if config.drop_experts is not None and view.experts(layer) is not None:
+            part.tensors.update(_drop_experts(view, layer, runner, config))
         mlp_units = view.mlp_units(layer) if config.quantize_mlp else []
         store = view.experts(layer)
         chunks = _expert_chunks(store, config.expert_chunk)
@@ -342,6 +455,26 @@ class QuantizeStep:
         runner.run_layer(layer, update=True)
         units = {name: treatment for name, (treatment, _) in records.items()}
         return unit_records(units, {name: error for name, (_, error) in records.items()}), part.tensors
+
+
+def _drop_experts(view: MoEView, layer: int, runner: LayerwiseRunner, config: CompressConfig) -> dict:
+    """Score the layer's experts on the calibration tokens (after its attention is compressed), drop
+    the least important ones, and return the decision and the scores for the profile. The layer's
+    experts are then calibrated and quantized as they are after the drop, and the layers after it
+    see its output without them."""
+    from .trim.expert_drop import drop_experts, router_groups
+    from .trim.importance import ExpertImportance, least_important
+
+    store = view.experts(layer)
+    router = view.router(layer)
+    importance = ExpertImportance(store, sigmoid_router=getattr(router, "e_score_correction_bias", None) is not None)
+    _run_and_unhook(runner, layer, [router.register_forward_hook(importance.hook)])
+    scores = importance.scores(config.drop_criterion)
+    dropped = set(least_important(scores, config.experts_to_drop(store.num_experts), router_groups(view.model, layer)))
+    keep = [e for e in range(store.num_experts) if e not in dropped]
+    drop_experts(view.model, layer, keep)
+    prefix = f"layers.{layer}.experts"
+    return {f"{prefix}.kept": torch.tensor(keep, dtype=torch.int64), **importance.to_tensors(prefix)}
 
 
 def _capture_expert_inputs(captured: list):
@@ -442,7 +575,7 @@ def quantize_model(
     """
     view = MoEView(model)
     if treatments is None:
-        _check_group_size(view, config.treatment(), config)
+        _check_shapes(view, config)
     loop = LayerLoop(ResidentModel(model), tokens, device=config.device, batch_size=config.batch_size,
                      progress=progress, desc="quantize")
     results = loop.run(QuantizeStep(view, config, unit_treatments(config, treatments)))
@@ -538,6 +671,12 @@ def compress(
         options = {**options, **{k: v for k, v in plan.quantization.items()
                                  if k in ("method", "symmetric", "act_order", "damp")}}
     config = config or CompressConfig(**options)
+    if plan is not None and config.drop_experts is not None:
+        raise MoepressError("--drop-experts does not combine with --plan or --budget yet; drop experts with "
+                            "--drop-experts and --bits alone")
+    if plan is not None and config.prune is not None:
+        raise MoepressError("a plan gives every unit its treatment, so --prune does not combine with --plan or "
+                            "--budget; write pruned treatments in the plan instead (e.g. 2:4+4b-g128)")
     if plan is not None and not (config.quantize_attention and config.quantize_mlp):
         raise MoepressError("a plan gives every unit its option, so --keep-attention does not combine with --plan; "
                             "write 16b for the attention units in the plan instead")
@@ -557,7 +696,8 @@ def compress(
 
         treatments = plan.resolve(model_rows(view))
     else:
-        _check_group_size(view, config.treatment(), config)
+        _check_shapes(view, config)
+    _check_drop(view, config)
     text = load_text(config.calib)
     tokens = token_windows(
         text, tokenizer, config.seq_len, config.calib_samples, seed=config.seed, what="calibration"

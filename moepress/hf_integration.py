@@ -28,12 +28,15 @@ class MoepressConfig(QuantizationConfigMixin):
     """The ``quantization_config`` of a moepress checkpoint."""
 
     def __init__(self, units: dict | None = None, bits: int | None = None, group_size: int | None = None,
-                 format_version: int = 1, **kwargs):
+                 format_version: int = 1, expert_counts: dict | None = None, experts_kept: dict | None = None,
+                 **kwargs):
         self.quant_method = "moepress"
         self.units = units or {}
         self.bits = bits
         self.group_size = group_size
         self.format_version = format_version
+        self.expert_counts = expert_counts or {}  # MoE layer -> experts left by an expert drop
+        self.experts_kept = experts_kept or {}
 
     def to_dict(self) -> dict:
         return {
@@ -42,6 +45,7 @@ class MoepressConfig(QuantizationConfigMixin):
             "bits": self.bits,
             "group_size": self.group_size,
             "units": self.units,
+            **({"expert_counts": self.expert_counts, "experts_kept": self.experts_kept} if self.expert_counts else {}),
         }
 
 
@@ -60,6 +64,10 @@ class MoepressHfQuantizer(HfQuantizer):
         files = [str(f) for f in checkpoint_files or () if str(f).endswith(".safetensors")]
         name = getattr(model.config, "_name_or_path", "") or (os.path.dirname(files[0]) if files else "")
         check_format_version(self.quantization_config.format_version, name)
+        if self.quantization_config.expert_counts:  # layers an expert drop shrank, before the packed swap
+            from .trim.expert_drop import restore_expert_counts
+
+            restore_expert_counts(model, self.quantization_config.expert_counts)
         install_skeleton(model, read_unit_map(self.quantization_config.units, name))
         if files:  # (a state dict handed to from_pretrained has no files to check first)
             check_stored_tensors(model, stored_tensors(files, name), name)

@@ -26,27 +26,39 @@ from .errors import MoepressError
 from .quantize.packing import packed_width
 from .quantize.spec import ACT_ORDER_MODES, ALLOWED_BITS, KEEP_BITS, QuantSpec
 
-KINDS = ("keep", "quantize", "split")
+KINDS = ("keep", "quantize", "prune", "split")
+PRUNERS = ("sparsegpt", "wanda", "magnitude")
 # The settings a plan or a compression shares between its units (a unit may still differ).
-SETTINGS = ("symmetric", "act_order", "method", "damp")
-DEFAULT_SETTINGS = {"symmetric": False, "act_order": "static", "method": "gptq", "damp": 0.01}
+SETTINGS = ("symmetric", "act_order", "method", "damp", "pruner")
+DEFAULT_SETTINGS = {"symmetric": False, "act_order": "static", "method": "gptq", "damp": 0.01, "pruner": "sparsegpt"}
 
 
 @dataclass(frozen=True)
 class Treatment:
     """One unit's treatment.
 
-    kind:       "keep" (stored as it is, at the model's own dtype), "quantize", or "split" (an
-                expert linear whose intermediate neurons are split into equal groups: rows of
-                gate/up, ``axis`` 0, or columns of down, ``axis`` 1; ``pieces`` in neuron order).
-    bits:       code width (2, 3, 4, 8); 16 for keep. For a split, the widest piece (16 if a piece
-                is kept): a display value, the pieces carry the truth.
+    kind:       "keep" (stored as it is, at the model's own dtype), "quantize", "prune" (weights
+                removed, the rest kept at the model's dtype), or "split" (an expert linear whose
+                intermediate neurons are split into equal groups: rows of gate/up, ``axis`` 0, or
+                columns of down, ``axis`` 1; ``pieces`` in neuron order). A quantized unit with a
+                ``sparsity`` is pruned and quantized ("50% sparse and 4-bit").
+    bits:       code width (2, 3, 4, 8); 16 for keep and prune. For a split, the widest piece (16
+                if a piece is kept): a display value, the pieces carry the truth.
     group_size: input columns sharing one (scale, zero); None = per-channel.
     symmetric:  absmax grid without stored zero points.
     act_order:  "off", "static" (groups fixed in the original column order: no group index
                 stored) or "dynamic" (an int16 group index per input column); "off" for RTN.
     method:     "gptq" or "rtn".
-    damp:       GPTQ's dampening, a fraction of the mean Hessian diagonal.
+    damp:       GPTQ's (and SparseGPT's) dampening, a fraction of the mean Hessian diagonal.
+    sparsity:   the fraction of each output row's weights removed (0: none). Unstructured
+                pruning removes exactly ``round(in * sparsity)`` weights of every row.
+    nm:         (n, m) for semi-structured N:M pruning (n kept of every m consecutive inputs;
+                ``sparsity`` is then 1 - n/m), or None.
+    pruner:     "sparsegpt" (OBS pruning with the layer's Hessian; joint with GPTQ when
+                quantized), "wanda" (|W| x ||X||, per row) or "magnitude" (|W|). Wanda and
+                magnitude masks quantize the kept weights by round-to-nearest (method "rtn"),
+                SparseGPT by its own error feedback (method "gptq"); pruned units have no
+                act-order.
 
     Construct with :meth:`keep`, :meth:`quantize`, :meth:`split` or :meth:`parse`; a bad value
     raises a one-line :class:`MoepressError`.
@@ -61,6 +73,9 @@ class Treatment:
     damp: float = 0.01
     pieces: tuple = field(default=())
     axis: int | None = None
+    sparsity: float = 0.0
+    nm: tuple | None = None
+    pruner: str = "sparsegpt"
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -78,6 +93,21 @@ class Treatment:
             return
         if self.pieces or self.axis is not None:
             raise MoepressError("only a split treatment has pieces and an axis")
+        self._check_pruning()
+        if self.kind == "prune":
+            for name in ("group_size", "symmetric", "act_order", "method"):
+                set_(self, name, {f.name: f.default for f in fields(self)}[name])
+            set_(self, "bits", KEEP_BITS)
+            set_(self, "group_size", None)
+            set_(self, "act_order", "off")
+            try:
+                set_(self, "damp", QuantSpec(bits=4, damp=self.damp).damp)
+            except ValueError as exc:
+                raise MoepressError(f"treatment {self.label}: {exc}") from None
+            return
+        if self.pruned:  # SparseGPT quantizes with its own error feedback, Wanda/magnitude masks by RTN
+            set_(self, "method", "gptq" if self.pruner == "sparsegpt" else "rtn")
+            set_(self, "act_order", "off")
         try:
             mode = QuantSpec.act_order_mode(self.act_order)
             if self.method == "rtn":
@@ -89,6 +119,27 @@ class Treatment:
         set_(self, "group_size", spec.group_size)
         set_(self, "damp", spec.damp)
 
+    def _check_pruning(self):
+        """Normalise and check sparsity, N:M and pruner (a unit without pruning has none of them)."""
+        set_ = object.__setattr__
+        if self.nm is not None:
+            nm = tuple(self.nm)
+            if len(nm) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in nm) \
+                    or not 0 < nm[0] < nm[1]:
+                raise MoepressError(f"N:M pruning needs whole numbers 0 < N < M, e.g. 2:4 (got {self.nm!r})")
+            set_(self, "nm", nm)
+            set_(self, "sparsity", 1.0 - nm[0] / nm[1])
+        sparsity = self.sparsity
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+            raise MoepressError(f"sparsity must be a fraction in [0, 1), e.g. 0.5 (got {sparsity!r})")
+        set_(self, "sparsity", float(sparsity))
+        if self.kind == "prune" and sparsity == 0:
+            raise MoepressError("a prune treatment needs a sparsity above 0 or an N:M pattern, e.g. 50% or 2:4")
+        if self.pruner not in PRUNERS:
+            raise MoepressError(f"pruner must be one of {', '.join(PRUNERS)} (got {self.pruner!r})")
+        if not self.pruned:
+            set_(self, "pruner", "sparsegpt")
+
     def _check_split(self):
         set_ = object.__setattr__
         pieces = tuple(self.pieces)
@@ -96,8 +147,8 @@ class Treatment:
             raise MoepressError("a split treatment needs at least two pieces")
         if self.axis not in (0, 1):
             raise MoepressError(f"a split's axis must be 0 (rows of gate/up) or 1 (columns of down), got {self.axis!r}")
-        if any(not isinstance(p, Treatment) or p.kind not in ("keep", "quantize") for p in pieces):
-            raise MoepressError("the pieces of a split are kept or quantized treatments")
+        if any(not isinstance(p, Treatment) or p.kind not in ("keep", "quantize") or p.pruned for p in pieces):
+            raise MoepressError("the pieces of a split are kept or quantized (unpruned) treatments")
         # Pieces never store a group index (a g_idx per piece would need its own bookkeeping in every
         # kernel): see as_piece.
         pieces = tuple(p.as_piece() for p in pieces)
@@ -126,6 +177,17 @@ class Treatment:
         return cls(kind="quantize", bits=bits, group_size=group_size, **settings)
 
     @classmethod
+    def prune(cls, sparsity: float = 0.0, nm: tuple | None = None, *, bits: int | None = None,
+              group_size: int | None = 128, **settings) -> "Treatment":
+        """Pruned at ``sparsity`` (or N:M ``nm``), the rest kept, or quantized at ``bits``."""
+        unknown = sorted(set(settings) - set(SETTINGS))
+        if unknown:
+            raise MoepressError(f"unknown pruning setting(s) {unknown}; expected {', '.join(SETTINGS)}")
+        if bits is None or bits == KEEP_BITS:
+            return cls(kind="prune", sparsity=sparsity, nm=nm, **settings)
+        return cls(kind="quantize", bits=bits, group_size=group_size, sparsity=sparsity, nm=nm, **settings)
+
+    @classmethod
     def split(cls, pieces, axis: int) -> "Treatment":
         return cls(kind="split", pieces=tuple(pieces), axis=axis)
 
@@ -141,25 +203,49 @@ class Treatment:
         if isinstance(value, dict):
             return cls.from_unit_map({"group_size": default_group, **settings, **value})
         if isinstance(value, bool):
-            raise MoepressError(f"cannot read treatment {value!r}; write e.g. 3b-g128, 4b-ch or 16b")
+            raise MoepressError(f"cannot read treatment {value!r}; {_LABELS}")
         if isinstance(value, int):
-            bits, group = value, default_group
+            bits, group, pruning = value, default_group, None
         else:
-            m = re.fullmatch(r"\s*(\d+)\s*b(?:its?)?\s*(?:-\s*(?:g(\d+)|(ch|channel)))?\s*", str(value))
+            m = _LABEL.fullmatch(str(value))
             if not m:
-                raise MoepressError(f"cannot read treatment {value!r}; write e.g. 3b-g128, 4b-ch or 16b")
-            bits = int(m.group(1))
-            group = int(m.group(2)) if m.group(2) else (None if m.group(3) else default_group)
+                raise MoepressError(f"cannot read treatment {value!r}; {_LABELS}")
+            pruning = None
+            if m.group("percent"):
+                pruning = {"sparsity": float(m.group("percent")) / 100}
+            elif m.group("n"):
+                pruning = {"nm": (int(m.group("n")), int(m.group("m")))}
+            if m.group("bits") is None:
+                if pruning is None:
+                    raise MoepressError(f"cannot read treatment {value!r}; {_LABELS}")
+                return cls.prune(**pruning, **settings)
+            bits = int(m.group("bits"))
+            group = int(m.group("group")) if m.group("group") else (None if m.group("ch") else default_group)
         if bits == KEEP_BITS:
-            return cls.keep_unit()
+            return cls.keep_unit() if pruning is None else cls.prune(**pruning, **settings)
         if bits not in ALLOWED_BITS:
             raise MoepressError(f"treatment {value!r}: bits must be 2, 3, 4, 8 or 16 (keep)")
+        if pruning is not None:
+            return cls.prune(**pruning, bits=bits, group_size=group, **settings)
         return cls.quantize(bits, group, **settings)
 
     # ------------------------------------------------------------------ properties
     @property
     def keep(self) -> bool:
         return self.kind == "keep"
+
+    @property
+    def pruned(self) -> bool:
+        return self.sparsity > 0 or self.nm is not None
+
+    def kept_per_row(self, in_features: int) -> int:
+        """Weights each output row keeps (all of them when not pruned)."""
+        if not self.pruned:
+            return in_features
+        from .prune.pattern import kept_per_row
+
+        n, m = self.nm or (None, None)
+        return kept_per_row(in_features, None if self.nm else self.sparsity, n, m)
 
     @property
     def label(self) -> str:
@@ -169,7 +255,11 @@ class Treatment:
             return "16b"
         if self.kind == "split":
             return "/".join(p.label for p in self.pieces)
-        return f"{self.bits}b-" + ("ch" if self.group_size is None else f"g{self.group_size}")
+        pruning = "" if not self.pruned else (f"{self.nm[0]}:{self.nm[1]}" if self.nm else f"{self.sparsity * 100:g}%")
+        if self.kind == "prune":
+            return pruning
+        grid = f"{self.bits}b-" + ("ch" if self.group_size is None else f"g{self.group_size}")
+        return f"{pruning}+{grid}" if pruning else grid
 
     def __str__(self) -> str:
         return self.label
@@ -202,7 +292,7 @@ class Treatment:
 
     def spec(self) -> QuantSpec | None:
         """The quantizer's parameters (None for keep; a split's pieces each have their own)."""
-        if self.kind == "keep":
+        if self.kind in ("keep", "prune"):
             return None
         if self.kind == "split":
             raise ValueError("a split treatment is quantized piece by piece")
@@ -221,6 +311,16 @@ class Treatment:
         """One line naming ``name`` when this treatment cannot store an [out, in] weight."""
         if self.kind == "keep":
             return
+        if self.pruned:
+            try:
+                from .prune.pattern import check_pattern
+
+                n, m = self.nm or (None, None)
+                check_pattern(None if self.nm else self.sparsity, n, m, in_features, name)
+            except ValueError as exc:
+                raise MoepressError(f"treatment {self.label} for {name}: {exc}") from None
+            if self.kind == "prune":
+                return
         if self.kind == "split":
             n, along = len(self.pieces), (out_features if self.axis == 0 else in_features)
             if along % n:
@@ -242,8 +342,13 @@ class Treatment:
         if self.kind == "split":
             return sum(p.nbytes(*shape, keep_element_size)
                        for p, shape in zip(self.pieces, self.piece_shapes(out_features, in_features)))
+        kept = self.kept_per_row(in_features)
+        # A pruned weight stores a 1-bit keep-mask per weight and only the kept values of each row.
+        mask = out_features * packed_width(in_features, 1) if self.pruned else 0
+        if self.kind == "prune":
+            return mask + out_features * kept * keep_element_size
         groups = 1 if self.group_size is None else math.ceil(in_features / self.group_size)
-        total = out_features * packed_width(in_features, self.bits) + out_features * groups * 2
+        total = mask + out_features * packed_width(kept, self.bits) + out_features * groups * 2
         if not self.symmetric:
             total += out_features * groups
         if self.stores_group_index:
@@ -258,8 +363,12 @@ class Treatment:
         if self.kind == "split":
             return {"kind": "split", "bits": self.bits, "axis": self.axis,
                     "pieces": [p.to_unit_map() for p in self.pieces]}
+        pruning = {} if not self.pruned else {"sparsity": self.sparsity, "nm": list(self.nm) if self.nm else None,
+                                              "pruner": self.pruner}
+        if self.kind == "prune":
+            return {"kind": "prune", "bits": KEEP_BITS, **pruning, "damp": self.damp}
         return {"kind": "quantize", "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
-                "act_order": self.act_order, "method": self.method, "damp": self.damp}
+                "act_order": self.act_order, "method": self.method, "damp": self.damp, **pruning}
 
     @classmethod
     def from_unit_map(cls, entry: dict, unit: str = "unit") -> "Treatment":
@@ -271,9 +380,11 @@ class Treatment:
         if not isinstance(entry, dict):
             raise MoepressError(f"{unit}: a unit-map entry must be a mapping (got {type(entry).__name__})")
         kind = entry.get("kind")
-        if kind is None:  # older entries
+        if kind is None:  # older entries, and plan mappings that leave the kind to be read off
+            pruning = bool(entry.get("sparsity") or entry.get("nm"))
+            unquantized = entry.get("method") == "keep" or entry.get("bits", KEEP_BITS if pruning else None) == KEEP_BITS
             kind = "split" if entry.get("pieces") else (
-                "keep" if entry.get("method") == "keep" or entry.get("bits") == KEEP_BITS else "quantize")
+                ("prune" if pruning else "keep") if unquantized else "quantize")
         known = {f.name for f in fields(cls)} | {"error", "width"}
         unknown = sorted(set(entry) - known)
         if unknown:
@@ -293,6 +404,11 @@ class Treatment:
                              "act_order": False}
                 return cls.split([cls.from_unit_map({**inherited, **p}, unit) if isinstance(p, dict) else p
                                   for p in pieces], entry["axis"])
+            pruning = {k: entry[k] for k in ("sparsity", "pruner") if k in entry}
+            if entry.get("nm") is not None:
+                pruning["nm"] = tuple(entry["nm"]) if isinstance(entry["nm"], list) else entry["nm"]
+            if kind == "prune":
+                return cls.prune(**pruning, damp=entry.get("damp", 0.01))
             if kind != "quantize":
                 raise MoepressError(f"unknown treatment {kind!r}")
             for key in ("bits", "group_size", "symmetric", "act_order"):
@@ -302,11 +418,18 @@ class Treatment:
             act = "dynamic" if act is True else "off" if act is False else act
             if act not in ACT_ORDER_MODES:
                 raise MoepressError(f"act_order must be off, static or dynamic (got {act!r})")
+            if pruning.get("sparsity") or pruning.get("nm"):
+                return cls.prune(**pruning, bits=entry["bits"], group_size=entry["group_size"],
+                                 symmetric=entry["symmetric"], damp=entry.get("damp", 0.01))
             return cls.quantize(entry["bits"], entry["group_size"], symmetric=entry["symmetric"], act_order=act,
                                 method=entry.get("method", "gptq"), damp=entry.get("damp", 0.01))
         except MoepressError as exc:
             raise MoepressError(f"{unit}: {exc}") from None
 
+
+_LABELS = "write e.g. 3b-g128, 4b-ch, 16b (keep), 50% or 2:4 (pruned), 2:4+4b-g128 (pruned and quantized)"
+_LABEL = re.compile(r"\s*(?:(?:(?P<percent>\d+(?:\.\d+)?)\s*%|(?P<n>\d+)\s*:\s*(?P<m>\d+))\s*(?:\+\s*|$))?"
+                    r"(?:(?P<bits>\d+)\s*b(?:its?)?\s*(?:-\s*(?:g(?P<group>\d+)|(?P<ch>ch|channel)))?)?\s*")
 
 KEEP = Treatment.keep_unit()
 # The options a cost table measures by default: 2, 3, 4 and 8 bits at group 128, and keep.

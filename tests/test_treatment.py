@@ -16,6 +16,7 @@ from moepress.export.checkpoint import read_tensors
 from moepress.quantize import QuantSpec, rtn_quantize
 from moepress.runtime.install import empty_weight
 from moepress.runtime.packed_weight import PackedWeight
+from moepress.runtime.sparse_weight import SparsePackedWeight
 from moepress.runtime.split_weight import SplitWeight
 from moepress.treatment import KEEP, Treatment
 
@@ -28,6 +29,10 @@ EXAMPLES = [
     Treatment.quantize(2, 32, act_order="dynamic", damp=0.05),
     Treatment.quantize(8, 64, method="rtn"),
     Treatment.split([Treatment.quantize(2, 32), KEEP, Treatment.quantize(3, 32)], axis=1),
+    Treatment.prune(0.5),
+    Treatment.prune(nm=(2, 4), pruner="wanda"),
+    Treatment.prune(nm=(4, 8), bits=4, group_size=64),
+    Treatment.prune(0.3, bits=3, group_size=None, symmetric=True, pruner="magnitude"),
 ]
 
 
@@ -47,6 +52,17 @@ def test_values_are_normalised_once():
     assert split.pieces[0].act_order == "off"  # a piece never stores a group index
     assert split.pieces[1].act_order == "dynamic"  # per-channel: no group index to store anyway
     assert split.bits == 3 and Treatment.split([KEEP, Treatment.quantize(2)], 0).bits == 16
+    # pruned: N:M fixes the sparsity; no act-order; the pruner fixes the quantizer
+    assert Treatment.prune(nm=(2, 4)).sparsity == 0.5 and Treatment.prune(nm=(2, 4), bits=4).act_order == "off"
+    assert Treatment.prune(0.5, bits=4, pruner="wanda").method == "rtn"
+    assert Treatment.prune(0.5, bits=4).method == "gptq"
+    assert Treatment.quantize(4, pruner="wanda") == Treatment.quantize(4)  # not pruned: no pruner
+
+
+@pytest.mark.parametrize("label", ["50%", "2:4", "2:4+4b-g128", "12.5%+3b-ch", "16b", "8b-g32"])
+def test_labels_round_trip(label):
+    assert Treatment.parse(label).label == label
+    assert Treatment.parse(Treatment.parse(label).label) == Treatment.parse(label)
 
 
 @pytest.mark.parametrize("make, message", [
@@ -56,7 +72,12 @@ def test_values_are_normalised_once():
     (lambda: Treatment.quantize(4, damp=-1), "damp must be"),
     (lambda: Treatment.quantize(4, method="awq"), "method must be 'gptq' or 'rtn'"),
     (lambda: Treatment.quantize(4, colour="red"), "unknown quantization setting"),
-    (lambda: Treatment(kind="prune"), "unknown treatment 'prune'"),
+    (lambda: Treatment(kind="trim"), "unknown treatment 'trim'"),
+    (lambda: Treatment.prune(), "needs a sparsity above 0"),
+    (lambda: Treatment.prune(1.5), "sparsity must be a fraction in"),
+    (lambda: Treatment.prune(nm=(4, 2)), "0 < N < M"),
+    (lambda: Treatment.prune(0.5, pruner="random"), "pruner must be one of"),
+    (lambda: Treatment.split([Treatment.prune(0.5, bits=2), KEEP], 0), "unpruned"),
     (lambda: Treatment.split([KEEP, KEEP], 0), "all kept is a kept unit"),
     (lambda: Treatment.split([Treatment.quantize(2)], 0), "at least two pieces"),
     (lambda: Treatment.split([Treatment.quantize(2), Treatment.quantize(2, method="rtn")], 0), "share one method"),
@@ -82,7 +103,7 @@ def test_format_one_unit_map_entries_read():
     with pytest.raises(MoepressError, match="layers.0.x: 'bits' is missing"):
         Treatment.from_unit_map({"group_size": 32, "symmetric": False, "act_order": False}, "layers.0.x")
     with pytest.raises(MoepressError, match="unknown unit-map field"):
-        Treatment.from_unit_map({**Treatment.quantize(3).to_unit_map(), "sparsity": 0.5})
+        Treatment.from_unit_map({**Treatment.quantize(3).to_unit_map(), "experts_kept": 6})
 
 
 @pytest.mark.parametrize("treatment", EXAMPLES, ids=lambda t: t.label)
@@ -90,7 +111,9 @@ def test_bytes_are_the_bytes_of_the_weight_the_loader_builds(treatment):
     weight = empty_weight(treatment, 64, 256, torch.bfloat16)
     stored = weight.numel() * weight.element_size() if isinstance(weight, torch.Tensor) else weight.nbytes()
     assert treatment.nbytes(64, 256) == stored
-    assert isinstance(weight, {"keep": torch.Tensor, "quantize": PackedWeight, "split": SplitWeight}[treatment.kind])
+    kind = "pruned" if treatment.pruned else treatment.kind
+    assert isinstance(weight, {"keep": torch.Tensor, "quantize": PackedWeight, "split": SplitWeight,
+                               "pruned": SparsePackedWeight}[kind])
 
 
 def test_plan_entries_with_their_own_settings_round_trip(tmp_path):
@@ -139,3 +162,31 @@ def test_compress_honours_each_units_own_treatment(tiny_model_dir, calib_file, t
     assert "model.layers.0.self_attn.q_proj.zeros" not in tensors  # symmetric: no zero points
     loaded = moepress.load(out)
     assert loaded.get_submodule("model.layers.0.self_attn.q_proj").group_size == 64
+
+
+def _legacy_entry(entry: dict) -> dict:
+    """A unit-map entry as format 1 wrote it."""
+    if entry["kind"] == "keep":
+        return {"bits": 16, "group_size": None, "symmetric": False, "act_order": False, "method": "keep"}
+    treatment = Treatment.from_unit_map(entry)
+    return {"bits": treatment.bits, "group_size": treatment.group_size, "symmetric": treatment.symmetric,
+            "act_order": treatment.stores_group_index, "method": treatment.method}
+
+
+@pytest.mark.parametrize("act_order", ["static", "dynamic"])
+def test_a_checkpoint_with_a_format_one_unit_map_loads_the_same(tiny_model_dir, calib_file, tmp_path, act_order):
+    out = str(tmp_path / "out")
+    moepress.compress(tiny_model_dir("qwen3_moe"), bits=3, group_size=32, act_order=act_order, calib=calib_file,
+                      out=out, progress=False, **SMALL)
+    ids = torch.randint(0, 500, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = moepress.load(out)(ids).logits
+    config_path = os.path.join(out, "config.json")
+    config = json.load(open(config_path))
+    qc = config["quantization_config"]
+    qc["format_version"] = 1
+    qc["units"] = {name: _legacy_entry(entry) for name, entry in qc["units"].items()}
+    assert any(e["act_order"] for e in qc["units"].values()) == (act_order == "dynamic")
+    json.dump(config, open(config_path, "w"))
+    with torch.no_grad():
+        assert torch.equal(moepress.load(out)(ids).logits, want)

@@ -130,12 +130,15 @@ def quantization_config_dict(record: dict) -> dict:
     """The ``quantization_config`` entry of config.json: enough to rebuild the packed modules (every
     unit's treatment, as :meth:`~moepress.treatment.Treatment.to_unit_map` writes it)."""
     units = {name: {k: v for k, v in unit.items() if k != "error"} for name, unit in record["units"].items()}
+    kept = record.get("experts_kept") or {}
     return {
         "quant_method": "moepress",
         "format_version": record["format_version"],
         "bits": record["bits"],
         "group_size": record["group_size"],
         "units": units,
+        # MoE layers an expert drop shrank: experts left, and their indices in the source model
+        **({"expert_counts": {layer: len(k) for layer, k in kept.items()}, "experts_kept": kept} if kept else {}),
     }
 
 

@@ -6,8 +6,9 @@ fills. Both go through :func:`install_linear` and :func:`install_experts`, so a 
 loads into exactly the module tree it was saved from.
 
 A weight is a :class:`~moepress.quantize.QuantizedWeight` (or the :class:`PackedWeight` holding
-one), a :class:`SplitWeight` (neuron groups with their own options), or a plain tensor: a unit the
-plan keeps in 16 bits.
+one), a :class:`~moepress.prune.sparse.SparseWeight` (pruned, maybe quantized), a
+:class:`SplitWeight` (neuron groups with their own options), or a plain tensor: a unit the plan
+keeps in 16 bits.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .kept_weight import KeptWeight
 from .packed_experts import PackedExperts
 from .packed_linear import PackedLinear
 from .packed_weight import PackedWeight
+from .sparse_weight import SparseLinear, SparsePackedWeight
 from .split_weight import SplitLinear, SplitWeight
 
 
@@ -33,10 +35,15 @@ def _quantized(weight) -> QuantizedWeight:
 
 def install_linear(model: nn.Module, path: str, weight, bias: torch.Tensor | None = None) -> None:
     """Replace the ``nn.Linear`` at ``path`` by its packed form (a kept tensor leaves it as it is)."""
+    from ..prune.sparse import SparseWeight
+
     if isinstance(weight, torch.Tensor):
         return
     if isinstance(weight, SplitWeight):
         set_submodule(model, path, SplitLinear(list(weight.pieces), weight.axis))
+    elif isinstance(weight, (SparseWeight, SparsePackedWeight)):
+        sparse = weight.sparse() if isinstance(weight, SparsePackedWeight) else weight
+        set_submodule(model, path, SparseLinear(sparse, bias))
     else:
         set_submodule(model, path, PackedLinear(_quantized(weight), bias))
 
@@ -68,6 +75,8 @@ def empty_weight(treatment: Treatment, out_features: int, in_features: int, kept
     checkpoint into: a tensor (kept), a :class:`PackedWeight` or a :class:`SplitWeight`."""
     if treatment.kind == "split":
         return SplitWeight.empty(treatment, out_features, in_features, kept_dtype)
+    if treatment.pruned:
+        return SparsePackedWeight.empty(treatment, out_features, in_features, kept_dtype)
     if treatment.keep:
         return torch.zeros(out_features, in_features, dtype=kept_dtype)
     return PackedWeight.empty(treatment, out_features, in_features)

@@ -9,6 +9,7 @@ from torch import nn
 from ..quantize import QuantizedWeight
 from .kept_weight import KeptWeight
 from .packed_weight import PackedWeight
+from .sparse_weight import SparsePackedWeight
 from .split_weight import SplitWeight
 
 EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")
@@ -50,8 +51,12 @@ class PackedExperts(nn.ModuleList):
                 raise ValueError(f"{linear}: expected {num_experts} packed experts, got {len(packed[linear])}")
 
         def module(w):
-            if isinstance(w, (PackedWeight, KeptWeight, SplitWeight)):
+            from ..prune.sparse import SparseWeight
+
+            if isinstance(w, (PackedWeight, KeptWeight, SplitWeight, SparsePackedWeight)):
                 return w
+            if isinstance(w, SparseWeight):
+                return SparsePackedWeight(w)
             return KeptWeight(w) if isinstance(w, torch.Tensor) else PackedWeight(w)
 
         super().__init__(

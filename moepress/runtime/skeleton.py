@@ -8,12 +8,13 @@ from torch import nn
 
 from ..errors import MoepressError
 from .packed_weight import PackedWeight
+from .sparse_weight import SparsePackedWeight
 
 
 def validate_packed(model: nn.Module) -> None:
     """Check every packed buffer against its metadata after loading (a corrupt file fails here)."""
     for name, module in model.named_modules():
-        if isinstance(module, PackedWeight):
+        if isinstance(module, (PackedWeight, SparsePackedWeight)):
             try:
                 module.validate(name)
             except ValueError as exc:
