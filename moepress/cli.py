@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "Wanda (|W| x input norm, per row) or magnitude")
     c.add_argument("--prune-scope", choices=("experts", "all"), default="experts",
                    help="what --prune applies to: the routed experts (default) or every unit --bits applies to")
+    c.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="route each token of every MoE layer to K experts (fewer than the model's: fewer active "
+                        "parameters per token)")
     c.add_argument("--drop-experts", metavar="AMOUNT",
                    help="remove the least important routed experts of every MoE layer: a share (25%%) or a count (2); "
                         "the router then chooses among the rest")
@@ -203,7 +206,7 @@ def run_compress(args) -> None:
         min_expert_tokens=args.min_expert_tokens, rare_experts=args.rare_experts,
         quantize_attention=not args.keep_attention, expert_chunk=args.expert_chunk,
         prune=args.prune, pruner=args.pruner, prune_scope=args.prune_scope,
-        drop_experts=args.drop_experts, drop_criterion=args.drop_criterion,
+        drop_experts=args.drop_experts, drop_criterion=args.drop_criterion, top_k=args.top_k,
         offload_activations=args.offload_activations,
     )
     if args.save_profile:

@@ -52,6 +52,7 @@ class CompressConfig:
     prune: str | None = None  # "50%" or "2:4": prune every routed expert linear (He et al.'s expert slimming)
     pruner: str = "sparsegpt"  # sparsegpt | wanda | magnitude
     prune_scope: str = "experts"  # experts | all (every unit --bits applies to)
+    top_k: int | None = None  # route each token of every MoE layer to this many experts (a reduction)
     drop_experts: str | None = None  # "25%" or "2": routed experts removed from every MoE layer
     drop_criterion: str = "reap"  # frequency | mass | router | reap (moepress.trim.importance)
     expert_chunk: int | None = None  # experts whose Hessians are held at once (None: all of a layer)
@@ -149,6 +150,10 @@ class CompressResult:
         return {int(k.split(".")[1]): [int(i) for i in v.tolist()] for k, v in self.profile.tensors.items()
                 if k.endswith(".experts.kept")}
 
+    def top_k_counts(self) -> dict[int, int]:
+        """MoE layer -> the top-k a top-k reduction set."""
+        return {int(k.split(".")[1]): int(v[0]) for k, v in self.profile.tensors.items() if k.endswith(".experts.top_k")}
+
     def footprint(self):
         """Linear weight bytes from the tensors' shapes and dtypes, without loading a streamed model."""
         from .evaluate import measure_footprint
@@ -183,6 +188,7 @@ class CompressResult:
             "drop_experts": None if self.config.drop_experts is None else {
                 "amount": self.config.drop_experts, "criterion": self.config.drop_criterion},
             "experts_kept": {str(layer): kept for layer, kept in self.experts_kept().items()},
+            "top_k": {str(layer): k for layer, k in self.top_k_counts().items()},
             "calibration": {
                 "source": self.config.calib,
                 "samples": self.config.calib_samples,
@@ -258,18 +264,26 @@ def unit_treatments(config: CompressConfig, resolved: dict[str, Treatment] | Non
 
 
 def _check_drop(view: MoEView, config: CompressConfig) -> None:
-    """An expert drop leaves every MoE layer at least its top-k experts, and as many in every group
-    of a group-limited router; checked before any work."""
+    """A top-k reduction is one every MoE layer's router can make, and an expert drop leaves every
+    MoE layer at least its top-k experts, and as many in every group of a group-limited router;
+    checked before any work."""
+    if config.top_k is not None:
+        from .trim.top_k import check_top_k
+
+        for layer in range(view.num_layers):
+            if view.experts(layer) is not None:
+                check_top_k(view.model, layer, config.top_k)
     if config.drop_experts is None:
         return
-    from .trim.expert_drop import router_groups, top_k_of
+    from .trim.expert_drop import router_groups
+    from .trim.top_k import top_k_of_layer
 
     for layer in range(view.num_layers):
         store = view.experts(layer)
         if store is None:
             continue
-        drop, top_k, groups = config.experts_to_drop(store.num_experts), top_k_of(view.model, layer), \
-            router_groups(view.model, layer)
+        top_k = config.top_k or top_k_of_layer(view.model, layer)
+        drop, groups = config.experts_to_drop(store.num_experts), router_groups(view.model, layer)
         if store.num_experts - drop < top_k:
             raise MoepressError(f"layers.{layer}: dropping {drop} of its {store.num_experts} experts leaves fewer "
                                 f"than the {top_k} each token is routed to; drop at most {store.num_experts - top_k}")
@@ -435,6 +449,11 @@ class QuantizeStep:
             _quantize_linear_units(view.model, attention, stats["linear"], treatment_of, records, runner.device)
             for unit in attention:
                 part.record_linear(unit, stats["linear"][unit])
+        if config.top_k is not None and view.experts(layer) is not None:
+            from .trim.top_k import set_top_k
+
+            set_top_k(view.model, layer, config.top_k)
+            part.tensors[f"layers.{layer}.experts.top_k"] = torch.tensor([config.top_k], dtype=torch.int64)
         if config.drop_experts is not None and view.experts(layer) is not None:
             part.tensors.update(_drop_experts(view, layer, runner, config))
         mlp_units = view.mlp_units(layer) if config.quantize_mlp else []
@@ -671,9 +690,9 @@ def compress(
         options = {**options, **{k: v for k, v in plan.quantization.items()
                                  if k in ("method", "symmetric", "act_order", "damp")}}
     config = config or CompressConfig(**options)
-    if plan is not None and config.drop_experts is not None:
-        raise MoepressError("--drop-experts does not combine with --plan or --budget yet; drop experts with "
-                            "--drop-experts and --bits alone")
+    if plan is not None and (config.drop_experts is not None or config.top_k is not None):
+        raise MoepressError("--drop-experts and --top-k do not combine with --plan or --budget yet; use them "
+                            "with --bits")
     if plan is not None and config.prune is not None:
         raise MoepressError("a plan gives every unit its treatment, so --prune does not combine with --plan or "
                             "--budget; write pruned treatments in the plan instead (e.g. 2:4+4b-g128)")

@@ -29,7 +29,7 @@ class MoepressConfig(QuantizationConfigMixin):
 
     def __init__(self, units: dict | None = None, bits: int | None = None, group_size: int | None = None,
                  format_version: int = 1, expert_counts: dict | None = None, experts_kept: dict | None = None,
-                 **kwargs):
+                 top_k: dict | None = None, **kwargs):
         self.quant_method = "moepress"
         self.units = units or {}
         self.bits = bits
@@ -37,6 +37,7 @@ class MoepressConfig(QuantizationConfigMixin):
         self.format_version = format_version
         self.expert_counts = expert_counts or {}  # MoE layer -> experts left by an expert drop
         self.experts_kept = experts_kept or {}
+        self.top_k = top_k or {}  # MoE layer -> experts per token after a top-k reduction
 
     def to_dict(self) -> dict:
         return {
@@ -46,6 +47,7 @@ class MoepressConfig(QuantizationConfigMixin):
             "group_size": self.group_size,
             "units": self.units,
             **({"expert_counts": self.expert_counts, "experts_kept": self.experts_kept} if self.expert_counts else {}),
+            **({"top_k": self.top_k} if self.top_k else {}),
         }
 
 
@@ -68,6 +70,10 @@ class MoepressHfQuantizer(HfQuantizer):
             from .trim.expert_drop import restore_expert_counts
 
             restore_expert_counts(model, self.quantization_config.expert_counts)
+        if self.quantization_config.top_k:
+            from .trim.top_k import restore_top_k
+
+            restore_top_k(model, self.quantization_config.top_k)
         install_skeleton(model, read_unit_map(self.quantization_config.units, name))
         if files:  # (a state dict handed to from_pretrained has no files to check first)
             check_stored_tensors(model, stored_tensors(files, name), name)

@@ -45,6 +45,9 @@ class ArchSpec:
     mlp_linears: tuple[str, ...] = MLP_LINEARS
     # Names of (gate, up, down) inside one expert when experts are stored as one nn.Linear each.
     per_expert_linears: tuple[str, str, str] = MLP_LINEARS
+    # The router picks a fixed number of experts whatever its ``top_k`` says (PhiMoE's sparsemixer
+    # always takes two), so the top-k cannot be reduced.
+    fixed_top_k: bool = False
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -55,7 +58,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "deepseek_v2": ArchSpec(attention_linears=LATENT_ATTENTION, shared_expert="shared_experts"),
     "deepseek_v3": ArchSpec(attention_linears=LATENT_ATTENTION, shared_expert="shared_experts"),
     "granitemoe": ArchSpec(moe_block="block_sparse_moe", router="router"),
-    "phimoe": ArchSpec(router="router"),
+    "phimoe": ArchSpec(router="router", fixed_top_k=True),
 }
 
 

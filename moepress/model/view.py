@@ -171,6 +171,10 @@ class MoEView:
             return None
         return ExpertStore(self.model, layer, f"{self._block_path(layer)}.{self.spec.experts}", self.spec)
 
+    def moe_block(self, layer: int) -> nn.Module | None:
+        """The module holding layer ``layer``'s router and experts (or its dense MLP)."""
+        return get_submodule(self.model, self._block_path(layer))
+
     def router(self, layer: int) -> nn.Module | None:
         return get_submodule(self.model, f"{self._block_path(layer)}.{self.spec.router}")
 

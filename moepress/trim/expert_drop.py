@@ -124,11 +124,6 @@ def router_groups(model: nn.Module, layer: int) -> int | None:
     return None if groups is None else groups.count
 
 
-def top_k_of(model: nn.Module, layer: int) -> int:
-    """The experts layer ``layer`` routes each token to."""
-    return _top_k(model, _moe_parts(model, layer))
-
-
 def _moe_parts(model: nn.Module, layer: int) -> _MoEParts:
     view = MoEView(model)
     if not 0 <= layer < view.num_layers:

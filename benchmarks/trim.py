@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""The trimming benchmark: pruning and expert drop on the zoo's trained models, side by side.
+
+    python benchmarks/trim.py --models zoo/models/tiny-mixtral zoo/models/tiny-deepseek
+
+For every model, one row per recipe, all evaluated on the same evaluation windows against the same
+uncompressed model (KL divergence, top-1 agreement, perplexity), with the linear weights' measured
+bytes (bits per parameter) and the active linear parameters per token:
+
+* ``4b``: uniform 4-bit GPTQ, the reference point of every row below;
+* ``drop25-<criterion>+4b``: 25% of every MoE layer's experts dropped by each criterion, then 4-bit
+  (He et al.'s "Expert Drop + 4-bit");
+* ``top1+4b``: every token routed to its single best expert (top-k reduction), then 4-bit;
+* ``<pattern>-<pruner>+4b``: the routed experts pruned 2:4 (and 50%) by SparseGPT, Wanda and magnitude
+  and quantized to 4 bits in the same pass;
+* ``<pattern>-<pruner>``: pruned only (the kept weights in bf16).
+
+Active parameters per token count attention, shared experts, dense MLPs and top-k routed experts
+(their non-zero weights when pruned); embeddings and the head are not counted. Rows are written to
+benchmarks/results/trim-<date>.json as they finish, and a rerun with the same --out skips the rows it
+already has. Peer rows (llm-compressor's REAP, Wanda and SparseGPT modifiers) are not here yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import moepress  # noqa: E402
+from moepress.model import MoEView  # noqa: E402
+from moepress.treatment import Treatment  # noqa: E402
+
+CRITERIA = ("frequency", "mass", "router", "reap")
+
+
+def recipes(bits: int) -> dict[str, dict]:
+    """Recipe name -> compress options."""
+    out = {f"{bits}b": {}}
+    for criterion in CRITERIA:
+        out[f"drop25-{criterion}+{bits}b"] = {"drop_experts": "25%", "drop_criterion": criterion}
+    out[f"top1+{bits}b"] = {"top_k": 1}
+    for pattern in ("2:4", "50%"):
+        for pruner in ("sparsegpt", "wanda", "magnitude"):
+            out[f"{pattern}-{pruner}+{bits}b"] = {"prune": pattern, "pruner": pruner}
+            out[f"{pattern}-{pruner}"] = {"prune": pattern, "pruner": pruner, "bits": 16}
+    return out
+
+
+def active_params(out: str) -> tuple[int, int]:
+    """(active linear parameters per token, all linear parameters) of a checkpoint, from its unit map
+    and config: a routed expert counts top_k / experts of its layer; a pruned unit its kept weights."""
+    record = json.load(open(os.path.join(out, "moepress.json")))
+    model = moepress.load(out)
+    view = MoEView(model)
+    shapes = view.unit_shapes()
+    top_k = model.config.num_experts_per_tok
+    active = total = 0
+    for layer in range(view.num_layers):
+        store = view.experts(layer)
+        if store is not None:
+            for e in range(store.num_experts):
+                for linear in ("gate_proj", "up_proj", "down_proj"):
+                    out_f, in_f = store.shape(linear)
+                    treatment = Treatment.from_unit_map(record["units"][store.unit_name(e, linear)])
+                    kept = out_f * treatment.kept_per_row(in_f)
+                    active += kept * top_k / store.num_experts
+                    total += kept
+    for name, (out_f, in_f) in shapes.items():
+        if ".experts." in name:
+            continue
+        treatment = Treatment.from_unit_map(record["units"][name]) if name in record["units"] else None
+        kept = out_f * (treatment.kept_per_row(in_f) if treatment else in_f)
+        active += kept
+        total += kept
+    return round(active), int(total)
+
+
+def run_row(model_dir: str, name: str, options: dict, args, workdir: str) -> dict:
+    out = os.path.join(workdir, name.replace(":", "-").replace("%", "pct"))
+    settings = {"bits": args.bits, "group_size": args.group_size, **options}
+    started = time.time()
+    moepress.compress(model_dir, out=out, overwrite=True, calib="builtin:calib", calib_samples=args.calib_samples,
+                      seq_len=args.seq_len, progress=False, **settings)
+    seconds = time.time() - started
+    report = moepress.evaluate(out, reference=model_dir, text="builtin:eval", seq_len=args.seq_len,
+                               samples=args.eval_samples, progress=False)
+    active, total = active_params(out)
+    fp = report.footprint
+    return {"model": os.path.basename(os.path.normpath(model_dir)), "recipe": name, "settings": settings,
+            "kl": report.kl_divergence, "top1": report.top1_agreement, "perplexity": report.perplexity,
+            "reference_perplexity": report.reference_perplexity, "linear_bytes": fp["linear_bytes"],
+            "bits_per_param": fp["bits_per_param"],
+            # the budget's measure: the checkpoint's linear bytes over the ORIGINAL model's linear parameters
+            "bits_per_original_param": round(8 * fp["linear_bytes"] / report.reference_footprint["linear_params"], 4),
+            "active_params": active, "linear_params": total,
+            "compress_seconds": round(seconds, 1), "status": "ok"}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | recipe | KL | top-1 | ppl (ref) | bits per original param | active params | KL / 4b |",
+             "|---|---|---|---|---|---|---|---|"]
+    base = {r["model"]: r["kl"] for r in rows if r["recipe"].endswith("b") and "-" not in r["recipe"]
+            and r.get("status") == "ok"}
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['model']} | {r['recipe']} | failed: {r.get('error', '')[:80]} |||||||")
+            continue
+        ratio = r["kl"] / base[r["model"]] if base.get(r["model"]) else float("nan")
+        lines.append(f"| {r['model']} | {r['recipe']} | {r['kl']:.4f} | {r['top1']:.3f} | {r['perplexity']:.2f} "
+                     f"({r['reference_perplexity']:.2f}) | {r['bits_per_original_param']:.3f} | {r['active_params']:,} | "
+                     f"{ratio:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["zoo/models/tiny-mixtral", "zoo/models/tiny-deepseek"])
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--eval-samples", type=int, default=64)
+    p.add_argument("--only", nargs="*", default=None, help="recipe names to run (default all)")
+    p.add_argument("--out", default=None, help="JSON (default benchmarks/results/trim-<date>.json)")
+    args = p.parse_args(argv)
+    date = datetime.date.today().isoformat()
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"trim-{date}.json")
+    payload = {"date": date, "command": " ".join([sys.executable, *sys.argv]),
+               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                           "torch_threads": torch.get_num_threads()},
+               "settings": vars(args), "rows": []}
+    if os.path.exists(out):
+        payload["rows"] = json.load(open(out)).get("rows", [])
+    done = {(r["model"], r["recipe"]) for r in payload["rows"] if r.get("status") == "ok"}
+    with tempfile.TemporaryDirectory(prefix="moepress-trim-") as workdir:
+        for model_dir in args.models:
+            for name, options in recipes(args.bits).items():
+                model = os.path.basename(os.path.normpath(model_dir))
+                if (model, name) in done or (args.only and name not in args.only):
+                    continue
+                print(f"[trim] {model} {name}", file=sys.stderr, flush=True)
+                try:
+                    row = run_row(model_dir, name, options, args, workdir)
+                except Exception as exc:  # a failed recipe is a row saying how, not a lost benchmark
+                    row = {"model": model, "recipe": name, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+                payload["rows"] = [r for r in payload["rows"] if (r["model"], r["recipe"]) != (model, name)] + [row]
+                with open(out + ".tmp", "w") as f:
+                    json.dump(payload, f, indent=1)
+                os.replace(out + ".tmp", out)
+    print(table(payload["rows"]))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
