@@ -11,6 +11,8 @@ bytes (bits per parameter) and the active linear parameters per token:
 * ``drop25-<criterion>+4b``: 25% of every MoE layer's experts dropped by each criterion, then 4-bit
   (He et al.'s "Expert Drop + 4-bit");
 * ``top1+4b``: every token routed to its single best expert (top-k reduction), then 4-bit;
+* ``block1+4b`` / ``layer1+4b``: the most redundant decoder layer / MoE sublayer dropped, then 4-bit
+  (He et al.'s "Block Drop + 4-bit" and "Layer Drop + 4-bit");
 * ``<pattern>-<pruner>+4b``: the routed experts pruned 2:4 (and 50%) by SparseGPT, Wanda and magnitude
   and quantized to 4 bits in the same pass;
 * ``<pattern>-<pruner>``: pruned only (the kept weights in bf16).
@@ -50,6 +52,8 @@ def recipes(bits: int) -> dict[str, dict]:
     for criterion in CRITERIA:
         out[f"drop25-{criterion}+{bits}b"] = {"drop_experts": "25%", "drop_criterion": criterion}
     out[f"top1+{bits}b"] = {"top_k": 1}
+    out[f"block1+{bits}b"] = {"drop_blocks": 1}
+    out[f"layer1+{bits}b"] = {"drop_moe_layers": 1}
     for pattern in ("2:4", "50%"):
         for pruner in ("sparsegpt", "wanda", "magnitude"):
             out[f"{pattern}-{pruner}+{bits}b"] = {"prune": pattern, "pruner": pruner}
@@ -79,8 +83,11 @@ def active_params(out: str) -> tuple[int, int]:
     for name, (out_f, in_f) in shapes.items():
         if ".experts." in name:
             continue
-        treatment = Treatment.from_unit_map(record["units"][name]) if name in record["units"] else None
-        kept = out_f * (treatment.kept_per_row(in_f) if treatment else in_f)
+        if name not in record["units"]:  # not compressed: counted as it is
+            active += out_f * in_f
+            total += out_f * in_f
+            continue
+        kept = out_f * Treatment.from_unit_map(record["units"][name]).kept_per_row(in_f)
         active += kept
         total += kept
     return round(active), int(total)

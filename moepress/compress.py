@@ -53,6 +53,8 @@ class CompressConfig:
     pruner: str = "sparsegpt"  # sparsegpt | wanda | magnitude
     prune_scope: str = "experts"  # experts | all (every unit --bits applies to)
     top_k: int | None = None  # route each token of every MoE layer to this many experts (a reduction)
+    drop_blocks: int = 0  # decoder layers removed, most similar input/output first (He et al.'s Block Drop)
+    drop_moe_layers: int = 0  # MoE sublayers removed, attention kept (He et al.'s Layer Drop)
     drop_experts: str | None = None  # "25%" or "2": routed experts removed from every MoE layer
     drop_criterion: str = "reap"  # frequency | mass | router | reap (moepress.trim.importance)
     expert_chunk: int | None = None  # experts whose Hessians are held at once (None: all of a layer)
@@ -68,6 +70,10 @@ class CompressConfig:
         self.treatment()  # a bad bit width, group size or damping fails here, in one line
         self.pruned_treatment()
         self.experts_to_drop(8)
+        for name in ("drop_blocks", "drop_moe_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise MoepressError(f"{name.replace('_', '-')} must be a count >= 0 (got {value!r})")
         from .trim.importance import CRITERIA
 
         if self.drop_criterion not in CRITERIA:
@@ -150,6 +156,10 @@ class CompressResult:
         return {int(k.split(".")[1]): [int(i) for i in v.tolist()] for k, v in self.profile.tensors.items()
                 if k.endswith(".experts.kept")}
 
+    def dropped(self, part: str) -> list[int]:
+        """The decoder layers (``part`` "block") or MoE sublayers ("moe") a layer or block drop removed."""
+        return sorted(int(k.split(".")[1]) for k in self.profile.tensors if k.endswith(f".dropped_{part}"))
+
     def top_k_counts(self) -> dict[int, int]:
         """MoE layer -> the top-k a top-k reduction set."""
         return {int(k.split(".")[1]): int(v[0]) for k, v in self.profile.tensors.items() if k.endswith(".experts.top_k")}
@@ -189,6 +199,8 @@ class CompressResult:
                 "amount": self.config.drop_experts, "criterion": self.config.drop_criterion},
             "experts_kept": {str(layer): kept for layer, kept in self.experts_kept().items()},
             "top_k": {str(layer): k for layer, k in self.top_k_counts().items()},
+            "dropped_blocks": self.dropped("block"),
+            "dropped_moe_layers": self.dropped("moe"),
             "calibration": {
                 "source": self.config.calib,
                 "samples": self.config.calib_samples,
@@ -432,16 +444,24 @@ class QuantizeStep:
     Returns the layer's unit records (JSON) and its calibration statistics (profile tensors).
     """
 
-    def __init__(self, view: MoEView, config: CompressConfig, treatment_of):
+    def __init__(self, view: MoEView, config: CompressConfig, treatment_of, dropped_blocks=(), dropped_moe=()):
         self.view = view
         self.config = config
         self.treatment_of = treatment_of  # canonical unit name -> Treatment
+        self.dropped_blocks = set(dropped_blocks)  # decided before the pass (moepress.trim.layer_drop)
+        self.dropped_moe = set(dropped_moe)
 
     def __call__(self, layer: int, runner: LayerwiseRunner):
         config, view, treatment_of = self.config, self.view, self.treatment_of
         records: dict[str, tuple[Treatment, float]] = {}
         part = Profile()
         fault_point("mid_layer", layer)
+        if layer in self.dropped_blocks:  # the whole decoder layer goes: its input passes through
+            from .trim.layer_drop import drop_block
+
+            drop_block(view.model, layer)
+            runner.run_layer(layer, update=True)
+            return {}, {f"layers.{layer}.dropped_block": torch.ones(1)}
         if config.quantize_attention:
             attention = view.attention_units(layer)
             stats, handles = collect_layer_stats(view, layer, runner, 0, "routed_only", units=attention, experts=False)
@@ -449,6 +469,11 @@ class QuantizeStep:
             _quantize_linear_units(view.model, attention, stats["linear"], treatment_of, records, runner.device)
             for unit in attention:
                 part.record_linear(unit, stats["linear"][unit])
+        if layer in self.dropped_moe:
+            from .trim.layer_drop import drop_moe_layer
+
+            drop_moe_layer(view.model, layer)
+            part.tensors[f"layers.{layer}.dropped_moe"] = torch.ones(1)
         if config.top_k is not None and view.experts(layer) is not None:
             from .trim.top_k import set_top_k
 
@@ -690,9 +715,10 @@ def compress(
         options = {**options, **{k: v for k, v in plan.quantization.items()
                                  if k in ("method", "symmetric", "act_order", "damp")}}
     config = config or CompressConfig(**options)
-    if plan is not None and (config.drop_experts is not None or config.top_k is not None):
-        raise MoepressError("--drop-experts and --top-k do not combine with --plan or --budget yet; use them "
-                            "with --bits")
+    if plan is not None and (config.drop_experts is not None or config.top_k is not None or config.drop_blocks
+                             or config.drop_moe_layers):
+        raise MoepressError("--drop-experts, --drop-blocks, --drop-moe-layers and --top-k do not combine with --plan "
+                            "or --budget yet; use them with --bits")
     if plan is not None and config.prune is not None:
         raise MoepressError("a plan gives every unit its treatment, so --prune does not combine with --plan or "
                             "--budget; write pruned treatments in the plan instead (e.g. 2:4+4b-g128)")
@@ -738,7 +764,8 @@ def compress(
         work.finish(overwrite)
         distributed.finish()  # (the other ranks read the record once rank 0 has moved it into OUT)
         return _result_of_saved(out, tokenizer, config, plan, tokens, view)
-    results = loop.run(QuantizeStep(view, config, unit_treatments(config, treatments)))
+    dropped_blocks, dropped_moe = _choose_layer_drops(source, view, tokens, config, device, progress)
+    results = loop.run(QuantizeStep(view, config, unit_treatments(config, treatments), dropped_blocks, dropped_moe))
     distributed.barrier()  # every rank is past its last layer before rank 0 completes (and renames) the folder
     units, errors, profile = _records_and_profile(results, view, tokens, config)
     result = CompressResult(
@@ -775,6 +802,28 @@ def compress(
     distributed.finish()  # the other ranks return once the checkpoint is complete
     result.saved_to = out
     return result
+
+
+def _choose_layer_drops(source, view: MoEView, tokens, config: CompressConfig, device, progress: bool):
+    """The blocks and MoE sublayers ``--drop-blocks`` / ``--drop-moe-layers`` remove: the ones that change
+    the hidden states least on the calibration tokens, measured in one pass over the uncompressed
+    model before the compression pass (He et al.; see moepress.trim.layer_drop)."""
+    if not (config.drop_blocks or config.drop_moe_layers):
+        return (), ()
+    import sys
+
+    from .trim.layer_drop import most_similar, similarity_scores
+
+    scores = similarity_scores(source, tokens, device=device, batch_size=config.batch_size, progress=progress)
+    blocks = most_similar(scores["block"], config.drop_blocks, exclude=(0,), what="blocks") if config.drop_blocks \
+        else []
+    moe = most_similar(scores["moe"], config.drop_moe_layers, exclude=blocks, what="MoE sublayers") \
+        if config.drop_moe_layers else []
+    if progress:
+        print(f"layer drop: blocks {blocks}, MoE sublayers {moe} (mean cosine similarity, block "
+              f"{[round(float(s), 4) for s in scores['block']]}, MoE {[round(float(s), 4) for s in scores['moe']]})",
+              file=sys.stderr)
+    return blocks, moe
 
 
 def _open_work_folder(out: str, settings: dict, fingerprint: dict, num_layers: int, *, restart: bool,

@@ -29,7 +29,8 @@ class MoepressConfig(QuantizationConfigMixin):
 
     def __init__(self, units: dict | None = None, bits: int | None = None, group_size: int | None = None,
                  format_version: int = 1, expert_counts: dict | None = None, experts_kept: dict | None = None,
-                 top_k: dict | None = None, **kwargs):
+                 top_k: dict | None = None, dropped_blocks: list | None = None,
+                 dropped_moe_layers: list | None = None, **kwargs):
         self.quant_method = "moepress"
         self.units = units or {}
         self.bits = bits
@@ -38,6 +39,8 @@ class MoepressConfig(QuantizationConfigMixin):
         self.expert_counts = expert_counts or {}  # MoE layer -> experts left by an expert drop
         self.experts_kept = experts_kept or {}
         self.top_k = top_k or {}  # MoE layer -> experts per token after a top-k reduction
+        self.dropped_blocks = dropped_blocks or []  # decoder layers a block drop removed
+        self.dropped_moe_layers = dropped_moe_layers or []  # MoE sublayers a layer drop removed
 
     def to_dict(self) -> dict:
         return {
@@ -48,6 +51,8 @@ class MoepressConfig(QuantizationConfigMixin):
             "units": self.units,
             **({"expert_counts": self.expert_counts, "experts_kept": self.experts_kept} if self.expert_counts else {}),
             **({"top_k": self.top_k} if self.top_k else {}),
+            **({"dropped_blocks": self.dropped_blocks} if self.dropped_blocks else {}),
+            **({"dropped_moe_layers": self.dropped_moe_layers} if self.dropped_moe_layers else {}),
         }
 
 
@@ -66,6 +71,11 @@ class MoepressHfQuantizer(HfQuantizer):
         files = [str(f) for f in checkpoint_files or () if str(f).endswith(".safetensors")]
         name = getattr(model.config, "_name_or_path", "") or (os.path.dirname(files[0]) if files else "")
         check_format_version(self.quantization_config.format_version, name)
+        qc = self.quantization_config
+        if qc.dropped_blocks or qc.dropped_moe_layers:  # removed parts: stand-ins without weights
+            from .trim.layer_drop import restore_dropped
+
+            restore_dropped(model, qc.dropped_blocks, qc.dropped_moe_layers)
         if self.quantization_config.expert_counts:  # layers an expert drop shrank, before the packed swap
             from .trim.expert_drop import restore_expert_counts
 

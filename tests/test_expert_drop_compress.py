@@ -93,3 +93,22 @@ def test_bad_drops_are_refused_before_any_work(tiny_model_dir, calib_file, tmp_p
                    "--calib-samples", "4", "--seq-len", "64", "--quiet", "--drop-experts", amount)
     assert message in line
     assert not os.path.exists(out)
+
+
+def test_a_killed_trimming_run_resumes_to_the_same_checkpoint(tiny_model_dir, calib_file, tmp_path, monkeypatch):
+    """Drops, top-k and pruning decided in the finished layers survive a kill: the resumed run writes
+    the same tensors, unit map and expert counts as an uninterrupted one."""
+    from .helpers import interrupt, same_checkpoint
+
+    source = tiny_model_dir("mixtral")
+    options = dict(bits=4, drop_experts="1", top_k=1, prune="2:4", calib=calib_file, progress=False, **SMALL)
+    reference = str(tmp_path / "reference")
+    moepress.compress(source, out=reference, **options)
+    out = str(tmp_path / "out")
+    interrupt(monkeypatch, "layer_committed:1", lambda: moepress.compress(source, out=out, **options))
+    moepress.compress(source, out=out, **options)
+    same_checkpoint(reference, out)
+    config = lambda path: json.load(open(os.path.join(path, "config.json")))["quantization_config"]  # noqa: E731
+    assert config(out)["expert_counts"] == config(reference)["expert_counts"]
+    assert config(out)["experts_kept"] == config(reference)["experts_kept"]
+    assert config(out)["top_k"] == config(reference)["top_k"]
