@@ -1,8 +1,8 @@
 """What happens to one unit, from the plan to the runtime: one typed value, :class:`Treatment`.
 
 A unit (an attention projection, one linear of a routed expert, a shared-expert or dense-MLP
-linear) is kept as it is, quantized, or split along its intermediate neurons into pieces with
-their own treatments (channel-level plans). The same value is
+linear) is kept as it is, quantized, pruned (and maybe quantized), or split along its intermediate
+neurons into pieces with their own treatments (channel-level plans). The same value is
 
 * parsed and validated once, at the edge: a plan label (``3b-g128``, ``4b-ch``, ``16b``) or a
   plan's mapping entry, ``compress --bits`` (:meth:`CompressConfig.treatment`), a unit-map entry
@@ -12,8 +12,9 @@ their own treatments (channel-level plans). The same value is
 * written into the checkpoint's unit map (:meth:`to_unit_map`) and read back by the loader, which
   builds each packed module from it (:func:`moepress.runtime.install.empty_weight`).
 
-New kinds of treatment (pruning, dropping, target formats) are new ``kind`` values with their own
-fields; everything that passes treatments along does not change.
+New kinds of treatment (target formats, say) are new ``kind`` values with their own fields;
+everything that passes treatments along does not change. Removing structure (experts, MoE
+sublayers, blocks, top-k) is not a unit's treatment but a layer's: ``moepress.trim``.
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ class Treatment:
                 SparseGPT by its own error feedback (method "gptq"); pruned units have no
                 act-order.
 
-    Construct with :meth:`keep`, :meth:`quantize`, :meth:`split` or :meth:`parse`; a bad value
-    raises a one-line :class:`MoepressError`.
+    Construct with :meth:`keep_unit` (or use ``KEEP``), :meth:`quantize`, :meth:`prune`,
+    :meth:`split` or :meth:`parse`; a bad value raises a one-line :class:`MoepressError`.
     """
 
     kind: str = "quantize"
@@ -94,8 +95,8 @@ class Treatment:
         if self.pieces or self.axis is not None:
             raise MoepressError("only a split treatment has pieces and an axis")
         self._check_pruning()
-        if self.kind == "prune":
-            for name in ("group_size", "symmetric", "act_order", "method"):
+        if self.kind == "prune":  # the kept weights stay as they are: no grid, no quantizer
+            for name in ("symmetric", "method"):
                 set_(self, name, {f.name: f.default for f in fields(self)}[name])
             set_(self, "bits", KEEP_BITS)
             set_(self, "group_size", None)

@@ -67,6 +67,12 @@ def install_experts(store: ExpertStore, packed: dict[str, list]) -> None:
     set_submodule(store.model, store.module_path, module)
 
 
+def install_stand_in(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` (a weightless stand-in for a dropped MoE block or decoder layer, see
+    :mod:`moepress.trim.layer_drop`) at ``path``: the same routine for compression and loading."""
+    set_submodule(model, path, module)
+
+
 # ------------------------------------------------------------------ loading
 
 
@@ -130,4 +136,4 @@ def install_skeleton(model: nn.Module, units: dict[str, Treatment]) -> nn.Module
     return model
 
 
-__all__ = ["KeptWeight", "empty_weight", "install_experts", "install_linear", "install_skeleton"]
+__all__ = ["KeptWeight", "empty_weight", "install_experts", "install_linear", "install_skeleton", "install_stand_in"]

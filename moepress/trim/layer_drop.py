@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MoepressError
-from ..model.view import MoEView, set_submodule
+from ..model.view import MoEView
+from ..runtime.install import install_stand_in
 
 
 class DroppedMoE(nn.Module):
@@ -44,7 +45,7 @@ def drop_moe_layer(model: nn.Module, layer: int) -> None:
     _check_layer(view, layer)
     if view.experts(layer) is None:
         raise MoepressError(f"layers.{layer}: not an MoE layer; layer drop removes MoE sublayers")
-    set_submodule(model, f"{view.layer_path(layer)}.{view.spec.moe_block}", DroppedMoE())
+    install_stand_in(model, f"{view.layer_path(layer)}.{view.spec.moe_block}", DroppedMoE())
 
 
 def drop_block(model: nn.Module, layer: int) -> None:
@@ -54,7 +55,7 @@ def drop_block(model: nn.Module, layer: int) -> None:
     if layer == 0:
         raise MoepressError("layers.0 cannot be dropped: transformers' KV cache counts the sequence length in the "
                             "first layer; drop another block")
-    set_submodule(model, view.layer_path(layer), DroppedBlock())
+    install_stand_in(model, view.layer_path(layer), DroppedBlock())
 
 
 def restore_dropped(model: nn.Module, blocks=(), moe_layers=()) -> None:
