@@ -30,6 +30,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -42,6 +43,7 @@ import torch  # noqa: E402
 import moepress  # noqa: E402
 from moepress.model import MoEView  # noqa: E402
 from moepress.treatment import Treatment  # noqa: E402
+from moepress.trim import top_k_counts  # noqa: E402
 
 CRITERIA = ("frequency", "mass", "router", "reap")
 
@@ -68,7 +70,7 @@ def active_params(out: str) -> tuple[int, int]:
     model = moepress.load(out)
     view = MoEView(model)
     shapes = view.unit_shapes()
-    top_k = model.config.num_experts_per_tok
+    top_k = top_k_counts(model)  # per layer, as the modules route (a top-k reduction changes it)
     active = total = 0
     for layer in range(view.num_layers):
         store = view.experts(layer)
@@ -78,7 +80,7 @@ def active_params(out: str) -> tuple[int, int]:
                     out_f, in_f = store.shape(linear)
                     treatment = Treatment.from_unit_map(record["units"][store.unit_name(e, linear)])
                     kept = out_f * treatment.kept_per_row(in_f)
-                    active += kept * top_k / store.num_experts
+                    active += kept * top_k[layer] / store.num_experts
                     total += kept
     for name, (out_f, in_f) in shapes.items():
         if ".experts." in name:
@@ -117,8 +119,7 @@ def run_row(model_dir: str, name: str, options: dict, args, workdir: str) -> dic
 def table(rows: list[dict]) -> str:
     lines = ["| model | recipe | KL | top-1 | ppl (ref) | bits per original param | active params | KL / 4b |",
              "|---|---|---|---|---|---|---|---|"]
-    base = {r["model"]: r["kl"] for r in rows if r["recipe"].endswith("b") and "-" not in r["recipe"]
-            and r.get("status") == "ok"}
+    base = {r["model"]: r["kl"] for r in rows if re.fullmatch(r"\d+b", r["recipe"]) and r.get("status") == "ok"}
     for r in rows:
         if r.get("status") != "ok":
             lines.append(f"| {r['model']} | {r['recipe']} | failed: {r.get('error', '')[:80]} |||||||")
