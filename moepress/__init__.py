@@ -14,20 +14,33 @@ from .compress import CompressConfig, CompressResult, compress
 from .errors import MoepressError
 from .evaluate import EvalReport, evaluate  # binds the function over the subpackage's name
 from .model import MoEView
+from .trim.dynamic import DynamicPruning
 
 _hf_integration.register()
 
+_STORED = object()
 
-def load(path: str, *, device: str | None = None, dtype="auto", trust_remote_code: bool = False):
-    """Load a model (a moepress checkpoint or any supported MoE) as a transformers model."""
+
+def load(path: str, *, device: str | None = None, dtype="auto", trust_remote_code: bool = False,
+         dynamic_pruning=_STORED):
+    """Load a model (a moepress checkpoint or any supported MoE) as a transformers model.
+
+    ``dynamic_pruning`` (a :class:`DynamicPruning`, ``"0.3,0.1"``, or None for none) replaces the
+    online dynamic pruning the checkpoint stores (``compress --dynamic-pruning``), if any."""
     from .loading import load_model
 
-    return load_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    model = load_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    if dynamic_pruning is not _STORED:
+        from .trim.dynamic import install_dynamic_pruning
+
+        install_dynamic_pruning(model, dynamic_pruning)
+    return model
 
 
 __all__ = [
     "CompressConfig",
     "CompressResult",
+    "DynamicPruning",
     "EvalReport",
     "MoEView",
     "MoepressError",

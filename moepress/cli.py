@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="remove the N decoder layers that change the hidden states least (He et al.'s Block Drop)")
     c.add_argument("--drop-moe-layers", type=int, default=0, metavar="N",
                    help="remove the N MoE sublayers that change the hidden states least, attention kept (Layer Drop)")
+    c.add_argument("--dynamic-pruning", metavar="THRESHOLD[,KEEP]",
+                   help="store online dynamic pruning in the checkpoint (MC-MoE's ODP; the loaders apply it): a "
+                        "token's secondary experts below THRESHOLD x its top expert's weight are skipped, except "
+                        "for the KEEP share of tokens judged important (default 0)")
     c.add_argument("--top-k", type=int, default=None, metavar="K",
                    help="route each token of every MoE layer to K experts (fewer than the model's: fewer active "
                         "parameters per token)")
@@ -211,7 +215,7 @@ def run_compress(args) -> None:
         quantize_attention=not args.keep_attention, expert_chunk=args.expert_chunk,
         prune=args.prune, pruner=args.pruner, prune_scope=args.prune_scope,
         drop_experts=args.drop_experts, drop_criterion=args.drop_criterion, top_k=args.top_k,
-        drop_blocks=args.drop_blocks, drop_moe_layers=args.drop_moe_layers,
+        drop_blocks=args.drop_blocks, drop_moe_layers=args.drop_moe_layers, dynamic_pruning=args.dynamic_pruning,
         offload_activations=args.offload_activations,
     )
     if args.save_profile:

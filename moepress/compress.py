@@ -53,6 +53,7 @@ class CompressConfig:
     pruner: str = "sparsegpt"  # sparsegpt | wanda | magnitude
     prune_scope: str = "experts"  # experts | all (every unit --bits applies to)
     top_k: int | None = None  # route each token of every MoE layer to this many experts (a reduction)
+    dynamic_pruning: str | None = None  # "0.3" or "0.3,0.1": ODP settings stored for the loaders
     drop_blocks: int = 0  # decoder layers removed, most similar input/output first (He et al.'s Block Drop)
     drop_moe_layers: int = 0  # MoE sublayers removed, attention kept (He et al.'s Layer Drop)
     drop_experts: str | None = None  # "25%" or "2": routed experts removed from every MoE layer
@@ -70,6 +71,9 @@ class CompressConfig:
         self.treatment()  # a bad bit width, group size or damping fails here, in one line
         self.pruned_treatment()
         self.experts_to_drop(8)
+        from .trim.dynamic import DynamicPruning
+
+        DynamicPruning.parse(self.dynamic_pruning)  # a bad value fails here, before any work
         for name in ("drop_blocks", "drop_moe_layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -201,6 +205,8 @@ class CompressResult:
             "top_k": {str(layer): k for layer, k in self.top_k_counts().items()},
             "dropped_blocks": self.dropped("block"),
             "dropped_moe_layers": self.dropped("moe"),
+            "dynamic_pruning": None if self.config.dynamic_pruning is None else
+            _dynamic_pruning_dict(self.config.dynamic_pruning),
             "calibration": {
                 "source": self.config.calib,
                 "samples": self.config.calib_samples,
@@ -215,6 +221,12 @@ class CompressResult:
             "resumed_after_layer": self.resumed_after_layer,
             "units": unit_records(self.units, self.errors),
         }
+
+
+def _dynamic_pruning_dict(value) -> dict:
+    from .trim.dynamic import DynamicPruning
+
+    return DynamicPruning.parse(value).to_dict()
 
 
 def unit_records(units: dict[str, Treatment], errors: dict[str, float]) -> dict:

@@ -30,7 +30,7 @@ class MoepressConfig(QuantizationConfigMixin):
     def __init__(self, units: dict | None = None, bits: int | None = None, group_size: int | None = None,
                  format_version: int = 1, expert_counts: dict | None = None, experts_kept: dict | None = None,
                  top_k: dict | None = None, dropped_blocks: list | None = None,
-                 dropped_moe_layers: list | None = None, **kwargs):
+                 dropped_moe_layers: list | None = None, dynamic_pruning: dict | None = None, **kwargs):
         self.quant_method = "moepress"
         self.units = units or {}
         self.bits = bits
@@ -41,6 +41,7 @@ class MoepressConfig(QuantizationConfigMixin):
         self.top_k = top_k or {}  # MoE layer -> experts per token after a top-k reduction
         self.dropped_blocks = dropped_blocks or []  # decoder layers a block drop removed
         self.dropped_moe_layers = dropped_moe_layers or []  # MoE sublayers a layer drop removed
+        self.dynamic_pruning = dynamic_pruning  # ODP settings the loaders install (moepress.trim.dynamic)
 
     def to_dict(self) -> dict:
         return {
@@ -53,6 +54,7 @@ class MoepressConfig(QuantizationConfigMixin):
             **({"top_k": self.top_k} if self.top_k else {}),
             **({"dropped_blocks": self.dropped_blocks} if self.dropped_blocks else {}),
             **({"dropped_moe_layers": self.dropped_moe_layers} if self.dropped_moe_layers else {}),
+            **({"dynamic_pruning": self.dynamic_pruning} if self.dynamic_pruning else {}),
         }
 
 
@@ -92,6 +94,10 @@ class MoepressHfQuantizer(HfQuantizer):
         from .runtime import validate_packed
 
         validate_packed(model)
+        if self.quantization_config.dynamic_pruning:
+            from .trim.dynamic import install_dynamic_pruning
+
+            install_dynamic_pruning(model, self.quantization_config.dynamic_pruning)
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:

@@ -140,7 +140,7 @@ def quantization_config_dict(record: dict) -> dict:
         # MoE layers an expert drop shrank: experts left, and their indices in the source model
         **({"expert_counts": {layer: len(k) for layer, k in kept.items()}, "experts_kept": kept} if kept else {}),
         **({"top_k": record["top_k"]} if record.get("top_k") else {}),  # layers routed to fewer experts
-        **({k: record[k] for k in ("dropped_blocks", "dropped_moe_layers") if record.get(k)}),
+        **({k: record[k] for k in ("dropped_blocks", "dropped_moe_layers", "dynamic_pruning") if record.get(k)}),
     }
 
 

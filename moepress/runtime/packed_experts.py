@@ -78,8 +78,11 @@ class PackedExperts(nn.ModuleList):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         output = torch.zeros_like(hidden_states)
-        # expert_mask[e, k, t] is 1 when token t chose expert e in its k-th slot.
+        # expert_mask[e, k, t] is 1 when token t chose expert e in its k-th slot, with a weight: a slot
+        # whose weight is 0 (one dynamic pruning skipped, moepress.trim.dynamic) adds nothing and is
+        # not computed.
         expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
+        expert_mask = expert_mask * (top_k_weights != 0).T.unsqueeze(0)
         hit = torch.nonzero(expert_mask.sum(dim=(1, 2)) > 0).flatten().tolist()
         for expert in hit:
             slot, token = torch.where(expert_mask[expert])
