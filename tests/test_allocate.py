@@ -197,6 +197,8 @@ def _hand_edited_plan(tiny_table, path):
     text = text.replace("  layers.0.attn.q_proj: 4b-g128\n", "  layers.0.attn.q_proj: 16b\n")
     text = text.replace("  layers.1.attn.o_proj: 4b-g128\n", "  layers.1.attn.o_proj: 2b-ch\n")
     text += "  layers.1.experts.2.down_proj: 8b-ch\n"
+    # and prune: one linear 2:4 and 4-bit in one pass, another 50% with its kept weights as they are
+    text += "  layers.1.experts.3.up_proj: 2:4+4b-g128\n  layers.0.experts.2.down_proj: 50%\n"
     open(path, "w").write(text)
     return load_plan(path)
 
