@@ -268,6 +268,17 @@ def run_compress(args) -> None:
         f"{result.calibration_tokens:,} calibration tokens; linear weights {fp.linear_bytes:,} bytes "
         f"({fp.bits_per_param:.3f} bits/param); saved to {args.out}"
     )
+    trimmed = []
+    kept = result.experts_kept()
+    if kept:
+        trimmed.append("experts kept per MoE layer " + ", ".join(f"{layer}: {len(k)}" for layer, k in kept.items()))
+    if result.top_k_counts():
+        trimmed.append(f"top-k {sorted(set(result.top_k_counts().values()))}")
+    for part, what in (("block", "blocks"), ("moe", "MoE sublayers")):
+        if result.dropped(part):
+            trimmed.append(f"{what} dropped {result.dropped(part)}")
+    if trimmed:
+        print("trimmed: " + "; ".join(trimmed))
 
 
 def run_eval(args) -> None:
