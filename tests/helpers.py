@@ -34,6 +34,20 @@ def same_checkpoint(a: str, b: str) -> None:
     assert ua == ub
 
 
+def loads_the_same(result, out: str, loaded=None) -> None:
+    """The checkpoint at ``out`` gives the compressed model's logits: exactly through ``moepress.load``
+    (or the model already ``loaded`` from it), within float tolerance through ``from_pretrained``."""
+    import moepress
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 500, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = result.model(ids).logits
+        assert torch.equal((loaded if loaded is not None else moepress.load(out))(ids).logits, expected)
+        hf = AutoModelForCausalLM.from_pretrained(out)(ids).logits
+    torch.testing.assert_close(hf.float(), expected.float(), rtol=1e-3, atol=1e-3)
+
+
 def interrupt(monkeypatch, point: str, run) -> None:
     """Run ``run()`` with a fault injected (raised) at ``point`` ("POINT:LAYER"); it must stop there."""
     monkeypatch.setenv("MOEPRESS_FAULT", point)

@@ -76,6 +76,29 @@ def hidden_module_aliases():
         sys.modules.update(aliases)
 
 
+def oneshot_in_memory(args, modifier):
+    """llm-compressor's ``oneshot`` with ``modifier`` on ``args.model`` (fused experts linearized), on
+    moepress's calibration windows; returns (the compressed model in memory, the reference, the
+    evaluation windows, compress seconds). For the trimming peers, which score the model in memory."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.utils import load_context
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    reference, tokenizer = load_reference(args.model)
+    windows = eval_windows(tokenizer, args.eval, args.seq_len, args.eval_samples)
+    tokens = calib_windows(tokenizer, args.calib, args.seq_len, args.calib_samples)
+    calib = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
+    with moe_layout(AutoConfig.from_pretrained(args.model).model_type), hidden_module_aliases():
+        with load_context():
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, use_safetensors=True)
+        started = time.time()
+        oneshot(model=model, dataset=calib, recipe=modifier, tokenizer=tokenizer, num_calibration_samples=len(tokens),
+                max_seq_length=args.seq_len, shuffle_calibration_samples=False)
+        seconds = time.time() - started
+    return model.eval(), reference, windows, seconds
+
+
 def recipe(bits: int, group_size: int):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor.modifiers.quantization import GPTQModifier

@@ -8,12 +8,8 @@ model on the same windows as moepress's rows.
 
 from __future__ import annotations
 
-import time
-
-import torch
-
-from benchmarks.workers.common import calib_windows, eval_windows, evaluate_row, linear_params, load_reference, run
-from benchmarks.workers.llmcompressor_worker import hidden_module_aliases, moe_layout
+from benchmarks.workers.common import evaluate_row, linear_params, run
+from benchmarks.workers.llmcompressor_worker import oneshot_in_memory
 
 EXPERT_LINEARS = r"re:.*experts\.\d+\.(gate_proj|up_proj|down_proj)$"
 
@@ -41,23 +37,7 @@ def modifier(pruner: str, pattern: str):
 
 
 def main(args, row):
-    from datasets import Dataset
-    from llmcompressor import oneshot
-    from llmcompressor.utils import load_context
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    reference, tokenizer = load_reference(args.model)
-    windows = eval_windows(tokenizer, args.eval, args.seq_len, args.eval_samples)
-    tokens = calib_windows(tokenizer, args.calib, args.seq_len, args.calib_samples)
-    calib = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
-    with moe_layout(AutoConfig.from_pretrained(args.model).model_type), hidden_module_aliases():
-        with load_context():
-            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, use_safetensors=True)
-        started = time.time()
-        oneshot(model=model, dataset=calib, recipe=modifier(args.pruner, args.pattern), tokenizer=tokenizer,
-                num_calibration_samples=len(tokens), max_seq_length=args.seq_len, shuffle_calibration_samples=False)
-        seconds = time.time() - started
-    model.eval()
+    model, reference, windows, seconds = oneshot_in_memory(args, modifier(args.pruner, args.pattern))
     zeros = total = 0
     for name, param in model.named_parameters():
         if ".experts." in name and param.dim() == 2:
