@@ -41,9 +41,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import moepress  # noqa: E402
-from moepress.model import MoEView  # noqa: E402
-from moepress.treatment import Treatment  # noqa: E402
-from moepress.trim import top_k_counts  # noqa: E402
+from moepress.evaluate import active_params  # noqa: E402
 
 CRITERIA = ("frequency", "mass", "router", "reap")
 
@@ -63,38 +61,6 @@ def recipes(bits: int) -> dict[str, dict]:
     return out
 
 
-def active_params(out: str) -> tuple[int, int]:
-    """(active linear parameters per token, all linear parameters) of a checkpoint, from its unit map
-    and config: a routed expert counts top_k / experts of its layer; a pruned unit its kept weights."""
-    record = json.load(open(os.path.join(out, "moepress.json")))
-    model = moepress.load(out)
-    view = MoEView(model)
-    shapes = view.unit_shapes()
-    top_k = top_k_counts(model)  # per layer, as the modules route (a top-k reduction changes it)
-    active = total = 0
-    for layer in range(view.num_layers):
-        store = view.experts(layer)
-        if store is not None:
-            for e in range(store.num_experts):
-                for linear in ("gate_proj", "up_proj", "down_proj"):
-                    out_f, in_f = store.shape(linear)
-                    treatment = Treatment.from_unit_map(record["units"][store.unit_name(e, linear)])
-                    kept = out_f * treatment.kept_per_row(in_f)
-                    active += kept * top_k[layer] / store.num_experts
-                    total += kept
-    for name, (out_f, in_f) in shapes.items():
-        if ".experts." in name:
-            continue
-        if name not in record["units"]:  # not compressed: counted as it is
-            active += out_f * in_f
-            total += out_f * in_f
-            continue
-        kept = out_f * Treatment.from_unit_map(record["units"][name]).kept_per_row(in_f)
-        active += kept
-        total += kept
-    return round(active), int(total)
-
-
 def run_row(model_dir: str, name: str, options: dict, args, workdir: str) -> dict:
     out = os.path.join(workdir, name.replace(":", "-").replace("%", "pct"))
     settings = {"bits": args.bits, "group_size": args.group_size, **options}
@@ -104,7 +70,8 @@ def run_row(model_dir: str, name: str, options: dict, args, workdir: str) -> dic
     seconds = time.time() - started
     report = moepress.evaluate(out, reference=model_dir, text="builtin:eval", seq_len=args.seq_len,
                                samples=args.eval_samples, progress=False)
-    active, total = active_params(out)
+    counted = active_params(moepress.load(out))
+    active, total = counted["active"], counted["total"]
     fp = report.footprint
     return {"model": os.path.basename(os.path.normpath(model_dir)), "recipe": name, "settings": settings,
             "kl": report.kl_divergence, "top1": report.top1_agreement, "perplexity": report.perplexity,

@@ -1,6 +1,6 @@
 """Measuring model quality and size: perplexity, divergence from a reference, measured bytes."""
 
-from .footprint import Footprint, measure_footprint
+from .footprint import Footprint, active_params, measure_footprint
 from .metrics import ComparisonResult, PerplexityResult, compare_to_reference, perplexity
 from .report import EvalReport, evaluate
 
@@ -8,6 +8,7 @@ __all__ = [
     "ComparisonResult",
     "EvalReport",
     "Footprint",
+    "active_params",
     "PerplexityResult",
     "compare_to_reference",
     "evaluate",

@@ -78,6 +78,48 @@ def model_bytes(model: nn.Module, stored_dtype: torch.dtype | None = None) -> in
     return total
 
 
+def _kept_params(module: nn.Module, out_features: int, in_features: int) -> int:
+    """Non-zero weights a linear keeps: all of them, or a pruned weight's kept ones."""
+    if isinstance(module, SplitWeight):
+        return sum(_kept_params(p, p.out_features, p.in_features) for p in module.pieces)
+    kept = getattr(module, "kept_per_row", None) if isinstance(module, SparsePackedWeight) else None
+    return out_features * (in_features if kept is None else kept)
+
+
+def active_params(model: nn.Module) -> dict:
+    """Linear parameters one token passes through, as the model computes: attention, shared experts
+    and dense MLPs whole, and in each MoE layer top-k / experts of its routed experts' weights (its
+    own top-k and expert count, after any top-k reduction or expert drop); a pruned linear counts
+    its kept weights; dropped blocks and MoE sublayers count nothing. Embeddings and the head are
+    not counted. Returns {"active": ..., "total": ...} (total: every linear's kept weights)."""
+    from ..trim.top_k import top_k_of_layer
+
+    view = MoEView(model)
+    active = total = 0.0
+    for layer in range(view.num_layers):
+        for unit in view.linear_units(layer):
+            kept = _kept_params(model.get_submodule(unit.module_path), unit.out_features, unit.in_features)
+            active += kept
+            total += kept
+        store = view.experts(layer)
+        if store is None:
+            continue
+        share = top_k_of_layer(model, layer) / store.num_experts
+        for e in range(store.num_experts):
+            for linear in EXPERT_LINEARS:
+                out_features, in_features = store.shape(linear)
+                if store.layout == "packed":
+                    module = store.module.packed_weight(e, linear)
+                elif store.layout == "per_expert":
+                    module = model.get_submodule(store.per_expert_linear_path(e, linear))
+                else:
+                    module = None
+                kept = _kept_params(module, out_features, in_features)
+                active += kept * share
+                total += kept
+    return {"active": round(active), "total": round(total)}
+
+
 def measure_footprint(model: nn.Module, stored_dtype: torch.dtype | None = None) -> Footprint:
     """Measure ``model``'s weight bytes from its tensors.
 

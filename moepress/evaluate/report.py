@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import MoepressError
-from .footprint import measure_footprint
+from .footprint import active_params, measure_footprint
 from .metrics import compare_to_reference, perplexity
 
 
@@ -51,11 +51,14 @@ class EvalReport:
         rows += [
             ("linear weight bytes", f"{fp['linear_bytes']:,} ({fp['bits_per_param']:.3f} bits/param)"),
             ("bits by kind", ", ".join(f"{k} {v:.3f}" for k, v in fp["bits_by_kind"].items())),
+            ("active linear params per token", f"{fp['active_params']['active']:,}"),
             ("model bytes (all tensors)", f"{fp['model_bytes']:,}"),
         ]
         if self.reference_footprint:
             ref = self.reference_footprint
             rows.append(("reference linear bytes", f"{ref['linear_bytes']:,} ({ref['bits_per_param']:.3f} bits/param)"))
+            if "active_params" in ref:
+                rows.append(("reference active params per token", f"{ref['active_params']['active']:,}"))
         if self.compression:
             c = self.compression
             group = c.get("group_size") or "channel"
@@ -172,7 +175,7 @@ def evaluate(
         seq_len=seq_len,
         tokens=0,
         perplexity=0.0,
-        footprint=measure_footprint(model_obj, stored).to_dict(),
+        footprint={**measure_footprint(model_obj, stored).to_dict(), "active_params": active_params(model_obj)},
         seconds=0.0,
         compression=compression,
     )
@@ -187,6 +190,7 @@ def evaluate(
         report.perplexity, report.tokens = result.perplexity, result.tokens
         report.reference_perplexity = result.reference_perplexity
         report.kl_divergence, report.top1_agreement = result.kl_divergence, result.top1_agreement
-        report.reference_footprint = measure_footprint(ref_obj, _stored_dtype(reference)).to_dict()
+        report.reference_footprint = {**measure_footprint(ref_obj, _stored_dtype(reference)).to_dict(),
+                                      "active_params": active_params(ref_obj)}
     report.seconds = time.time() - started
     return report
