@@ -27,6 +27,7 @@ from .pipeline.source import ResidentModel
 from .quantize import QuantSpec, gptq_quantize, hessian_weighted_error, rtn_quantize
 from .runtime.install import install_experts, install_linear
 from .treatment import KEEP, Treatment
+from .trim.steps import check_trimming, choose_layer_drops, drop_experts_step
 
 
 @dataclass
@@ -287,35 +288,6 @@ def unit_treatments(config: CompressConfig, resolved: dict[str, Treatment] | Non
     return config.treatment_of
 
 
-def _check_drop(view: MoEView, config: CompressConfig) -> None:
-    """A top-k reduction is one every MoE layer's router can make, and an expert drop leaves every
-    MoE layer at least its top-k experts, and as many in every group of a group-limited router;
-    checked before any work."""
-    if config.top_k is not None:
-        from .trim.top_k import check_top_k
-
-        for layer in range(view.num_layers):
-            if view.experts(layer) is not None:
-                check_top_k(view.model, layer, config.top_k)
-    if config.drop_experts is None:
-        return
-    from .trim.expert_drop import router_groups
-    from .trim.top_k import top_k_of_layer
-
-    for layer in range(view.num_layers):
-        store = view.experts(layer)
-        if store is None:
-            continue
-        top_k = config.top_k or top_k_of_layer(view.model, layer)
-        drop, groups = config.experts_to_drop(store.num_experts), router_groups(view.model, layer)
-        if store.num_experts - drop < top_k:
-            raise MoepressError(f"layers.{layer}: dropping {drop} of its {store.num_experts} experts leaves fewer "
-                                f"than the {top_k} each token is routed to; drop at most {store.num_experts - top_k}")
-        if groups and drop % groups:
-            raise MoepressError(f"layers.{layer}: its router picks experts in {groups} groups; drop a multiple of "
-                                f"{groups} experts so every group keeps as many")
-
-
 def _check_shapes(view: MoEView, config: CompressConfig) -> None:
     """Every unit's treatment (``--bits``, ``--prune``) fits its shape, checked before any work."""
     for name, (out_features, in_features) in view.unit_shapes().items():
@@ -492,7 +464,7 @@ class QuantizeStep:
             set_top_k(view.model, layer, config.top_k)
             part.tensors[f"layers.{layer}.experts.top_k"] = torch.tensor([config.top_k], dtype=torch.int64)
         if config.drop_experts is not None and view.experts(layer) is not None:
-            part.tensors.update(_drop_experts(view, layer, runner, config))
+            part.tensors.update(drop_experts_step(view, layer, runner, config))
         mlp_units = view.mlp_units(layer) if config.quantize_mlp else []
         store = view.experts(layer)
         chunks = _expert_chunks(store, config.expert_chunk)
@@ -511,26 +483,6 @@ class QuantizeStep:
         runner.run_layer(layer, update=True)
         units = {name: treatment for name, (treatment, _) in records.items()}
         return unit_records(units, {name: error for name, (_, error) in records.items()}), part.tensors
-
-
-def _drop_experts(view: MoEView, layer: int, runner: LayerwiseRunner, config: CompressConfig) -> dict:
-    """Score the layer's experts on the calibration tokens (after its attention is compressed), drop
-    the least important ones, and return the decision and the scores for the profile. The layer's
-    experts are then calibrated and quantized as they are after the drop, and the layers after it
-    see its output without them."""
-    from .trim.expert_drop import drop_experts, router_groups
-    from .trim.importance import ExpertImportance, least_important
-
-    store = view.experts(layer)
-    router = view.router(layer)
-    importance = ExpertImportance(store, sigmoid_router=getattr(router, "e_score_correction_bias", None) is not None)
-    _run_and_unhook(runner, layer, [router.register_forward_hook(importance.hook)])
-    scores = importance.scores(config.drop_criterion)
-    dropped = set(least_important(scores, config.experts_to_drop(store.num_experts), router_groups(view.model, layer)))
-    keep = [e for e in range(store.num_experts) if e not in dropped]
-    drop_experts(view.model, layer, keep)
-    prefix = f"layers.{layer}.experts"
-    return {f"{prefix}.kept": torch.tensor(keep, dtype=torch.int64), **importance.to_tensors(prefix)}
 
 
 def _capture_expert_inputs(captured: list):
@@ -754,7 +706,7 @@ def compress(
         treatments = plan.resolve(model_rows(view))
     else:
         _check_shapes(view, config)
-    _check_drop(view, config)
+    check_trimming(view, config)
     text = load_text(config.calib)
     tokens = token_windows(
         text, tokenizer, config.seq_len, config.calib_samples, seed=config.seed, what="calibration"
@@ -776,7 +728,7 @@ def compress(
         work.finish(overwrite)
         distributed.finish()  # (the other ranks read the record once rank 0 has moved it into OUT)
         return _result_of_saved(out, tokenizer, config, plan, tokens, view)
-    dropped_blocks, dropped_moe = _choose_layer_drops(source, view, tokens, config, device, progress)
+    dropped_blocks, dropped_moe = choose_layer_drops(source, view, tokens, config, device, progress)
     results = loop.run(QuantizeStep(view, config, unit_treatments(config, treatments), dropped_blocks, dropped_moe))
     distributed.barrier()  # every rank is past its last layer before rank 0 completes (and renames) the folder
     units, errors, profile = _records_and_profile(results, view, tokens, config)
@@ -814,28 +766,6 @@ def compress(
     distributed.finish()  # the other ranks return once the checkpoint is complete
     result.saved_to = out
     return result
-
-
-def _choose_layer_drops(source, view: MoEView, tokens, config: CompressConfig, device, progress: bool):
-    """The blocks and MoE sublayers ``--drop-blocks`` / ``--drop-moe-layers`` remove: the ones that change
-    the hidden states least on the calibration tokens, measured in one pass over the uncompressed
-    model before the compression pass (He et al.; see moepress.trim.layer_drop)."""
-    if not (config.drop_blocks or config.drop_moe_layers):
-        return (), ()
-    import sys
-
-    from .trim.layer_drop import most_similar, similarity_scores
-
-    scores = similarity_scores(source, tokens, device=device, batch_size=config.batch_size, progress=progress)
-    blocks = most_similar(scores["block"], config.drop_blocks, exclude=(0,), what="blocks") if config.drop_blocks \
-        else []
-    moe = most_similar(scores["moe"], config.drop_moe_layers, exclude=blocks, what="MoE sublayers") \
-        if config.drop_moe_layers else []
-    if progress:
-        print(f"layer drop: blocks {blocks}, MoE sublayers {moe} (mean cosine similarity, block "
-              f"{[round(float(s), 4) for s in scores['block']]}, MoE {[round(float(s), 4) for s in scores['moe']]})",
-              file=sys.stderr)
-    return blocks, moe
 
 
 def _open_work_folder(out: str, settings: dict, fingerprint: dict, num_layers: int, *, restart: bool,
