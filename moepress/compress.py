@@ -27,6 +27,7 @@ from .pipeline.source import ResidentModel
 from .quantize import QuantSpec, gptq_quantize, hessian_weighted_error, rtn_quantize
 from .runtime.install import install_experts, install_linear
 from .treatment import KEEP, Treatment
+from .trim.dynamic import DynamicPruning
 from .trim.steps import check_trimming, choose_layer_drops, drop_experts_step
 
 
@@ -71,9 +72,7 @@ class CompressConfig:
             raise MoepressError(f"prune-scope must be 'experts' or 'all' (got {self.prune_scope!r})")
         self.treatment()  # a bad bit width, group size or damping fails here, in one line
         self.pruned_treatment()
-        self.experts_to_drop(8)
-        from .trim.dynamic import DynamicPruning
-
+        self._drop_amount()
         DynamicPruning.parse(self.dynamic_pruning)  # a bad value fails here, before any work
         for name in ("drop_blocks", "drop_moe_layers"):
             value = getattr(self, name)
@@ -109,31 +108,34 @@ class CompressConfig:
         return Treatment.prune(pruning.sparsity, pruning.nm, bits=self.bits, group_size=self.group_size,
                                symmetric=self.symmetric, damp=self.damp, pruner=self.pruner)
 
-    def experts_to_drop(self, num_experts: int) -> int:
-        """How many of a layer's ``num_experts`` routed experts ``drop_experts`` removes."""
+    def _drop_amount(self) -> tuple[str, float] | None:
+        """``drop_experts`` read: ("share", 0.25) for "25%", ("count", 2) for "2", or None."""
         if self.drop_experts is None:
-            return 0
+            return None
         text = str(self.drop_experts).strip()
         try:
             if text.endswith("%"):
                 share = float(text[:-1]) / 100
-                if not 0 < share < 1:
-                    raise ValueError
-                return max(1, round(num_experts * share))
-            count = int(text)
-            if count < 1:
-                raise ValueError
-            return count
+                if 0 < share < 1:
+                    return "share", share
+            elif int(text) >= 1:
+                return "count", int(text)
         except ValueError:
-            raise MoepressError(f"--drop-experts takes a share of each layer's experts (25%) or a count (2), "
-                                f"got {self.drop_experts!r}") from None
+            pass
+        raise MoepressError(f"--drop-experts takes a share of each layer's experts (25%) or a count (2), "
+                            f"got {self.drop_experts!r}")
 
-    def treatment_of(self, name: str) -> Treatment:
-        """The treatment of unit ``name`` without a plan."""
-        pruned = self.pruned_treatment()
-        if pruned is not None and (self.prune_scope == "all" or ".experts." in name):
-            return pruned
-        return self.treatment()
+    def experts_to_drop(self, num_experts: int) -> int:
+        """How many of a layer's ``num_experts`` routed experts ``drop_experts`` removes."""
+        amount = self._drop_amount()
+        if amount is None:
+            return 0
+        kind, value = amount
+        return max(1, round(num_experts * value)) if kind == "share" else int(value)
+
+    def prunes(self, name: str) -> bool:
+        """Whether ``--prune`` applies to unit ``name`` (``--prune-scope``)."""
+        return self.prune is not None and (self.prune_scope == "all" or ".experts." in name)
 
 
 @dataclass
@@ -207,7 +209,7 @@ class CompressResult:
             "dropped_blocks": self.dropped("block"),
             "dropped_moe_layers": self.dropped("moe"),
             "dynamic_pruning": None if self.config.dynamic_pruning is None else
-            _dynamic_pruning_dict(self.config.dynamic_pruning),
+            DynamicPruning.parse(self.config.dynamic_pruning).to_dict(),
             "calibration": {
                 "source": self.config.calib,
                 "samples": self.config.calib_samples,
@@ -222,12 +224,6 @@ class CompressResult:
             "resumed_after_layer": self.resumed_after_layer,
             "units": unit_records(self.units, self.errors),
         }
-
-
-def _dynamic_pruning_dict(value) -> dict:
-    from .trim.dynamic import DynamicPruning
-
-    return DynamicPruning.parse(value).to_dict()
 
 
 def unit_records(units: dict[str, Treatment], errors: dict[str, float]) -> dict:
@@ -285,15 +281,21 @@ def unit_treatments(config: CompressConfig, resolved: dict[str, Treatment] | Non
     """Name -> treatment: a resolved plan's, or ``config``'s (``--bits``, ``--prune``) for every unit."""
     if resolved is not None:
         return resolved.__getitem__
-    return config.treatment_of
+    uniform, pruned = config.treatment(), config.pruned_treatment()  # built once, not per unit
+
+    def treatment_of(name: str) -> Treatment:
+        return pruned if config.prunes(name) else uniform
+
+    return treatment_of
 
 
 def _check_shapes(view: MoEView, config: CompressConfig) -> None:
     """Every unit's treatment (``--bits``, ``--prune``) fits its shape, checked before any work."""
+    treatment_of = unit_treatments(config, None)
     for name, (out_features, in_features) in view.unit_shapes().items():
         if ".attn." in name and not config.quantize_attention:
             continue
-        config.treatment_of(name).check_shape(out_features, in_features, name)
+        treatment_of(name).check_shape(out_features, in_features, name)
 
 
 def _quantize_linear_units(model, units, stats, treatment_of, records, device: torch.device) -> None:

@@ -72,21 +72,21 @@ class MoepressHfQuantizer(HfQuantizer):
 
         files = [str(f) for f in checkpoint_files or () if str(f).endswith(".safetensors")]
         name = getattr(model.config, "_name_or_path", "") or (os.path.dirname(files[0]) if files else "")
-        check_format_version(self.quantization_config.format_version, name)
         qc = self.quantization_config
+        check_format_version(qc.format_version, name)
         if qc.dropped_blocks or qc.dropped_moe_layers:  # removed parts: stand-ins without weights
             from .trim.layer_drop import restore_dropped
 
             restore_dropped(model, qc.dropped_blocks, qc.dropped_moe_layers)
-        if self.quantization_config.expert_counts:  # layers an expert drop shrank, before the packed swap
+        if qc.expert_counts:  # layers an expert drop shrank, before the packed swap
             from .trim.expert_drop import restore_expert_counts
 
-            restore_expert_counts(model, self.quantization_config.expert_counts)
-        if self.quantization_config.top_k:
+            restore_expert_counts(model, qc.expert_counts)
+        if qc.top_k:
             from .trim.top_k import restore_top_k
 
-            restore_top_k(model, self.quantization_config.top_k)
-        install_skeleton(model, read_unit_map(self.quantization_config.units, name))
+            restore_top_k(model, qc.top_k)
+        install_skeleton(model, read_unit_map(qc.units, name))
         if files:  # (a state dict handed to from_pretrained has no files to check first)
             check_stored_tensors(model, stored_tensors(files, name), name)
 
