@@ -25,6 +25,7 @@ import torch
 
 from ..costs import CostTable
 from ..errors import MoepressError
+from ..evaluate.held_out import HeldOutKL
 from ..model.view import MoEView
 from .solvers import Problem
 
@@ -47,9 +48,7 @@ class PlanEvaluator:
         self.original = [t.detach().clone() for t in self.targets]
         self.current = {}  # row -> option index currently installed (absent: original weights)
         self._splits = {}  # (row, option indices) -> dequantized split down weight
-        with torch.no_grad():
-            self.reference = [torch.log_softmax(self.model(input_ids=b, use_cache=False).logits.float(), -1)
-                              for b in self._batches()]
+        self.held_out = HeldOutKL(self.model, tokens, batch_size)
         self.evaluations = 0
 
     def _target(self, row):
@@ -62,9 +61,6 @@ class PlanEvaluator:
         if store.layout == "per_expert":
             return self.model.get_submodule(store.per_expert_linear_path(row.expert, row.linear)).weight.data
         return store.weight(row.linear).data[row.expert]
-
-    def _batches(self):
-        return [self.tokens[i:i + self.batch_size] for i in range(0, len(self.tokens), self.batch_size)]
 
     @torch.no_grad()
     def install(self, row_options) -> None:
@@ -103,21 +99,10 @@ class PlanEvaluator:
                                            for p in pieces], dim=1)
         return self._splits[key]
 
-    @torch.no_grad()
     def score(self, model) -> dict:
-        """KL divergence, top-1 agreement and perplexity of ``model`` (any model with the reference's
-        vocabulary: the candidate, or a really compressed one) on the evaluator's windows, against
-        the reference. KL and top-1 over every position; perplexity over next-token predictions."""
-        kl = agree = nll = 0.0
-        count = predicted = 0
-        for ref, batch in zip(self.reference, self._batches()):
-            logq = torch.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), -1)
-            kl += float((ref.exp() * (ref - logq)).sum(-1).sum())
-            agree += float((ref.argmax(-1) == logq.argmax(-1)).sum())
-            count += ref.shape[0] * ref.shape[1]
-            nll -= float(logq[:, :-1].gather(-1, batch[:, 1:, None]).sum())
-            predicted += batch[:, 1:].numel()
-        return {"kl": kl / count, "top1": agree / count, "perplexity": float(np.exp(nll / predicted))}
+        """KL divergence, top-1 agreement and perplexity of ``model`` (the candidate, or a really
+        compressed one) on the evaluator's windows, against the reference (:class:`HeldOutKL`)."""
+        return self.held_out.score(model)
 
     def metrics(self, row_options) -> dict:
         """:meth:`score` of the candidate plan ``row_options`` (table option index per row)."""
