@@ -28,7 +28,8 @@ from .quantize import QuantSpec, gptq_quantize, hessian_weighted_error, rtn_quan
 from .runtime.install import install_experts, install_linear
 from .treatment import KEEP, Treatment
 from .trim.dynamic import DynamicPruning
-from .trim.steps import check_trimming, choose_layer_drops, drop_experts_step
+from .trim.steps import check_trimming, choose_layer_drops, drop_experts_step, flag_trimming
+from .trim.trimming import Trimming
 
 
 @dataclass
@@ -428,21 +429,27 @@ class QuantizeStep:
     3. output: run the now fully quantized layer to produce the next layer's inputs.
 
     Returns the layer's unit records (JSON) and its calibration statistics (profile tensors).
+
+    ``trimming`` (a :class:`~moepress.trim.trimming.Trimming`: a plan's, or what the flags decided
+    before the pass; default: ``config``'s ``--top-k``) drops the layer's block, or its MoE sublayer
+    after the attention, sets its top-k and drops its experts before they are calibrated; without a
+    planned expert drop, ``--drop-experts`` chooses one on the layer's inputs. After an expert drop
+    the units are looked up by their original names (``treatment_of`` speaks of the source model)
+    and recorded by the saved ones.
     """
 
-    def __init__(self, view: MoEView, config: CompressConfig, treatment_of, dropped_blocks=(), dropped_moe=()):
+    def __init__(self, view: MoEView, config: CompressConfig, treatment_of, trimming: Trimming | None = None):
         self.view = view
         self.config = config
-        self.treatment_of = treatment_of  # canonical unit name -> Treatment
-        self.dropped_blocks = set(dropped_blocks)  # decided before the pass (moepress.trim.layer_drop)
-        self.dropped_moe = set(dropped_moe)
+        self.treatment_of = treatment_of  # canonical unit name (of the source model) -> Treatment
+        self.trimming = flag_trimming(view, config) if trimming is None else trimming
 
     def __call__(self, layer: int, runner: LayerwiseRunner):
-        config, view, treatment_of = self.config, self.view, self.treatment_of
+        config, view, treatment_of, trim = self.config, self.view, self.treatment_of, self.trimming
         records: dict[str, tuple[Treatment, float]] = {}
         part = Profile()
         fault_point("mid_layer", layer)
-        if layer in self.dropped_blocks:  # the whole decoder layer goes: its input passes through
+        if layer in trim.dropped_blocks:  # the whole decoder layer goes: its input passes through
             from .trim.layer_drop import drop_block
 
             drop_block(view.model, layer)
@@ -455,18 +462,26 @@ class QuantizeStep:
             _quantize_linear_units(view.model, attention, stats["linear"], treatment_of, records, runner.device)
             for unit in attention:
                 part.record_linear(unit, stats["linear"][unit])
-        if layer in self.dropped_moe:
+        if layer in trim.dropped_moe_layers:
             from .trim.layer_drop import drop_moe_layer
 
             drop_moe_layer(view.model, layer)
             part.tensors[f"layers.{layer}.dropped_moe"] = torch.ones(1)
-        if config.top_k is not None and view.experts(layer) is not None:
+        if layer in trim.top_k:
             from .trim.top_k import set_top_k
 
-            set_top_k(view.model, layer, config.top_k)
-            part.tensors[f"layers.{layer}.experts.top_k"] = torch.tensor([config.top_k], dtype=torch.int64)
-        if config.drop_experts is not None and view.experts(layer) is not None:
+            set_top_k(view.model, layer, trim.top_k[layer])
+            part.tensors[f"layers.{layer}.experts.top_k"] = torch.tensor([trim.top_k[layer]], dtype=torch.int64)
+        if layer in trim.dropped_experts:
+            from .trim.expert_drop import drop_experts
+
+            keep = trim.kept_experts(layer, view.experts(layer).num_experts)
+            drop_experts(view.model, layer, keep)
+            part.tensors[f"layers.{layer}.experts.kept"] = torch.tensor(keep, dtype=torch.int64)
+        elif config.drop_experts is not None and view.experts(layer) is not None:
             part.tensors.update(drop_experts_step(view, layer, runner, config))
+        if f"layers.{layer}.experts.kept" in part.tensors:  # saved expert j is the source's kept[j]
+            treatment_of = _renumbered(treatment_of, layer, part.tensors[f"layers.{layer}.experts.kept"].tolist())
         mlp_units = view.mlp_units(layer) if config.quantize_mlp else []
         store = view.experts(layer)
         chunks = _expert_chunks(store, config.expert_chunk)
@@ -485,6 +500,20 @@ class QuantizeStep:
         runner.run_layer(layer, update=True)
         units = {name: treatment for name, (treatment, _) in records.items()}
         return unit_records(units, {name: error for name, (_, error) in records.items()}), part.tensors
+
+
+def _renumbered(treatment_of, layer: int, kept: list[int]):
+    """``treatment_of`` for layer ``layer`` after an expert drop: the saved expert j's units are the
+    source's expert ``kept[j]``'s."""
+    prefix = f"layers.{layer}.experts."
+
+    def lookup(name: str) -> Treatment:
+        if name.startswith(prefix):
+            expert, _, rest = name[len(prefix):].partition(".")
+            name = f"{prefix}{kept[int(expert)]}.{rest}"
+        return treatment_of(name)
+
+    return lookup
 
 
 def _capture_expert_inputs(captured: list):
@@ -608,6 +637,8 @@ def _settings(config: CompressConfig, plan, tokens: torch.Tensor) -> dict:
     settings = {k: v for k, v in asdict(config).items() if k not in ("device",)}
     settings["device"] = str(resolve_device(config.device).type)
     settings["plan"] = None if plan is None else plan.to_dict()["units"]
+    if plan is not None and not plan.trim.empty:
+        settings["trim"] = plan.trim.to_dict()
     settings["tokens"] = tokens_hash(tokens)
     settings["moepress_version"] = __version__
     settings["format_version"] = FORMAT_VERSION
@@ -636,7 +667,8 @@ def compress(
     its ``tokenizer``). ``options`` are :class:`CompressConfig` fields (``bits=3, group_size=128, ...``).
     ``plan`` (a :class:`~moepress.allocate.Plan` or the path of a plan file) gives every unit its own
     option instead of one ``bits``/``group_size``; its quantization settings (method, symmetric,
-    act-order, damping) then apply.
+    act-order, damping) then apply, and its ``trim`` (blocks, MoE sublayers and experts dropped,
+    top-k reduced: :class:`~moepress.trim.trimming.Trimming`) is done in the same pass.
 
     With ``out``, every finished layer is kept in a working folder beside ``out`` and the folder is
     renamed into ``out`` when complete; the same call after a crash or ``kill -9`` resumes after the
@@ -684,7 +716,8 @@ def compress(
     if plan is not None and (config.drop_experts is not None or config.top_k is not None or config.drop_blocks
                              or config.drop_moe_layers):
         raise MoepressError("--drop-experts, --drop-blocks, --drop-moe-layers and --top-k do not combine with --plan "
-                            "or --budget yet; use them with --bits")
+                            "or --budget; write the trimming in the plan's trim: section instead (dropped_experts, "
+                            "top_k, dropped_blocks, dropped_moe_layers)")
     if plan is not None and config.prune is not None:
         raise MoepressError("a plan gives every unit its treatment, so --prune does not combine with --plan or "
                             "--budget; write pruned treatments in the plan instead (e.g. 2:4+4b-g128)")
@@ -705,6 +738,7 @@ def compress(
     if plan is not None:
         from .costs import model_rows
 
+        plan.trim.check(view.model)
         treatments = plan.resolve(model_rows(view))
     else:
         _check_shapes(view, config)
@@ -730,8 +764,9 @@ def compress(
         work.finish(overwrite)
         distributed.finish()  # (the other ranks read the record once rank 0 has moved it into OUT)
         return _result_of_saved(out, tokenizer, config, plan, tokens, view)
-    dropped_blocks, dropped_moe = choose_layer_drops(source, view, tokens, config, device, progress)
-    results = loop.run(QuantizeStep(view, config, unit_treatments(config, treatments), dropped_blocks, dropped_moe))
+    trimming = plan.trim if plan is not None else \
+        flag_trimming(view, config, *choose_layer_drops(source, view, tokens, config, device, progress))
+    results = loop.run(QuantizeStep(view, config, unit_treatments(config, treatments), trimming))
     distributed.barrier()  # every rank is past its last layer before rank 0 completes (and renames) the folder
     units, errors, profile = _records_and_profile(results, view, tokens, config)
     result = CompressResult(

@@ -78,14 +78,14 @@ class MoepressHfQuantizer(HfQuantizer):
             from .trim.layer_drop import restore_dropped
 
             restore_dropped(model, qc.dropped_blocks, qc.dropped_moe_layers)
+        if qc.top_k:  # before the expert drops: a drop may keep fewer experts than the original top-k
+            from .trim.top_k import restore_top_k
+
+            restore_top_k(model, qc.top_k)
         if qc.expert_counts:  # layers an expert drop shrank, before the packed swap
             from .trim.expert_drop import restore_expert_counts
 
             restore_expert_counts(model, qc.expert_counts)
-        if qc.top_k:
-            from .trim.top_k import restore_top_k
-
-            restore_top_k(model, qc.top_k)
         install_skeleton(model, read_unit_map(qc.units, name))
         if files:  # (a state dict handed to from_pretrained has no files to check first)
             check_stored_tensors(model, stored_tensors(files, name), name)

@@ -8,6 +8,11 @@ person can read and edit.
     budget: {spec: 2.5bits, scope: experts, bytes: 1234567}
     quantization: {method: gptq, symmetric: false, act_order: static, damp: 0.01}
     totals: {...}                    # what the plan adds up to (informational, recomputed on load)
+    trim:                            # structure the compression removes (optional; original indices)
+      dropped_blocks: [2]            # whole decoder layers (never layer 0)
+      dropped_moe_layers: [4]        # MoE sublayers: router, routed and shared experts (attention kept)
+      top_k: {1: 1}                  # layer -> experts each token is routed to (a reduction)
+      dropped_experts: {1: [3, 5]}   # layer -> routed experts removed (the rest renumbered 0..n-1)
     units:
       layers.0.attn.q_proj: 4b-g128
       layers.1.experts.3: 3b-g128    # a whole expert: its gate, up and down
@@ -23,6 +28,13 @@ and up, the same columns of its down). Every linear of the model must get an opt
 it as it is. Precedence: a linear's own key, then its expert's channel keys, then the expert's key.
 A label (``3b-g128``, ``4b-ch``, ``16b``) takes the plan's ``quantization`` settings; a mapping gives
 a treatment's fields (bits, group_size, symmetric, act_order, method, damp) over those settings.
+
+The ``trim`` section (a :class:`~moepress.trim.trimming.Trimming`) speaks of the original model:
+its layer and expert indices are the source's, and so are the unit keys (``layers.1.experts.4``
+is the source's expert 4 even when the drop of experts 3 and 5 saves it as expert 3; the
+checkpoint's unit map uses the saved names). What the trim removes needs no option, and a key
+naming only removed linears (a dropped expert, a linear or group of a dropped block, the shared
+expert of a dropped MoE sublayer) is refused: the plan would say two things of one unit.
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ import yaml
 from ..costs import KEEP_BITS, CostTable, Row, channel_key, check_channel_group
 from ..errors import MoepressError
 from ..treatment import DEFAULT_SETTINGS, SETTINGS, Treatment
+from ..trim.trimming import Trimming
 from .budget import Budget
 from .heuristic import priority
 from .solvers import Problem, greedy, ilp, random_split, split, uniform, upgrade_in_order
@@ -59,11 +72,23 @@ class Plan:
                                                          "act_order": "static", "damp": 0.01})
     totals: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    trim: Trimming = field(default_factory=Trimming)  # structure removed (original indices)
 
     # ------------------------------------------------------------- resolution
     def resolve(self, rows: list[Row]) -> dict[str, Treatment]:
-        """The treatment of every linear of the model (an expert linear whose neuron groups differ: a
-        split treatment of its groups' treatments); one-line errors name the offending unit."""
+        """The treatment of every linear of the model the trim leaves (an expert linear whose neuron
+        groups differ: a split treatment of its groups' treatments); one-line errors name the
+        offending unit. ``rows`` are the original model's; removed ones get no treatment."""
+        removed = {}  # a removed row's name and its group -> what removes it
+        for row in rows:
+            why = self.trim.removal(row)
+            if why is not None:
+                removed[row.name] = removed[row.group] = why
+        for key in self.units:
+            why = removed.get(key.split(".channels.")[0])
+            if why is not None:
+                raise MoepressError(f"plan gives {key} a treatment but its trim {why}; remove one of them")
+        rows = [r for r in rows if r.name not in removed]
         by_name = {r.name: r for r in rows}
         groups = {r.group for r in rows}
         channels = self._channel_options(rows)
@@ -116,17 +141,27 @@ class Plan:
             out["groups"][row.group] = given[0] if len(set(given)) == 1 else tuple(given)
         return out
 
-    def accounting(self, rows: list[Row], keep_element_size: int | None = None) -> dict:
-        """Bytes and average stored bits per parameter (scales and zeros included), by kind.
+    def accounting(self, rows: list[Row], keep_element_size: int | None = None, base_top_k=None) -> dict:
+        """Bytes and average stored bits per parameter (scales and zeros included), by kind, of what
+        the trim leaves (``rows``: the original model's; removed rows cost nothing).
         A kept (16b) unit costs ``keep_element_size`` bytes per parameter: the model's own dtype,
-        recorded in ``info`` when the plan was made (2 for bf16/fp16 checkpoints)."""
+        recorded in ``info`` when the plan was made (2 for bf16/fp16 checkpoints).
+
+        With ``base_top_k`` (the original model's top-k: layer -> k, or one k for every MoE layer;
+        default ``info["top_k"]`` when the plan records it) also ``active_params``, the linear
+        parameters a token passes through (:meth:`~moepress.trim.trimming.Trimming.active_params`),
+        and ``active_share``, that over the original model's."""
         if keep_element_size is None:
             keep_element_size = int(self.info.get("keep_element_size", 2))
+        if base_top_k is None:
+            base_top_k = self.info.get("top_k")
         resolved = self.resolve(rows)
         by_kind: dict[str, list[int]] = {}
         histogram: dict[str, int] = {}
         for row in rows:
-            treatment = resolved[row.name]
+            treatment = resolved.get(row.name)
+            if treatment is None:  # removed by the trim
+                continue
             shape = (row.out_features, row.in_features)
             pieces = zip(treatment.pieces, treatment.piece_shapes(*shape)) if treatment.kind == "split" \
                 else [(treatment, shape)]
@@ -137,7 +172,7 @@ class Plan:
                 histogram[piece.label] = histogram.get(piece.label, 0) + out_f * in_f
         total_b = sum(v[0] for v in by_kind.values())
         total_p = sum(v[1] for v in by_kind.values())
-        return {
+        totals = {
             "bytes": total_b,
             "params": total_p,
             "average_bits": {"all": round(8 * total_b / total_p, 4),
@@ -145,6 +180,14 @@ class Plan:
             "bytes_by_kind": {k: v[0] for k, v in sorted(by_kind.items())},
             "params_by_option": dict(sorted(histogram.items())),
         }
+        if not self.trim.empty:
+            totals["removed_params"] = sum(r.params for r in rows if r.name not in resolved)
+        if base_top_k is not None:
+            active = self.trim.active_params(rows, resolved, base_top_k)
+            original = Trimming().active_params(rows, None, base_top_k)
+            totals["active_params"] = active
+            totals["active_share"] = round(active / max(original, 1), 6)
+        return totals
 
     @property
     def settings(self) -> dict:
@@ -170,6 +213,7 @@ class Plan:
             "quantization": self.quantization,
             "totals": self.totals,
             "info": self.info,
+            **({"trim": self.trim.to_dict()} if not self.trim.empty else {}),
             "units": {k: self.entry(v) for k, v in self.units.items()},
         }
 
@@ -211,6 +255,7 @@ def load_plan(path: str) -> Plan:
     if not isinstance(given, dict) or set(given) - set(SETTINGS):
         raise MoepressError(f"plan {path}: 'quantization' may set {', '.join(SETTINGS)} (got {given!r})")
     quantization.update(given)
+    trim = Trimming.from_dict(data.get("trim"), where=f"plan {path}")
     units = {}
     for key, value in data["units"].items():
         try:
@@ -220,7 +265,7 @@ def load_plan(path: str) -> Plan:
     return Plan(units=units, strategy=data.get("strategy", "manual"), estimator=data.get("estimator"),
                 granularity=data.get("granularity"), channel_group=data.get("channel_group"),
                 budget=data.get("budget"), quantization=quantization,
-                totals=data.get("totals") or {}, info=data.get("info") or {})
+                totals=data.get("totals") or {}, info=data.get("info") or {}, trim=trim)
 
 
 # ----------------------------------------------------------------- allocation

@@ -73,9 +73,7 @@ def drop_experts(model: nn.Module, layer: int, keep: list[int]) -> None:
     """
     parts = _moe_parts(model, layer)
     num_experts = parts.store.num_experts
-    top_k = _top_k(model, parts)
-    keep = _checked_keep(layer, keep, num_experts, top_k, _router_groups(parts.router))
-    _check_layout(layer, parts, num_experts)
+    keep = check_drop(model, layer, keep)
 
     _take_rows(parts.router, keep, num_experts)
     if parts.store.layout == "fused":
@@ -86,6 +84,19 @@ def drop_experts(model: nn.Module, layer: int, keep: list[int]) -> None:
         _set_count(module, num_experts, len(keep))
     if isinstance(parts.router, nn.Linear):  # PhiMoE's router is an nn.Linear
         parts.router.out_features = len(keep)
+
+
+def check_drop(model: nn.Module, layer: int, keep, top_k: int | None = None) -> list[int]:
+    """What :func:`drop_experts` checks, without changing anything: ``keep`` (as a list of ints) when
+    MoE layer ``layer`` can keep just those experts, else a one-line error naming the layer.
+    ``top_k``: the experts the router will pick per token (default: what it picks now), for a drop
+    that follows a top-k reduction."""
+    parts = _moe_parts(model, layer)
+    num_experts = parts.store.num_experts
+    top_k = _top_k(model, parts) if top_k is None else top_k
+    keep = _checked_keep(layer, keep, num_experts, top_k, _router_groups(parts.router))
+    _check_layout(layer, parts, num_experts)
+    return keep
 
 
 def expert_counts(model: nn.Module) -> dict[int, int]:

@@ -42,20 +42,30 @@ class DroppedBlock(nn.Module):
 def drop_moe_layer(model: nn.Module, layer: int) -> None:
     """Replace MoE layer ``layer``'s MoE block (router, routed and shared experts) by nothing."""
     view = MoEView(model)
-    _check_layer(view, layer)
-    if view.experts(layer) is None:
-        raise MoepressError(f"layers.{layer}: not an MoE layer; layer drop removes MoE sublayers")
+    check_moe_drop(view, layer)
     install_stand_in(model, f"{view.layer_path(layer)}.{view.spec.moe_block}", DroppedMoE())
 
 
 def drop_block(model: nn.Module, layer: int) -> None:
     """Replace decoder layer ``layer`` by a pass-through."""
     view = MoEView(model)
+    check_block_drop(view, layer)
+    install_stand_in(model, view.layer_path(layer), DroppedBlock())
+
+
+def check_moe_drop(view: MoEView, layer: int) -> None:
+    """One line naming the layer when :func:`drop_moe_layer` cannot drop its MoE sublayer."""
+    _check_layer(view, layer)
+    if view.experts(layer) is None:
+        raise MoepressError(f"layers.{layer}: not an MoE layer; layer drop removes MoE sublayers")
+
+
+def check_block_drop(view: MoEView, layer: int) -> None:
+    """One line naming the layer when :func:`drop_block` cannot drop it."""
     _check_layer(view, layer)
     if layer == 0:
         raise MoepressError("layers.0 cannot be dropped: transformers' KV cache counts the sequence length in the "
                             "first layer; drop another block")
-    install_stand_in(model, view.layer_path(layer), DroppedBlock())
 
 
 def restore_dropped(model: nn.Module, blocks=(), moe_layers=()) -> None:

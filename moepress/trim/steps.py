@@ -1,7 +1,8 @@
 """Trimming inside the compression pass: what ``compress --drop-experts / --top-k / --drop-blocks /
 --drop-moe-layers`` check before the run, decide before it (layer and block drops, ranked on the
-uncompressed model) and do inside each layer's step (expert drops, scored on the layer's own
-inputs). ``config`` is a :class:`~moepress.compress.CompressConfig`."""
+uncompressed model: with the top-k, a :class:`~.trimming.Trimming` like a plan's) and do inside each
+layer's step (expert drops, scored on the layer's own inputs). ``config`` is a
+:class:`~moepress.compress.CompressConfig`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from ..errors import MoepressError
 from ..model.view import MoEView
+from .trimming import Trimming
 
 
 def check_trimming(view: MoEView, config) -> None:
@@ -84,3 +86,13 @@ def choose_layer_drops(source, view: MoEView, tokens, config, device, progress: 
               f"{[round(float(s), 4) for s in scores['block']]}, MoE {[round(float(s), 4) for s in scores['moe']]})",
               file=sys.stderr)
     return blocks, moe
+
+
+def flag_trimming(view: MoEView, config, dropped_blocks=(), dropped_moe=()) -> Trimming:
+    """The trimming decided before the pass by the flags: the blocks and MoE sublayers
+    :func:`choose_layer_drops` chose, and ``--top-k`` on every MoE layer left (an expert drop by
+    ``--drop-experts`` is decided in each layer's step, :func:`drop_experts_step`)."""
+    gone = set(dropped_blocks) | set(dropped_moe)
+    top_k = {} if config.top_k is None else {layer: config.top_k for layer in range(view.num_layers)
+                                             if layer not in gone and view.experts(layer) is not None}
+    return Trimming(top_k=top_k, dropped_blocks=tuple(dropped_blocks), dropped_moe_layers=tuple(dropped_moe))
