@@ -75,7 +75,7 @@ def expert_scores(model, tokens: torch.Tensor, criterion: str = "reap", batch_si
 
 def moe_choices(model, layer: int, scores: torch.Tensor, trims=TRIMS, shares=DROP_SHARES) -> list[MoEChoice]:
     """The candidates of MoE layer ``layer`` that its router can express; the first is the layer unchanged."""
-    from ..trim.expert_drop import _checked_keep, _router_groups, router_groups
+    from ..trim.expert_drop import check_drop, router_groups
     from ..trim.importance import least_important
     from ..trim.top_k import top_k_of_layer
 
@@ -94,7 +94,7 @@ def moe_choices(model, layer: int, scores: torch.Tensor, trims=TRIMS, shares=DRO
         for k in ks:
             if n:
                 try:
-                    _checked_keep(layer, keep, E, k, _router_groups(view.router(layer)))
+                    check_drop(model, layer, keep, top_k=k)
                 except MoepressError:
                     continue
             choice = MoEChoice(top_k=k, dropped=dropped)

@@ -67,6 +67,14 @@ def install_experts(store: ExpertStore, packed: dict[str, list]) -> None:
     set_submodule(store.model, store.module_path, module)
 
 
+def swap_module(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at ``path`` and return the module that was there: a measurement that changes a
+    layer on a copy and puts the original back (:func:`moepress.trim.candidates.trimmed`)."""
+    previous = model.get_submodule(path)
+    set_submodule(model, path, module)
+    return previous
+
+
 def install_stand_in(model: nn.Module, path: str, module: nn.Module) -> None:
     """Put ``module`` (a weightless stand-in for a dropped MoE block or decoder layer, see
     :mod:`moepress.trim.layer_drop`) at ``path``: the same routine for compression and loading."""

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from ..costs import Row
-from ..model.view import MoEView, set_submodule
+from ..model.view import MoEView
+from ..runtime.install import swap_module
 
 
 @dataclass(frozen=True)
@@ -65,15 +66,15 @@ def trimmed(model, moe: dict[int, MoEChoice] | None = None, blocks=()):
             if not choice.dropped and choice.top_k == top_k_of_layer(model, layer):
                 continue
             saved.append((path, original))
-            set_submodule(model, path, copy.deepcopy(original))
+            swap_module(model, path, copy.deepcopy(original))
+            set_top_k(model, layer, choice.top_k)  # first: a drop may leave fewer experts than the old top-k
             if choice.dropped:
                 E = view.experts(layer).num_experts
                 drop_experts(model, layer, [e for e in range(E) if e not in choice.dropped])
-            set_top_k(model, layer, choice.top_k)
         yield model
     finally:
         for path, module in reversed(saved):
-            set_submodule(model, path, module)
+            swap_module(model, path, module)
 
 
 __all__ = ["MoEChoice", "trimmed"]
