@@ -174,14 +174,19 @@ class JointProblem:
             if layer in z_index:
                 entries.append((z_index[layer], 1.0))
             constraint(entries, 1, 1)
-        constraint([(i, float(self.groups.bytes[g, col])) for i, (g, col) in enumerate(var_x) if self.in_scope[g]],
-                   -np.inf, self.budget_bytes)
+        # Every row in units near 1 (bytes over the budget, parameters over the original's active
+        # count): with raw counts (1e5-1e9) HiGHS's presolve returned plans far from the optimum.
+        per_byte = 1.0 / max(self.budget_bytes, 1)
+        constraint([(i, float(self.groups.bytes[g, col]) * per_byte) for i, (g, col) in enumerate(var_x)
+                    if self.in_scope[g]], -np.inf, self.budget_bytes * per_byte)
         if self.active_budget is not None:
-            entries = [(i, float(self.kept[g, col])) for i, (g, col) in enumerate(var_x) if self.kind[g] != "expert"]
+            per_param = 1.0 / self.original_active
+            entries = [(i, float(self.kept[g, col]) * per_param) for i, (g, col) in enumerate(var_x)
+                       if self.kind[g] != "expert"]
             entries += [(w_index[v], 1.0) for v in var_w]
-            constraint(entries, -np.inf, self.active_budget)
-            for layer, c in var_w:
-                share = self._share(layer, c)
+            constraint(entries, -np.inf, self.active_budget * per_param)
+            for layer, c in var_w:  # w >= share * S_l - M (1 - y), in shares of the original's active count
+                share = self._share(layer, c) * per_param
                 routed = [(i, g, col) for i, (g, col) in enumerate(var_x)
                           if self.kind[g] == "expert" and int(self.layer[g]) == layer]
                 big = share * sum(float(self.kept[g].max()) for g in {g for _, g, _ in routed})
@@ -190,7 +195,10 @@ class JointProblem:
                 constraint(entries, -big, np.inf)
         A = coo_matrix((vals, (rows, cols)), shape=(r, n)).tocsr()
         cost = np.asarray(cost)
-        scale = np.abs(cost).max() or 1.0
+        # Damage in units of the units' own worst case, so that a unit's choice is not lost in the
+        # tolerances beside a removal that costs a thousand times more.
+        worst = sum(max(float(self.groups.damage[g, col]) for col in self.columns[g]) for g in range(G))
+        scale = worst if worst > 0 else (np.abs(cost).max() or 1.0)
         integrality = np.r_[np.ones(n - len(var_w)), np.zeros(len(var_w))]
         upper_bounds = np.r_[np.ones(n - len(var_w)), np.full(len(var_w), np.inf)]
         result = milp(cost / scale, constraints=[LinearConstraint(A, lower, upper)], integrality=integrality,
