@@ -51,6 +51,9 @@ def _add_allocation(p: argparse.ArgumentParser) -> None:
                     help="channel granularity: neurons per group, a multiple of --group-size (default: the group "
                          "size; 32 with per-channel options)")
     p.add_argument("--options", default="2,3,4,8,16", help="bit widths units may take (16 = keep; default 2,3,4,8,16)")
+    p.add_argument("--prune-options", default="", metavar="LABELS",
+                    help="pruned options units may take too, comma-separated (e.g. 2:4+4b,50%%+4b,2:4; SparseGPT, "
+                         "at --group-size unless a label says -gN)")
     p.add_argument("--others", default="4b", help="option of the units outside --scope experts (default 4b)")
     p.add_argument("--rules", default="attention,shared,first_k,frequency,outlier,block",
                     help="heuristic: which of Li et al.'s rules rank the units (comma-separated)")

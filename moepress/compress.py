@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
+from .apply import quantize_batch, treat_batch
 from .calibrate import Profile, collect_layer_stats
 from .errors import MoepressError
 from .export.checkpoint import check_output_dir
@@ -24,7 +25,7 @@ from .pipeline import distributed
 from .pipeline.faults import fault_point
 from .pipeline.runner import LayerLoop, LayerwiseRunner, model_dtype, resolve_device
 from .pipeline.source import ResidentModel
-from .quantize import QuantSpec, gptq_quantize, hessian_weighted_error, rtn_quantize
+from .quantize import QuantSpec, hessian_weighted_error, rtn_quantize
 from .runtime.install import install_experts, install_linear
 from .treatment import KEEP, Treatment
 from .trim.dynamic import DynamicPruning
@@ -236,46 +237,6 @@ def read_unit_records(records: dict) -> tuple[dict[str, Treatment], dict[str, fl
     """Inverse of :func:`unit_records`."""
     units = {name: Treatment.from_unit_map(rec, name) for name, rec in records.items()}
     return units, {name: float(rec.get("error", 0.0)) for name, rec in records.items()}
-
-
-def quantize_batch(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, name: str):
-    """Quantize [E, out, in] (or [out, in]) weights; returns the packed weight and per-matrix error."""
-    weight = weight.detach().float()
-    if spec.method == "gptq":
-        packed = gptq_quantize(weight, hessian, spec, name=name).weight
-    else:
-        packed = rtn_quantize(weight, spec, name=name)
-    error = hessian_weighted_error(weight, packed.dequantize(torch.float32).to(weight.device), hessian)
-    # The packed weight stays on the compute device: the layer runs again there before it moves back.
-    return packed.to(weight.device), error.reshape(-1).cpu()
-
-
-def treat_batch(weight: torch.Tensor, hessian: torch.Tensor, treatment: Treatment, name: str):
-    """Apply one quantized or pruned ``treatment`` to [E, out, in] (or [out, in]) weights; returns the
-    stored weight (packed or sparse) and the per-matrix output error."""
-    if not treatment.pruned:
-        return quantize_batch(weight, hessian, treatment.spec(), name)
-    from .prune.sparse import sparsify
-    from .prune.sparsegpt import sparsegpt_prune
-    from .prune.wanda import magnitude_mask, wanda_mask
-
-    dtype = weight.dtype
-    w = weight.detach().float()
-    n, m = treatment.nm or (None, None)
-    pattern = {"sparsity": None if treatment.nm else treatment.sparsity, "n": n, "m": m}
-    spec = treatment.spec()  # None: pruned only, the kept weights stay as they are
-    if treatment.pruner == "sparsegpt":
-        sparse = sparsegpt_prune(w, hessian, **pattern, spec=spec, damp=treatment.damp, name=name).weight
-    else:
-        if treatment.pruner == "wanda":  # ||X_j||^2 is the Hessian's diagonal (up to the token count)
-            mask = wanda_mask(w, hessian.diagonal(dim1=-2, dim2=-1).float(), **pattern)
-        else:
-            mask = magnitude_mask(w, **pattern)
-        sparse = sparsify(w, mask, spec)
-    if sparse.values is not None:  # pruned only: the kept weights in the model's own dtype
-        sparse = replace(sparse, values=sparse.values.to(dtype))
-    error = hessian_weighted_error(w, sparse.dequantize(torch.float32).to(w.device), hessian)
-    return sparse.to(w.device), error.reshape(-1).cpu()
 
 
 def unit_treatments(config: CompressConfig, resolved: dict[str, Treatment] | None):

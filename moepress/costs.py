@@ -26,6 +26,12 @@ add up across units of a layer):
   Non-expert units see every token with weight 1.
 * ``hawq``: HAWQ-V2's mean Hessian trace x ||W - RTN(W)||^2, times the fraction of tokens routed
   to the unit (the frequency a loss Hessian would carry). The baseline the reviewers of 001 asked for.
+
+Pruned options (``2:4``, ``50%+4b-g128``) are columns like the others: Q is then the weight the
+compression step would store (:func:`moepress.apply.treat_batch`: SparseGPT, jointly with GPTQ when
+quantized, or a Wanda or magnitude mask), and HAWQ's RTN(W) is the magnitude-pruned weight, rounded
+to nearest at the option's bits if it has any. ``CostTable.kept`` says how many weights each row
+keeps at each option (its parameters unless pruned).
 """
 
 from __future__ import annotations
@@ -38,9 +44,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from .apply import pruning_pattern, treat_batch
 from .calibrate import collect_layer_stats
 from .errors import MoepressError
 from .model.view import EXPERT_LINEARS, MoEView
+from .prune import magnitude_mask, sparsify
 from .quantize import QuantSpec, gptq_quantize, rtn_quantize
 from .quantize.spec import KEEP_BITS
 from .treatment import DEFAULT_OPTIONS, DEFAULT_SETTINGS, Treatment
@@ -118,6 +126,7 @@ class Groups:
     params: np.ndarray  # [G]
     bytes: np.ndarray  # [G, O]
     damage: np.ndarray  # [G, O] for the chosen estimator
+    kept: np.ndarray  # [G, O] weights the unit keeps at each option (its params unless pruned)
 
 
 class CostTable:
@@ -139,6 +148,7 @@ class CostTable:
         # Per-neuron damage of the routed experts' rows: {estimator: [len(neuron_rows), options, neurons]}.
         self.neuron = {k: np.asarray(v, dtype=np.float32) for k, v in (neuron or {}).items()}
         self.neuron_rows = np.asarray(neuron_rows if neuron_rows is not None else [], dtype=np.int64)
+        self.kept = _kept_weights(rows, self.options)  # [rows, options]; recomputed, never saved
 
     # ------------------------------------------------------------------ queries
     @property
@@ -148,8 +158,14 @@ class CostTable:
                 "method": "gptq"}
 
     def parse(self, label, default_group: int | None = 128) -> Treatment:
-        """A column's treatment from its label (``"3b-g128"``), with the table's settings."""
-        return Treatment.parse(label, default_group, self.settings)
+        """A column's treatment from its label (``"3b-g128"``, ``"2:4+4b-g128"``), with the table's
+        settings (a pruned label: the table's column of that label, whichever its pruner)."""
+        option = Treatment.parse(label, default_group, self.settings)
+        if option.pruned and option not in self.options:
+            same = [o for o in self.options if o.label == option.label]
+            if len(same) == 1:
+                return same[0]
+        return option
 
     def option_index(self, option: Treatment | str) -> int:
         """The column of ``option`` (a treatment or a label)."""
@@ -164,7 +180,7 @@ class CostTable:
                 f"{self.settings['act_order']}); rebuild the table with it (--options)") from None
 
     def column(self, bits: int, group_size: int | None = 128) -> Treatment | None:
-        """The table's option of ``bits`` at ``group_size``, if it has one."""
+        """The table's (unpruned) option of ``bits`` at ``group_size``, if it has one."""
         want = Treatment.parse(bits, group_size, self.settings)
         return want if want in self.options else None
 
@@ -187,14 +203,16 @@ class CostTable:
         names = list(order)
         rows = [order[n] for n in names]
         damage = self.damage[estimator]
+        empty = np.zeros((0, len(self.options)), np.int64)
         return Groups(
             names=names,
             rows=rows,
             kinds=[self.rows[r[0]].kind for r in rows],
             layers=np.array([self.rows[r[0]].layer for r in rows], dtype=np.int64),
             params=np.array([sum(self.rows[i].params for i in r) for r in rows], dtype=np.int64),
-            bytes=np.stack([self.bytes[r].sum(0) for r in rows]) if rows else np.zeros((0, len(self.options)), np.int64),
-            damage=np.stack([damage[r].sum(0) for r in rows]) if rows else np.zeros((0, len(self.options))),
+            bytes=np.stack([self.bytes[r].sum(0) for r in rows]) if rows else empty,
+            damage=np.stack([damage[r].sum(0) for r in rows]) if rows else empty.astype(np.float64),
+            kept=np.stack([self.kept[r].sum(0) for r in rows]) if rows else empty,
         )
 
     def _channel_groups(self, estimator: str, kinds, width: int | None) -> Groups:
@@ -207,7 +225,7 @@ class CostTable:
         where = {int(r): i for i, r in enumerate(self.neuron_rows)}
         neuron = self.neuron[estimator]
         keep = int(self.meta.get("keep_element_size", 2))
-        names, rows, kinds_, layers, params, bytes_, damage = [], [], [], [], [], [], []
+        names, rows, kinds_, layers, params, bytes_, damage, kept = [], [], [], [], [], [], [], []
         experts: dict[str, list[int]] = {}
         for i, (name, r, kind) in enumerate(zip(linear.names, linear.rows, linear.kinds)):
             if kind == "expert":
@@ -215,11 +233,15 @@ class CostTable:
                 continue
             names.append(name), rows.append(r), kinds_.append(kind), layers.append(linear.layers[i])
             params.append(linear.params[i]), bytes_.append(linear.bytes[i]), damage.append(linear.damage[i])
+            kept.append(linear.kept[i])
         for group, members in experts.items():
             gate = self.rows[members[0]]
             intermediate, hidden = gate.out_features, gate.in_features
             check_channel_group(self.options, intermediate, hidden, width)
             piece_bytes = np.array([split_piece_bytes(o, hidden, width, keep_element_size=keep) for o in self.options])
+            # a group's rows of gate and up ([width, hidden] each) and its columns of down ([hidden, width])
+            piece_kept = np.array([2 * width * o.kept_per_row(hidden) + hidden * o.kept_per_row(width)
+                                   for o in self.options])
             for k in range(intermediate // width):
                 names.append(channel_key(group, k))
                 rows.append(list(members))
@@ -227,11 +249,14 @@ class CostTable:
                 layers.append(gate.layer)
                 params.append(3 * width * hidden)
                 bytes_.append(piece_bytes)
+                kept.append(piece_kept)
                 damage.append(sum(neuron[where[m], :, k * width:(k + 1) * width].sum(-1) for m in members))
+        shape = (len(names), len(self.options))
         return Groups(names=names, rows=rows, kinds=kinds_, layers=np.array(layers, dtype=np.int64),
                       params=np.array(params, dtype=np.int64),
-                      bytes=np.array(bytes_, dtype=np.int64).reshape(len(names), len(self.options)),
-                      damage=np.array(damage, dtype=np.float64).reshape(len(names), len(self.options)))
+                      bytes=np.array(bytes_, dtype=np.int64).reshape(shape),
+                      damage=np.array(damage, dtype=np.float64).reshape(shape),
+                      kept=np.array(kept, dtype=np.int64).reshape(shape))
 
     def uniform_bytes(self, option: Treatment, kinds: tuple[str, ...] | None = None) -> int:
         o = self.option_index(option)
@@ -248,7 +273,10 @@ class CostTable:
         tensors.update({f"neuron.{k}": torch.from_numpy(v.astype(np.float32)) for k, v in self.neuron.items()})
         if len(self.neuron_rows):
             tensors["neuron_rows"] = torch.from_numpy(self.neuron_rows.copy())
-        meta = {"rows": [asdict(r) for r in self.rows], "options": [o.label for o in self.options], "meta": self.meta}
+        # Labels do not say the pruner: a pruned column by another pruner than SparseGPT records it.
+        pruners = {o.label: o.pruner for o in self.options if o.pruned and o.pruner != DEFAULT_SETTINGS["pruner"]}
+        meta = {"rows": [asdict(r) for r in self.rows], "options": [o.label for o in self.options], "meta": self.meta,
+                **({"pruners": pruners} if pruners else {})}
         tmp = f"{path}.tmp"
         save_file(tensors, tmp, metadata={"moepress_cost_table": json.dumps(meta)})
         os.replace(tmp, path)
@@ -265,9 +293,12 @@ class CostTable:
                 tensors = {k: f.get_tensor(k).numpy() for k in f.keys()}
         except Exception as exc:  # corrupt or foreign file
             raise MoepressError(f"cannot read cost table {path}: {exc}; rebuild it") from None
+        settings = {**info["meta"], "method": "gptq"}
+        pruners = info.get("pruners", {})
         return cls(
             rows=[Row(**r) for r in info["rows"]],
-            options=[Treatment.parse(o, settings={**info["meta"], "method": "gptq"}) for o in info["options"]],
+            options=[Treatment.parse(o, settings={**settings, "pruner": pruners.get(o, DEFAULT_SETTINGS["pruner"])})
+                     for o in info["options"]],
             bytes_=tensors["bytes"],
             damage={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("damage.")},
             stats={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("stats.")},
@@ -300,28 +331,44 @@ def _outlier_score(weight: torch.Tensor) -> torch.Tensor:
     return a.amax(-1) / a.mean(-1).clamp(min=1e-12)
 
 
+def _kept_weights(rows: list[Row], options: list[Treatment]) -> np.ndarray:
+    """Weights every row keeps at every option, int64 [rows, options] (out x kept per row)."""
+    shapes = np.array([(r.out_features, r.in_features) for r in rows], dtype=np.int64).reshape(-1, 2)
+    widths, where = np.unique(shapes[:, 1], return_inverse=True)  # a few distinct input widths
+    per_row = np.array([[o.kept_per_row(int(n)) for o in options] for n in widths], dtype=np.int64)
+    return shapes[:, :1] * per_row.reshape(len(widths), len(options))[where.reshape(-1)]
+
+
 def _damage(weight, hessian, option: Treatment, name: str, neuron_axis: int | None = None):
-    """(gptq loss, rtn perturbation ||W - RTN(W)||^2, the GPTQ-quantized weight or None) per matrix,
-    for a batch [E, out, in] or one [out, in]. With ``neuron_axis`` (-2: rows of gate/up, -1:
-    columns of down) also both per neuron, [E, neurons] (see the module docstring); else None."""
+    """(gptq loss, rtn perturbation ||W - RTN(W)||^2, the stored weight or None) per matrix, for a
+    batch [E, out, in] or one [out, in]. With ``neuron_axis`` (-2: rows of gate/up, -1: columns of
+    down) also both per neuron, [E, neurons] (see the module docstring); else None.
+
+    The stored weight is GPTQ's packed weight, or for a pruned option what compression stores
+    (:func:`~moepress.apply.treat_batch`, a ``SparseWeight``); RTN(W) of a pruned option is the
+    magnitude-pruned weight, rounded to nearest at the option's bits if it has any."""
     if option.keep:
         lead = weight.shape[:-2]
         zeros = torch.zeros(lead)
         neurons = None if neuron_axis is None else torch.zeros(*lead, weight.shape[neuron_axis])
         return zeros.reshape(-1), zeros.reshape(-1), None, neurons, neurons
     w = weight.detach().float()
-    spec = option.spec()
-    packed = gptq_quantize(w, hessian, spec, name=name).weight
-    d = w - packed.dequantize(torch.float32).to(w.device)
+    if option.pruned:
+        stored, _ = treat_batch(weight, hessian, option, name)
+        mask = magnitude_mask(w, **pruning_pattern(option), name=name)
+        r = sparsify(w, mask, option.spec(), name=name).dequantize(torch.float32)
+    else:
+        stored = gptq_quantize(w, hessian, option.spec(), name=name).weight
+        r = rtn_quantize(w, option.with_settings(method="rtn").spec(), name=name).dequantize(torch.float32)
+    d = w - stored.dequantize(torch.float32).to(w.device)
     p = (d @ hessian.float()) * d  # sums to trace(D H D^T)
     gptq_loss = p.sum(dim=(-1, -2)).reshape(-1).cpu()
-    r = rtn_quantize(w, option.with_settings(method="rtn").spec(), name=name).dequantize(torch.float32)
     dr = (w - r.to(w.device)) ** 2
     perturbation = dr.sum(dim=(-1, -2)).reshape(-1).cpu()
     if neuron_axis is None:
-        return gptq_loss, perturbation, packed.to("cpu"), None, None
+        return gptq_loss, perturbation, stored.to("cpu"), None, None
     other = -1 if neuron_axis == -2 else -2
-    return gptq_loss, perturbation, packed.to("cpu"), p.sum(other).cpu(), dr.sum(other).cpu()
+    return gptq_loss, perturbation, stored.to("cpu"), p.sum(other).cpu(), dr.sum(other).cpu()
 
 
 def build_cost_table(
@@ -342,18 +389,20 @@ def build_cost_table(
     trust_remote_code: bool = False,
 ) -> CostTable:
     """One calibration pass over the uncompressed model, layer by layer; per layer, every unit is
-    quantized with every option (GPTQ for the loss, RTN for HAWQ's perturbation) and forgotten, so
-    memory stays at one layer's Hessians. The model is left unchanged.
+    quantized (or pruned) with every option (GPTQ or SparseGPT for the loss, RTN or magnitude for
+    HAWQ's perturbation) and forgotten, so memory stays at one layer's Hessians. The model is left
+    unchanged.
 
     ``model`` is a model in memory, or a folder / hub id streamed one decoder layer at a time. With
     ``work`` (a :class:`~moepress.pipeline.resume.WorkFolder`) every finished layer's rows are kept
     there and a killed pass resumes after its last finished layer.
 
     ``keep_variants`` also keeps every GPTQ-quantized weight (packed, so about 1.1x the model's
-    bf16 bytes for options 2/3/4/8) in ``table.variants[(row, option)]``: the evolutionary search
-    evaluates plans end to end by swapping these in instead of quantizing again. It also keeps the
-    routed down projections' Hessians (``table.hessians``), so channel plans, whose down columns are
-    quantized in one GPTQ pass across groups of different widths, can be scored the same way."""
+    bf16 bytes for options 2/3/4/8; for a pruned option the ``SparseWeight`` compression would
+    store) in ``table.variants[(row, option)]``: the evolutionary search evaluates plans end to end
+    by swapping these in instead of quantizing again. It also keeps the routed down projections'
+    Hessians (``table.hessians``), so channel plans, whose down columns are quantized in one GPTQ
+    pass across groups of different widths, can be scored the same way."""
     from .pipeline.runner import LayerLoop
     from .pipeline.source import open_source
 

@@ -288,8 +288,9 @@ class Treatment:
         return replace(self, act_order="off") if self.stores_group_index else self
 
     def sort_key(self) -> tuple:
-        """Narrow to wide, per-channel before grouped at one width (the cost table's column order)."""
-        return (self.bits, 0 if self.group_size is None else self.group_size, self.label)
+        """Narrow to wide, per-channel before grouped at one width, more pruned before less at one
+        grid (the cost table's column order: ``2:4+4b-g128`` before ``4b-g128``, ``2:4`` before ``16b``)."""
+        return (self.bits, 0 if self.group_size is None else self.group_size, 1.0 - self.sparsity, self.label)
 
     def spec(self) -> QuantSpec | None:
         """The quantizer's parameters (None for keep; a split's pieces each have their own)."""

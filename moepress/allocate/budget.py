@@ -64,7 +64,12 @@ class Budget:
         if self.bytes is not None:
             return self.bytes
         low, high = math.floor(self.bits), math.ceil(self.bits)
-        bits_available = sorted({o.bits for o in table.options})
+        # A bits budget is the bytes of uniform quantization (or keep): pruned options have bits too,
+        # but "3bits" never means "2:4+3b".
+        bits_available = sorted({o.bits for o in table.options if not o.pruned})
+        if not bits_available:
+            raise MoepressError("a budget in bits needs a quantized or 16-bit option in the cost table; "
+                                "give the budget in bytes (e.g. 11GB)")
         if self.bits < bits_available[0]:
             raise MoepressError(f"budget of {self.bits:g} bits is below the smallest option "
                                 f"({bits_available[0]} bits); raise the budget")

@@ -29,6 +29,7 @@ class PlanOptions:
     granularity: str = "expert"
     channel_group: int | None = None
     options: str = "2,3,4,8,16"
+    prune_options: str = ""  # pruned options units may take too: "2:4+4b,50%+4b" (treatment labels)
     group_size: int | None = 128
     others: str = "4b"
     rules: str = "attention,shared,first_k,frequency,outlier,block"
@@ -78,6 +79,7 @@ def plan_model(model: str, options: PlanOptions | None = None, *, progress: bool
     # The options the table measures, with the settings it is built with (GPTQ, static act-order).
     settings = {"symmetric": args.symmetric, "damp": args.damp, "act_order": "static", "method": "gptq"}
     option_list = [Treatment.parse(b, args.group_size, settings) for b in bits]
+    option_list += parse_prune_options(args.prune_options, args.group_size, settings)
     others = Treatment.parse(args.others, args.group_size, settings)
     rules = tuple(r for r in args.rules.split(",") if r)
     unknown = [r for r in rules if r not in RULES]
@@ -88,6 +90,9 @@ def plan_model(model: str, options: PlanOptions | None = None, *, progress: bool
     source = open_source(source or model, trust_remote_code=trust_remote_code)
     rows = model_rows(MoEView(source.model))
     keep = next(source.model.parameters()).element_size()
+    for row in rows:  # an option that cannot store a unit (2:3 of 128 inputs) is refused before calibrating
+        for option in option_list:
+            option.check_shape(row.out_features, row.in_features, row.name)
     if budget.bytes is not None:  # refuse before the long calibration pass; bytes need no calibration
         smallest = sum(min(o.nbytes(r.out_features, r.in_features, keep) for o in option_list)
                        for r in rows if r.kind in budget.kinds)
@@ -99,6 +104,8 @@ def plan_model(model: str, options: PlanOptions | None = None, *, progress: bool
     if args.granularity == "channel":  # refuse a width the options cannot tile before calibrating
         from ..costs import check_channel_group
 
+        if any(o.pruned for o in option_list):  # a split's neuron groups are quantized, never pruned
+            raise MoepressError("--prune-options work at expert or linear granularity, not channel")
         gate = next((r for r in rows if r.kind == "expert" and r.linear == "gate_proj"), None)
         if gate is None:
             raise MoepressError("channel granularity needs routed experts; this model has none")
@@ -160,6 +167,24 @@ def plan_model(model: str, options: PlanOptions | None = None, *, progress: bool
                     seed=args.seed, evolution=evolution)
     plan.info["model"] = model
     return plan, table
+
+
+def parse_prune_options(text: str, group_size: int | None, settings: dict) -> list[Treatment]:
+    """``--prune-options``: comma-separated labels of pruned treatments (``2:4+4b,50%+4b,2:4``), at
+    ``group_size`` when a label has bits and no ``-g``, with ``settings`` and SparseGPT as the pruner."""
+    options = []
+    for label in (part.strip() for part in str(text or "").split(",")):
+        if not label:
+            continue
+        try:
+            option = Treatment.parse(label, group_size, {**settings, "pruner": "sparsegpt"})
+        except MoepressError as exc:
+            raise MoepressError(f"--prune-options: {exc}") from None
+        if not option.pruned:
+            raise MoepressError(f"--prune-options: {label!r} prunes nothing; write e.g. 2:4+4b or 50%+4b "
+                                "(plain bit widths go in --options)")
+        options.append(option)
+    return options
 
 
 def _load_resident(model: str, source, trust_remote_code: bool, strategy: str, estimator: str):

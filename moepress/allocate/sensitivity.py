@@ -28,6 +28,10 @@ uniform (budget over all linears, 3 and 3.5 bits). Measured on top of a 4-bit mo
 gets 0.38x and 0.57x uniform's KL there. Cost: three evaluations per block (unquantized, 2, 3 bits;
 the 4-bit one is the background itself), seconds on the zoo's tiny models, minutes on a
 135M-parameter model on a CPU.
+
+Pruned options (``2:4``, ``2:4+4b-g128``) are probes of their own, one evaluation each per block:
+removing weights moves the output differently from rounding them, so a quantized option never takes
+a pruned option's exchange rate, nor the reverse.
 """
 
 from __future__ import annotations
@@ -57,12 +61,16 @@ def _index(table: CostTable, option) -> int:
 
 def probe_option_indices(table: CostTable, probes=None) -> list[int]:
     """The options measured end to end: ``probes`` (option labels or treatments), by default every
-    quantized option below 8 bits (at 8 bits the KL is too small to be worth an evaluation)."""
-    quantized = [i for i, o in enumerate(table.options) if not o.keep]
-    if not quantized:
+    quantized option below 8 bits (at 8 bits the KL is too small to be worth an evaluation) and
+    every pruned option, in column order."""
+    quantized = [i for i, o in enumerate(table.options) if not o.keep and not o.pruned]
+    pruned = [i for i, o in enumerate(table.options) if o.pruned]
+    if not quantized and not pruned:
         raise MoepressError("the cost table has no quantized option to measure layer sensitivity with")
     if probes is None:
-        chosen = [i for i in quantized if table.options[i].bits < 8] or [min(quantized, key=lambda i: table.options[i].bits)]
+        chosen = ([i for i in quantized if table.options[i].bits < 8]
+                  or [min(quantized, key=lambda i: table.options[i].bits)]) if quantized else []
+        chosen = sorted(chosen + pruned)
     else:
         chosen = sorted({_index(table, p) for p in probes})
         if any(table.options[i].keep for i in chosen):
@@ -77,7 +85,7 @@ def background_option_index(table: CostTable, background) -> int | None:
         return None
     if background != "auto":
         return _index(table, background)
-    quantized = [i for i, o in enumerate(table.options) if not o.keep and o.bits < 8]
+    quantized = [i for i, o in enumerate(table.options) if not o.keep and not o.pruned and o.bits < 8]
     if not quantized:
         return None
     four = [i for i in quantized if table.options[i].bits == 4]
@@ -90,9 +98,10 @@ def add_kl_scaled(table: CostTable, evaluate, base: str = "gptq_routed", name: s
     option so that the block's damage at each probed option equals the KL divergence it adds,
     measured with ``evaluate`` (a :class:`PlanEvaluator` on held-out windows) in a model whose other
     units are at ``background`` (see :func:`background_option_index`): KL(block at the option) -
-    KL(block unquantized). An option not probed takes the factor of the probed option nearest in
-    bits. Returns what was measured, also kept in ``table.meta[name]``; the new estimator is saved
-    with the table."""
+    KL(block unquantized). An option not probed takes the factor of the probed option of its own kind
+    (pruned or not) nearest in bits (then in sparsity); with none of its kind, the median factor of
+    its kind, else of all. Returns what was measured, also kept in ``table.meta[name]``; the new
+    estimator is saved with the table."""
     if base not in table.damage:
         raise MoepressError(f"unknown damage estimator {base!r}; choose one of {', '.join(table.damage)}")
     started = time.time()
@@ -127,15 +136,20 @@ def add_kl_scaled(table: CostTable, evaluate, base: str = "gptq_routed", name: s
     def ratio(kl, predicted):
         return kl / predicted if predicted > 0 and kl > 0 else None
 
-    ratios = [r for r in (ratio(*v) for v in measured.values()) if r is not None]
-    fallback = float(np.median(ratios)) if ratios else 1.0
-    bits = np.array([o.bits for o in table.options])
-    nearest = [probed[int(np.argmin(np.abs(bits[probed] - bits[o])))] for o in range(len(table.options))]
+    def median(entries):
+        ratios = [r for r in (ratio(*v) for _, v in entries) if r is not None]
+        return float(np.median(ratios)) if ratios else None
+
+    fallback = median(measured.items()) or 1.0
+    options = table.options
+    fallback_of = {kind: median((k, v) for k, v in measured.items() if options[k[1]].pruned == kind) or fallback
+                   for kind in (False, True)}
+    nearest = [_nearest_probe(table, probed, o) for o in range(len(options))]
     scale = np.ones_like(table.damage[base])
     for key, rows in groups.items():
-        for o in range(len(table.options)):
-            factor = ratio(*measured[(key, nearest[o])])
-            scale[rows, o] = fallback if factor is None else factor
+        for o in range(len(options)):
+            factor = None if nearest[o] is None else ratio(*measured[(key, nearest[o])])
+            scale[rows, o] = fallback_of[options[o].pruned] if factor is None else factor
     table.damage[name] = table.damage[base] * scale
     if base in table.neuron and len(table.neuron_rows):
         table.neuron[name] = (table.neuron[base] * scale[table.neuron_rows][:, :, None]).astype(np.float32)
@@ -152,6 +166,17 @@ def add_kl_scaled(table: CostTable, evaluate, base: str = "gptq_routed", name: s
     }
     table.meta[name] = info
     return info
+
+
+def _nearest_probe(table: CostTable, probed: list[int], o: int) -> int | None:
+    """The probed option whose factor option ``o`` takes: of its own kind (pruned or not), nearest
+    in bits, then in sparsity (the first in column order on a tie); None when no probe is of its kind."""
+    option = table.options[o]
+    same = [p for p in probed if table.options[p].pruned == option.pruned]
+    if not same:
+        return None
+    return min(same, key=lambda p: (abs(table.options[p].bits - option.bits),
+                                    abs(table.options[p].sparsity - option.sparsity)))
 
 
 __all__ = ["add_kl_scaled", "background_option_index", "blocks", "probe_option_indices"]
