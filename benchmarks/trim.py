@@ -20,7 +20,17 @@ bytes (bits per parameter) and the active linear parameters per token:
 Active parameters per token count attention, shared experts, dense MLPs and top-k routed experts
 (their non-zero weights when pruned); embeddings and the head are not counted. Rows are written to
 benchmarks/results/trim-<date>.json as they finish, and a rerun with the same --out skips the rows it
-already has. Peer rows (llm-compressor's REAP, Wanda and SparseGPT modifiers) are not here yet.
+already has; a Pareto plot per model (KL against bytes and against active parameters) is drawn
+beside the JSON. With ``--bits 3`` the table also has the joint optimizer's rows:
+
+* ``joint@3bits,active0.8``: ``compress --budget 3bits --scope all --active 0.8 --prune-options
+  50%+4b,2:4+4b,50%+3b,50%+2b``: bits, pruning, expert drops, top-k and layer/block drops chosen
+  together at the bytes of uniform 3-bit and 80% of the active parameters (the issue's target: KL at
+  most uniform 3-bit's);
+* ``joint@3bits,active0.8,no-prune``: the same with removals only;
+* ``ilp@3bits``: the quantization-only ILP (kl_scaled) at the same bytes, all active parameters.
+
+Peer rows (llm-compressor's REAP, Wanda and SparseGPT modifiers) are in benchmarks/trim_peers.py.
 """
 
 from __future__ import annotations
@@ -43,12 +53,21 @@ import torch  # noqa: E402
 import moepress  # noqa: E402
 from moepress.evaluate import active_params  # noqa: E402
 
-CRITERIA = ("frequency", "mass", "router", "reap")
+CRITERIA = ("frequency", "mass", "router", "reap", "kl")
+
+
+JOINT_PRUNE_OPTIONS = "50%+4b,2:4+4b,50%+3b,50%+2b"
 
 
 def recipes(bits: int) -> dict[str, dict]:
-    """Recipe name -> compress options."""
+    """Recipe name -> compress options (``budget`` and ``planning``: planned, then compressed)."""
     out = {f"{bits}b": {}}
+    # The joint optimizer at the bytes of uniform <bits>-bit over every linear and 80% of the active
+    # parameters; with removals only; and the quantization-only ILP at the same bytes (kl_scaled).
+    out[f"joint@{bits}bits,active0.8"] = {"budget": f"{bits}bits", "planning": {
+        "scope": "all", "active": 0.8, "prune_options": JOINT_PRUNE_OPTIONS}}
+    out[f"joint@{bits}bits,active0.8,no-prune"] = {"budget": f"{bits}bits", "planning": {"scope": "all", "active": 0.8}}
+    out[f"ilp@{bits}bits"] = {"budget": f"{bits}bits", "planning": {"scope": "all", "estimator": "kl_scaled"}}
     for criterion in CRITERIA:
         out[f"drop25-{criterion}+{bits}b"] = {"drop_experts": "25%", "drop_criterion": criterion}
     out[f"top1+{bits}b"] = {"top_k": 1}
@@ -62,11 +81,19 @@ def recipes(bits: int) -> dict[str, dict]:
 
 
 def run_row(model_dir: str, name: str, options: dict, args, workdir: str) -> dict:
-    out = os.path.join(workdir, name.replace(":", "-").replace("%", "pct"))
-    settings = {"bits": args.bits, "group_size": args.group_size, **options}
+    out = os.path.join(workdir, re.sub(r"[^A-Za-z0-9.+@-]", "-", name))
     started = time.time()
-    moepress.compress(model_dir, out=out, overwrite=True, calib="builtin:calib", calib_samples=args.calib_samples,
-                      seq_len=args.seq_len, progress=False, **settings)
+    if "budget" in options:
+        settings = {**options, "planning": {**options["planning"], "calib_samples": args.calib_samples,
+                                            "seq_len": args.seq_len, "group_size": args.group_size}}
+        moepress.compress(model_dir, out=out, overwrite=True, calib="builtin:calib", calib_samples=args.calib_samples,
+                          seq_len=args.seq_len, progress=False, group_size=args.group_size, **settings)
+        plan = json.load(open(os.path.join(out, "moepress.json"))).get("plan") or {}
+    else:
+        settings = {"bits": args.bits, "group_size": args.group_size, **options}
+        moepress.compress(model_dir, out=out, overwrite=True, calib="builtin:calib", calib_samples=args.calib_samples,
+                          seq_len=args.seq_len, progress=False, **settings)
+        plan = {}
     seconds = time.time() - started
     report = moepress.evaluate(out, reference=model_dir, text="builtin:eval", seq_len=args.seq_len,
                                samples=args.eval_samples, progress=False)
@@ -80,7 +107,9 @@ def run_row(model_dir: str, name: str, options: dict, args, workdir: str) -> dic
             # the budget's measure: the checkpoint's linear bytes over the ORIGINAL model's linear parameters
             "bits_per_original_param": round(8 * fp["linear_bytes"] / report.reference_footprint["linear_params"], 4),
             "active_params": active, "linear_params": total,
-            "compress_seconds": round(seconds, 1), "status": "ok"}
+            "compress_seconds": round(seconds, 1), "status": "ok",
+            **({"plan": {"totals": plan.get("totals"), "trim": plan.get("trim"),
+                         "rounds": (plan.get("info") or {}).get("rounds")}} if plan else {})}
 
 
 def table(rows: list[dict]) -> str:
@@ -96,6 +125,39 @@ def table(rows: list[dict]) -> str:
                      f"({r['reference_perplexity']:.2f}) | {r['bits_per_original_param']:.3f} | {r['active_params']:,} | "
                      f"{ratio:.2f} |")
     return "\n".join(lines)
+
+
+def pareto_plots(rows: list[dict], prefix: str) -> list[str]:
+    """Per model: KL (log scale) against bytes (bits per original parameter) and against active
+    parameters, every recipe a labelled point; the joint plans stand out. Returns the files written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    for model in sorted({r["model"] for r in rows if r.get("status") == "ok"}):
+        ok = [r for r in rows if r["model"] == model and r.get("status") == "ok" and r["kl"] > 0]
+        fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+        for ax, key, label in ((axes[0], "bits_per_original_param", "bits per original linear parameter"),
+                               (axes[1], "active_params", "active linear parameters per token")):
+            for r in ok:
+                joint = r["recipe"].startswith(("joint", "ilp"))
+                ax.scatter(r[key], r["kl"], c="tab:red" if joint else "tab:blue", s=30 if joint else 14)
+                ax.annotate(r["recipe"], (r[key], r["kl"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+            ax.set_yscale("log")
+            ax.set_xlabel(label)
+            ax.set_ylabel("KL divergence from the original (nats per token)")
+            ax.grid(alpha=0.3)
+        fig.suptitle(f"{model}: quality against bytes and active parameters (red: planned by the ILPs)")
+        fig.tight_layout()
+        path = f"{prefix}-{model}.png"
+        fig.savefig(path, dpi=130)
+        plt.close(fig)
+        written.append(path)
+    return written
 
 
 def main(argv=None) -> int:
@@ -135,6 +197,8 @@ def main(argv=None) -> int:
                 os.replace(out + ".tmp", out)
     print(table(payload["rows"]))
     print(f"wrote {out}", file=sys.stderr)
+    for path in pareto_plots(payload["rows"], out[:-len(".json")] if out.endswith(".json") else out):
+        print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

@@ -63,6 +63,14 @@ def _add_allocation(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generations", type=int, default=10, help="evolution: generations (default 10)")
     p.add_argument("--fitness-samples", type=int, default=8,
                     help="evolution and kl_scaled: held-out calibration windows KL is measured on (default 8)")
+    p.add_argument("--active", type=float, default=None, metavar="SHARE",
+                    help="also budget the active parameters per token, as a share of the original's (0.8): plans "
+                         "treatments and removals together (the joint ILP; damage in KL, measured in memory)")
+    p.add_argument("--trim", default="experts,top_k,moe_layers,blocks", metavar="KINDS",
+                    help="with --active: the removals the joint ILP may choose (comma-separated: experts, top_k, "
+                         "moe_layers, blocks; default all)")
+    p.add_argument("--rounds", type=int, default=2,
+                    help="with --active: correction rounds, each re-measuring the plan's removals in the plan (default 2)")
     p.add_argument("--table", metavar="FILE.safetensors",
                     help="cost table cache: read it if it exists (same model), else build it and save it there")
 
@@ -126,9 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--drop-experts", metavar="AMOUNT",
                    help="remove the least important routed experts of every MoE layer: a share (25%%) or a count (2); "
                         "the router then chooses among the rest")
-    c.add_argument("--drop-criterion", choices=("frequency", "mass", "router", "reap"), default="reap",
+    c.add_argument("--drop-criterion", choices=("frequency", "mass", "router", "reap", "kl"), default="reap",
                    help="what --drop-experts ranks experts by (see the README): routing frequency, routing-weight "
-                        "mass, He et al.'s router probability, or REAP's router-weighted output norm (default)")
+                        "mass, He et al.'s router probability, REAP's router-weighted output norm (default), or the "
+                        "KL divergence each drop adds, measured greedily on the whole model in memory (kl)")
     c.add_argument("--plan", metavar="PLAN.yaml",
                    help="mixed precision: every unit's option from a plan file (moepress plan); replaces --bits/--group-size, "
                    "and the plan's method/symmetric/act-order/damp apply")
@@ -184,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     pl.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     pl.add_argument("--seed", type=int, default=0, help="seed for calibration windows and random choices (default 0)")
+    pl.add_argument("--drop-criterion", choices=("frequency", "mass", "router", "reap"), default="reap",
+                    help="with --active: which experts an expert-drop candidate removes first (default reap)")
     pl.add_argument("--plot", metavar="FILE.png", help="also draw the plan: layers x experts coloured by bits (matplotlib)")
     _add_common(pl)
 
@@ -261,7 +272,8 @@ def run_compress(args) -> None:
         result.profile.save(args.save_profile)
     fp = result.footprint()
     what = (f"the options of {args.plan}" if args.plan else
-            f"the options of the {args.strategy} plan within {args.budget} (plan.yaml in {args.out})" if args.budget else
+            f"the options of the {'joint' if args.active is not None else args.strategy} plan within {args.budget}"
+            f"{f' and {args.active:g} of the active parameters' if args.active is not None else ''} (plan.yaml in {args.out})" if args.budget else
             f"{config.bits} bits" + (f", the {config.prune_scope} pruned to {config.prune} ({config.pruner})"
                                      if config.prune else ""))
     print("\nexpert coverage (calibration tokens routed per expert):", file=sys.stderr)

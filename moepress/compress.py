@@ -80,10 +80,10 @@ class CompressConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise MoepressError(f"{name.replace('_', '-')} must be a count >= 0 (got {value!r})")
-        from .trim.importance import CRITERIA
+        from .trim.importance import DROP_CRITERIA
 
-        if self.drop_criterion not in CRITERIA:
-            raise MoepressError(f"drop-criterion must be one of {', '.join(CRITERIA)} (got {self.drop_criterion!r})")
+        if self.drop_criterion not in DROP_CRITERIA:
+            raise MoepressError(f"drop-criterion must be one of {', '.join(DROP_CRITERIA)} (got {self.drop_criterion!r})")
         for name in ("calib_samples", "seq_len", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise MoepressError(f"{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
@@ -727,6 +727,10 @@ def compress(
         return _result_of_saved(out, tokenizer, config, plan, tokens, view)
     trimming = plan.trim if plan is not None else \
         flag_trimming(view, config, *choose_layer_drops(source, view, tokens, config, device, progress))
+    if plan is None and config.drop_experts is not None and config.drop_criterion == "kl":
+        from .trim.steps import choose_kl_drops
+
+        trimming = choose_kl_drops(source, view, tokens, config, trimming, progress, trust_remote_code)
     results = loop.run(QuantizeStep(view, config, unit_treatments(config, treatments), trimming))
     distributed.barrier()  # every rank is past its last layer before rank 0 completes (and renames) the folder
     units, errors, profile = _records_and_profile(results, view, tokens, config)

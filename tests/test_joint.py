@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -104,3 +105,62 @@ def test_an_active_budget_no_plan_can_meet_is_one_line():
         problem.solve()
     message = str(info.value)
     assert "\n" not in message and "active budget of 0.3" in message and "--active" in message
+
+
+# ------------------------------------------------------------------ the command, end to end
+
+COMMON = ["--calib-samples", "8", "--seq-len", "64", "--batch-size", "4", "--group-size", "32", "--fitness-samples",
+          "2", "--quiet"]
+
+
+def test_compress_with_an_active_budget_saves_what_the_plan_counts(tiny_model_dir, calib_file, tmp_path):
+    """compress --budget --active plans removals and treatments together and applies them: the
+    saved model's linear bytes and active parameters are the plan's, both within their budgets."""
+    import moepress
+    from moepress.allocate import load_plan
+    from moepress.cli import main
+    from moepress.evaluate import active_params, measure_footprint
+
+    out = str(tmp_path / "out")
+    assert main(["compress", "--model", tiny_model_dir("mixtral"), "--calib", calib_file, "--budget", "3bits",
+                 "--scope", "all", "--active", "0.7", "--out", out, *COMMON]) == 0
+    plan = load_plan(f"{out}/plan.yaml")
+    assert plan.strategy == "joint" and not plan.trim.empty  # 30% fewer active parameters needs a removal here
+    assert plan.totals["active_share"] <= 0.7 + 1e-9
+    assert plan.totals["budget_scope_bytes"] <= plan.budget["bytes"]
+    assert plan.info["rounds"] and all(r["measured_kl"] >= 0 for r in plan.info["rounds"])
+    model = moepress.load(out)
+    assert active_params(model)["active"] == plan.totals["active_params"]
+    assert measure_footprint(model, stored_dtype=None).linear_bytes == plan.totals["bytes"]
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--active", "1.5"], ["--active", "(0, 1]"]),
+    (["--active", "0.8", "--strategy", "greedy"], ["--active", "greedy"]),
+    (["--active", "0.8", "--trim", "experts,heads"], ["--trim", "heads"]),
+    (["--active", "0.8", "--granularity", "channel"], ["--active", "channel"]),
+])
+def test_bad_joint_flags_are_one_line_before_any_work(extra, words, tiny_model_dir, calib_file, tmp_path, capsys):
+    from moepress.cli import main
+
+    out = str(tmp_path / "plan.yaml")
+    code = main(["plan", "--model", tiny_model_dir("mixtral"), "--calib", calib_file, "--budget", "3bits", "-o", out,
+                 *extra, *COMMON])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("moepress: error:")]
+    assert len(lines) == 1 and all(w in lines[0] for w in words), err
+    assert not os.path.exists(out)
+
+
+def test_an_active_budget_the_model_cannot_reach_is_one_line(tiny_model_dir, calib_file, tmp_path, capsys):
+    from moepress.cli import main
+
+    out = str(tmp_path / "plan.yaml")
+    code = main(["plan", "--model", tiny_model_dir("mixtral"), "--calib", calib_file, "--budget", "3bits", "-o", out,
+                 "--active", "0.1", "--trim", "experts", *COMMON])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("moepress: error:")]
+    assert len(lines) == 1 and "no plan meets an active budget of 0.1" in lines[0], err
+    assert not os.path.exists(out)

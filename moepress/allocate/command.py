@@ -47,6 +47,10 @@ class PlanOptions:
     seed: int = 0
     device: str | None = None
     table: str | None = None  # cost table cache (safetensors)
+    active: float | None = None  # active-parameter budget, a share of the original's: the joint ILP
+    trim: str = "experts,top_k,moe_layers,blocks"  # removals the joint ILP may choose
+    drop_criterion: str = "reap"  # the order an expert-drop candidate removes experts in
+    rounds: int = 2  # joint ILP: correction rounds by measurement
 
     @classmethod
     def from_args(cls, args) -> "PlanOptions":
@@ -75,6 +79,9 @@ def plan_model(model: str, options: PlanOptions | None = None, *, progress: bool
     for key, value in overrides.items():
         setattr(args, key, value)
     budget = Budget.parse(args.budget, scope=args.scope)
+    joint = args.active is not None
+    if joint:
+        _check_joint(args)
     bits = [int(b) for b in str(args.options).replace(" ", "").split(",") if b]
     # The options the table measures, with the settings it is built with (GPTQ, static act-order).
     settings = {"symmetric": args.symmetric, "damp": args.damp, "act_order": "static", "method": "gptq"}
@@ -111,10 +118,10 @@ def plan_model(model: str, options: PlanOptions | None = None, *, progress: bool
             raise MoepressError("channel granularity needs routed experts; this model has none")
         check_channel_group(option_list, gate.out_features, gate.in_features, args.channel_group)
     evolving = args.strategy == "evolution"
-    scaling = args.estimator == "kl_scaled"
+    scaling = args.estimator == "kl_scaled"  # (--active sets it: the joint ILP's damage is in KL)
     in_memory = evolving or scaling
     table = None
-    if args.table and os.path.exists(args.table) and not evolving:
+    if args.table and os.path.exists(args.table) and not (evolving or joint):  # these need the variants too
         table = CostTable.load(args.table)
         if [r.name for r in table.rows] != [r.name for r in rows]:
             raise MoepressError(f"cost table {args.table} was built for another model; delete it or pick another path")
@@ -127,7 +134,8 @@ def plan_model(model: str, options: PlanOptions | None = None, *, progress: bool
     resident = None
     if table is None or in_memory:
         if in_memory:
-            resident = _load_resident(model, source, trust_remote_code, args.strategy, args.estimator)
+            resident = _load_resident(model, source, trust_remote_code, args.strategy,
+                                      "kl_scaled (--active)" if joint else args.estimator)
         text = load_text(args.calib)
         tokens = token_windows(text, tokenizer, args.seq_len, args.calib_samples, seed=args.seed, what="calibration")
     if table is None:
@@ -158,6 +166,22 @@ def plan_model(model: str, options: PlanOptions | None = None, *, progress: bool
         table.save(args.table)
         print(f"cost table: saved {args.table} ({table.meta['seconds']} s)", file=sys.stderr)
 
+    if joint:
+        from .joint import allocate_joint
+        from .trim_costs import measure_trim_costs
+
+        with torch.no_grad():
+            costs = measure_trim_costs(evaluator, table, tokens, estimator=args.estimator, trims=_trims(args.trim),
+                                       criterion=args.drop_criterion, progress=progress)
+        print(f"removal costs: {costs.info['evaluations']} evaluations on {costs.info['windows']} held-out windows "
+              f"in {costs.info['seconds']} s", file=sys.stderr)
+        with torch.no_grad():
+            plan = allocate_joint(table, budget, costs, evaluator, active=args.active, options=option_list,
+                                  others=others, estimator=args.estimator, granularity=args.granularity,
+                                  group_size=args.group_size, rounds=args.rounds, progress=progress)
+        plan.info["model"] = model
+        return plan, table
+
     evolution = None
     if evolving:
         evolution = {"evaluate": evaluator, "population": args.population, "generations": args.generations}
@@ -167,6 +191,34 @@ def plan_model(model: str, options: PlanOptions | None = None, *, progress: bool
                     seed=args.seed, evolution=evolution)
     plan.info["model"] = model
     return plan, table
+
+
+def _check_joint(args) -> None:
+    """``--active`` plans with the joint ILP on KL-scaled damage; what does not combine is refused
+    before any work."""
+    if not 0 < args.active <= 1:
+        raise MoepressError(f"--active is a share of the original model's active parameters, in (0, 1] "
+                            f"(got {args.active:g})")
+    if args.strategy != "ilp":
+        raise MoepressError(f"--active plans with the joint ILP; it does not combine with --strategy {args.strategy}")
+    if args.granularity == "channel":
+        raise MoepressError("--active plans whole experts or linears, not channel groups; use --granularity expert or linear")
+    if args.per_layer:
+        raise MoepressError("--active plans one global program; it does not combine with --per-layer")
+    if args.rounds < 0:
+        raise MoepressError(f"--rounds must be 0 or more (got {args.rounds})")
+    _trims(args.trim)
+    args.estimator = "kl_scaled"  # removals are priced in KL: the units' damage must be too
+
+
+def _trims(text: str) -> tuple[str, ...]:
+    from .trim_costs import TRIMS
+
+    trims = tuple(t.strip() for t in str(text).split(",") if t.strip())
+    unknown = [t for t in trims if t not in TRIMS]
+    if unknown:
+        raise MoepressError(f"--trim: unknown removal {unknown[0]!r}; choose from {', '.join(TRIMS)}")
+    return trims
 
 
 def parse_prune_options(text: str, group_size: int | None, settings: dict) -> list[Treatment]:
@@ -213,6 +265,13 @@ def summary(plan, budget_text: str) -> str:
     lines = [f"plan: {plan.strategy} ({plan.estimator}, {plan.granularity}) within {budget_text}: "
              f"{totals['budget_scope_bytes']:,} of {plan.budget['bytes']:,} budget bytes; all linears "
              f"{totals['bytes']:,} bytes; bits/param: {avg}"]
+    if plan.strategy == "joint":
+        removals = plan.info["rounds"][-1]["removals"] if plan.info.get("rounds") else []
+        best = min(plan.info["rounds"], key=lambda r: r["measured_kl"]) if plan.info.get("rounds") else {}
+        lines.append(f"joint: active parameters {totals.get('active_share', float('nan')):.3f} of the original's "
+                     f"(budget {plan.budget.get('active', 1):g}); KL predicted {totals['predicted_damage']['value']:.5f}, "
+                     f"measured {totals['measured_kl']:.5f} on held-out windows; removals: "
+                     f"{', '.join(best.get('removals', removals)) or 'none'}")
     if plan.strategy == "evolution":
         info = plan.info
         lines.append(f"evolution: KL {info['seed_fitness_kl']:.5f} (ILP seed) -> {info['best_fitness_kl']:.5f} "

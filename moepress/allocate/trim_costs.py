@@ -30,6 +30,7 @@ from ..costs import CostTable
 from ..errors import MoepressError
 from ..model.view import MoEView
 from ..trim.candidates import MoEChoice, trimmed
+from ..trim.importance import expert_scores
 from .sensitivity import ORIGINAL, background_option_index
 
 DROP_SHARES = (0.125, 0.25, 0.375, 0.5)
@@ -47,30 +48,6 @@ class TrimCosts:
     num_experts: dict[int, int]
     scores: dict[int, list[float]] = field(default_factory=dict)  # the importance the drops follow
     info: dict = field(default_factory=dict)
-
-
-def expert_scores(model, tokens: torch.Tensor, criterion: str = "reap", batch_size: int = 8) -> dict[int, torch.Tensor]:
-    """Every MoE layer's expert importance (``criterion``, moepress.trim.importance) on ``tokens``,
-    from one forward pass of ``model`` as it is."""
-    from ..trim.importance import ExpertImportance
-
-    view = MoEView(model)
-    found, handles = {}, []
-    for layer in range(view.num_layers):
-        store = view.experts(layer)
-        if store is None:
-            continue
-        router = view.router(layer)
-        found[layer] = ExpertImportance(store, sigmoid_router=getattr(router, "e_score_correction_bias", None) is not None)
-        handles.append(router.register_forward_hook(found[layer].hook))
-    try:
-        with torch.no_grad():
-            for i in range(0, len(tokens), batch_size):
-                model(input_ids=tokens[i:i + batch_size], use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return {layer: imp.scores(criterion) for layer, imp in found.items()}
 
 
 def moe_choices(model, layer: int, scores: torch.Tensor, trims=TRIMS, shares=DROP_SHARES) -> list[MoEChoice]:
@@ -166,5 +143,5 @@ def measure_trim_costs(evaluator, table: CostTable, tokens: torch.Tensor, *, est
                      scores={layer: [float(s) for s in v] for layer, v in scores.items()}, info=info)
 
 
-__all__ = ["DROP_SHARES", "MoEChoice", "TRIMS", "TrimCosts", "expert_scores", "measure_trim_costs", "moe_choices",
+__all__ = ["DROP_SHARES", "MoEChoice", "TRIMS", "TrimCosts", "measure_trim_costs", "moe_choices",
            "removed_rows", "trimmed"]

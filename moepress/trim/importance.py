@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from ..errors import MoepressError
 from ..model.view import ExpertStore
 
-CRITERIA = ("frequency", "mass", "router", "reap")
+CRITERIA = ("frequency", "mass", "router", "reap")  # scores from one pass (ExpertImportance)
+DROP_CRITERIA = CRITERIA + ("kl",)  # and the measured one (moepress.trim.kl_drop)
 
 
 class ExpertImportance:
@@ -112,3 +113,27 @@ def _lowest(scores: torch.Tensor, n: int) -> list[int]:
     # a stable order: by score, then by index descending, so ties drop the later expert
     order = sorted(range(len(scores)), key=lambda i: (float(scores[i]), -i))
     return order[:n]
+
+
+def expert_scores(model, tokens: torch.Tensor, criterion: str = "reap", batch_size: int = 8) -> dict[int, torch.Tensor]:
+    """Every MoE layer's expert importance (``criterion``, moepress.trim.importance) on ``tokens``,
+    from one forward pass of ``model`` as it is."""
+    from ..model.view import MoEView
+
+    view = MoEView(model)
+    found, handles = {}, []
+    for layer in range(view.num_layers):
+        store = view.experts(layer)
+        if store is None:
+            continue
+        router = view.router(layer)
+        found[layer] = ExpertImportance(store, sigmoid_router=getattr(router, "e_score_correction_bias", None) is not None)
+        handles.append(router.register_forward_hook(found[layer].hook))
+    try:
+        with torch.no_grad():
+            for i in range(0, len(tokens), batch_size):
+                model(input_ids=tokens[i:i + batch_size], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {layer: imp.scores(criterion) for layer, imp in found.items()}

@@ -96,3 +96,41 @@ def flag_trimming(view: MoEView, config, dropped_blocks=(), dropped_moe=()) -> T
     top_k = {} if config.top_k is None else {layer: config.top_k for layer in range(view.num_layers)
                                              if layer not in gone and view.experts(layer) is not None}
     return Trimming(top_k=top_k, dropped_blocks=tuple(dropped_blocks), dropped_moe_layers=tuple(dropped_moe))
+
+
+KL_WINDOWS = 16  # calibration windows the kl criterion measures on (each candidate is a whole-model pass)
+
+
+def choose_kl_drops(source, view: MoEView, tokens, config, trimming, progress: bool, trust_remote_code: bool = False):
+    """``--drop-criterion kl``: the experts ``--drop-experts`` removes, chosen before the pass by the
+    KL divergence each drop adds to the uncompressed model's output (moepress.trim.kl_drop) on the
+    first calibration windows; the model is loaded whole for it (refused when it cannot fit).
+    Returns ``trimming`` with those drops; the layers' steps then drop exactly them."""
+    import dataclasses
+    import sys
+
+    from .kl_drop import kl_drop_choice
+
+    if not getattr(source, "streamed", False):
+        import copy
+
+        model = copy.deepcopy(source.model)  # the caller's model keeps its dtype
+    else:
+        from ..loading import load_model
+        from ..pipeline.memory import memory_available
+
+        needed = 4 * sum(p.numel() for p in source.model.parameters())
+        available = memory_available()
+        if available is not None and needed > available:
+            raise MoepressError(f"--drop-criterion kl runs the whole model in memory (about {needed / 1e9:.1f} GB in "
+                                f"float32) but {available / 1e9:.1f} GB are available; use reap (the default)")
+        model = load_model(source.path, trust_remote_code=trust_remote_code)
+    model = model.float().eval()
+    gone = set(trimming.dropped_blocks) | set(trimming.dropped_moe_layers)
+    counts = {layer: config.experts_to_drop(view.experts(layer).num_experts) for layer in range(view.num_layers)
+              if view.experts(layer) is not None and layer not in gone}
+    chosen = kl_drop_choice(model, tokens[:KL_WINDOWS], counts, top_k=dict(trimming.top_k),
+                            batch_size=config.batch_size, progress=progress)
+    if progress:
+        print(f"expert drop (kl): {', '.join(f'layers.{k}: {list(v)}' for k, v in chosen.items())}", file=sys.stderr)
+    return dataclasses.replace(trimming, dropped_experts=chosen)
