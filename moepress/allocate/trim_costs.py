@@ -7,8 +7,8 @@ block changes everything after it. So these options are priced the way kl_scaled
 by the model's output: the KL divergence (on held-out calibration windows) that the change adds to
 a model whose every unit is at the background option (4 bits), one evaluation per candidate.
 
-Candidates, per MoE layer (:class:`MoEChoice`): every top-k from the layer's own down to 1 (where
-its router allows), times dropping 0, 1/8, 1/4, 3/8 or 1/2 of its experts, the least important
+Candidates, per MoE layer (:class:`MoEChoice`): every top-k from the layer's own down to half of
+it (1 for a top-2 layer; where its router allows), times dropping 0, 1/8, 1/4, 3/8 or 1/2 of its experts, the least important
 first by an importance criterion (REAP by default, :mod:`moepress.trim.importance`) so that the
 dropped sets are nested; and dropping the MoE sublayer. Per decoder layer after the first: dropping
 the block. The ILP then picks at most one per layer.
@@ -58,7 +58,8 @@ def moe_choices(model, layer: int, scores: torch.Tensor, trims=TRIMS, shares=DRO
 
     view = MoEView(model)
     E, k0 = view.experts(layer).num_experts, top_k_of_layer(model, layer)
-    ks = list(range(k0, 0, -1)) if "top_k" in trims and not view.spec.fixed_top_k else [k0]
+    # top-k from the layer's own down to half of it (to 1 from 2): below half, a layer is better dropped
+    ks = list(range(k0, max(1, k0 // 2) - 1, -1)) if "top_k" in trims and not view.spec.fixed_top_k else [k0]
     groups = router_groups(model, layer)
     counts = [0]
     if "experts" in trims:
