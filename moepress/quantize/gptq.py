@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .grid import dequantize_codes, find_params, quantize_codes
+from .grid import UniformGrid
 from .packed import QuantizedWeight
 from .spec import QuantSpec
 
@@ -131,11 +131,16 @@ def _prepare(weight: torch.Tensor, hessian: torch.Tensor, name: str):
 @dataclass
 class _Grid:
     """Columns [start, start + width) share one (scale, zero) per row, found when GPTQ reaches
-    ``start`` from the error-updated weights; ``bits`` None leaves them unquantized (kept)."""
+    ``start`` from the error-updated weights; ``codebook`` None leaves them unquantized (kept).
+
+    The codebook is the grid's value formulas: ``find_params(x) -> (scale, zero)`` reducing the
+    last dim, ``quantize(x, scale, zero) -> codes`` and ``dequantize(codes, scale, zero)``; a
+    :class:`~moepress.quantize.grid.UniformGrid` or a llama.cpp
+    :class:`~moepress.quantize.ggml_blocks.BlockFormat` (whose "zero" is a block's minimum)."""
 
     start: int
     width: int
-    bits: int | None
+    codebook: object | None
     scale: torch.Tensor | None = None
     zero: torch.Tensor | None = None
 
@@ -154,7 +159,7 @@ def _block_ends(grids: list[_Grid], C: int, block_size: int) -> list[int]:
     return ends
 
 
-def _quantize_columns(W: torch.Tensor, Hinv: torch.Tensor, grids: list[_Grid], block_size: int, symmetric: bool):
+def _quantize_columns(W: torch.Tensor, Hinv: torch.Tensor, grids: list[_Grid], block_size: int):
     """GPTQ's column loop over W [E, R, C] (modified in place: kept columns end up error-updated).
 
     Returns (codes [E, R, C] float32, loss [E]). Each grid's scale/zero are set on it; a grid wider
@@ -175,16 +180,16 @@ def _quantize_columns(W: torch.Tensor, Hinv: torch.Tensor, grids: list[_Grid], b
             col = i1 + i
             if col in starts:
                 grid = starts[col]
-                if grid.bits is not None and grid.scale is None:  # (static grids come preset)
+                if grid.codebook is not None and grid.scale is None:  # (static grids come preset)
                     src = W1[:, :, i : i + grid.width] if i + grid.width <= count else W[:, :, col : col + grid.width]
-                    grid.scale, grid.zero = find_params(src, grid.bits, symmetric)
-            if grid.bits is None:
+                    grid.scale, grid.zero = grid.codebook.find_params(src)
+            if grid.codebook is None:
                 continue  # kept: no error to spread, the column stays as updated so far
             w = W1[:, :, i]  # [E, R]
             d = Hinv1[:, i, i].unsqueeze(-1)  # [E, 1]
-            q = quantize_codes(w, grid.scale, grid.zero, grid.bits)
+            q = grid.codebook.quantize(w, grid.scale, grid.zero)
             codes[:, :, col] = q
-            err = (w - dequantize_codes(q, grid.scale, grid.zero)) / d
+            err = (w - grid.codebook.dequantize(q, grid.scale, grid.zero)) / d
             loss += err.square().sum(-1) / 2
             # OBS update of the remaining columns of this block
             W1[:, :, i + 1 :] -= err.unsqueeze(-1) * Hinv1[:, i, i + 1 :].unsqueeze(1)
@@ -195,6 +200,93 @@ def _quantize_columns(W: torch.Tensor, Hinv: torch.Tensor, grids: list[_Grid], b
             W[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]
         i1 = i2
     return codes, loss
+
+
+@dataclass
+class GPTQCodes:
+    """The codes and grid parameters GPTQ chose, before packing, in the original column order:
+    codes [E, R, C], scales and zeros [E, R, G] (float32, as the codebook defines them), g_idx
+    [E, C] or None, loss and damp_used [E]; ``single`` when the input had no expert dim."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor | None
+    loss: torch.Tensor
+    damp_used: torch.Tensor
+    single: bool
+
+
+def gptq_codes(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    codebook,
+    group_size: int | None,
+    act_order: bool = False,
+    static_groups: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+    name: str = "weight",
+) -> GPTQCodes:
+    """GPTQ's algorithm on any grid: ``codebook`` gives the value formulas (see :class:`_Grid`),
+    ``group_size`` the columns sharing one (scale, zero) per row (None: per-channel).
+
+    With groups, the effective block size is rounded up to a multiple of the
+    group size so a group never straddles a lazy-update block: group params
+    are then computed on the fully error-updated columns (fasterquant reads
+    the not-yet-block-updated W when a group starts mid-block).
+    """
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive (got {block_size})")
+    W, H, single = _prepare(weight, hessian, name)
+    E, R, C = W.shape
+    gs = group_size
+
+    perm = invperm = None
+    if act_order:
+        # Per-expert permutation by descending diag(H) (fasterquant act_order):
+        # H <- H[perm][:, perm], W <- W[:, perm], each expert with its own perm.
+        perm = torch.argsort(H.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)  # [E, C]
+        W = W.gather(-1, perm[:, None, :].expand(E, R, C))
+        H = H.gather(-2, perm[:, :, None].expand(E, C, C)).gather(-1, perm[:, None, :].expand(E, C, C))
+        invperm = torch.argsort(perm, dim=-1)
+
+    Hinv, damp_used = _upper_cholesky_of_inverse(H, damp, name)
+    del H
+
+    static = act_order and static_groups and gs is not None
+    if gs is None:
+        # per-channel: one grid per row, from the whole (dead-zeroed) row up front
+        grids = [_Grid(0, C, codebook)]
+    elif static:
+        # static act-order: each original group's grid from the original weights, fixed before any
+        # error feedback; permuted column c uses the grid of its original group perm[c] // gs
+        original = W.gather(-1, invperm[:, None, :].expand(E, R, C)).reshape(E, R, C // gs, gs)
+        static_scale, static_zero = codebook.find_params(original)  # [E, R, G]
+        group_of = perm // gs  # [E, C]
+        grids = [_Grid(c, 1, codebook,
+                       static_scale.gather(-1, group_of[:, c, None, None].expand(E, R, 1)).squeeze(-1),
+                       static_zero.gather(-1, group_of[:, c, None, None].expand(E, R, 1)).squeeze(-1))
+                 for c in range(C)]
+        block_size = gs * math.ceil(block_size / gs)
+    else:
+        block_size = gs * math.ceil(block_size / gs)
+        grids = [_Grid(start, gs, codebook) for start in range(0, C, gs)]
+    codes, loss = _quantize_columns(W, Hinv, grids, block_size)
+    if static:
+        scales, zeros = static_scale, static_zero
+    else:
+        scales = torch.stack([g.scale for g in grids], dim=-1)  # [E, R, G]
+        zeros = torch.stack([g.zero for g in grids], dim=-1)
+
+    g_idx = None
+    if act_order:
+        # back to the original column order; groups stay contiguous in the
+        # permuted order, so record each original column's group
+        codes = codes.gather(-1, invperm[:, None, :].expand(E, R, C))
+        if gs is not None and not static:
+            g_idx = (torch.arange(C, device=W.device) // gs)[invperm]  # [E, C]
+    return GPTQCodes(codes, scales, zeros, g_idx, loss, damp_used, single)
 
 
 def gptq_quantize(
@@ -208,67 +300,16 @@ def gptq_quantize(
 
     Always computes in float32. `spec.method` is not consulted (this *is* the
     GPTQ path); `spec.act_order`, `group_size`, `symmetric`, `damp` are.
-    With groups, the effective block size is rounded up to a multiple of the
-    group size so a group never straddles a lazy-update block: group params
-    are then computed on the fully error-updated columns (fasterquant reads
-    the not-yet-block-updated W when a group starts mid-block).
     """
     spec.check_in_features(weight.shape[-1], name)
-    if block_size <= 0:
-        raise ValueError(f"block_size must be positive (got {block_size})")
-    W, H, single = _prepare(weight, hessian, name)
-    E, R, C = W.shape
-    bits, gs, sym = spec.bits, spec.group_size, spec.symmetric
-
-    perm = invperm = None
-    if spec.act_order:
-        # Per-expert permutation by descending diag(H) (fasterquant act_order):
-        # H <- H[perm][:, perm], W <- W[:, perm], each expert with its own perm.
-        perm = torch.argsort(H.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)  # [E, C]
-        W = W.gather(-1, perm[:, None, :].expand(E, R, C))
-        H = H.gather(-2, perm[:, :, None].expand(E, C, C)).gather(-1, perm[:, None, :].expand(E, C, C))
-        invperm = torch.argsort(perm, dim=-1)
-
-    Hinv, damp_used = _upper_cholesky_of_inverse(H, spec.damp, name)
-    del H
-
-    static = spec.act_order and spec.static_groups and gs is not None
-    if gs is None:
-        # per-channel: one grid per row, from the whole (dead-zeroed) row up front
-        grids = [_Grid(0, C, bits)]
-    elif static:
-        # static act-order: each original group's grid from the original weights, fixed before any
-        # error feedback; permuted column c uses the grid of its original group perm[c] // gs
-        original = W.gather(-1, invperm[:, None, :].expand(E, R, C)).reshape(E, R, C // gs, gs)
-        static_scale, static_zero = find_params(original, bits, sym)  # [E, R, G]
-        group_of = perm // gs  # [E, C]
-        grids = [_Grid(c, 1, bits,
-                       static_scale.gather(-1, group_of[:, c, None, None].expand(E, R, 1)).squeeze(-1),
-                       static_zero.gather(-1, group_of[:, c, None, None].expand(E, R, 1)).squeeze(-1))
-                 for c in range(C)]
-        block_size = gs * math.ceil(block_size / gs)
-    else:
-        block_size = gs * math.ceil(block_size / gs)
-        grids = [_Grid(start, gs, bits) for start in range(0, C, gs)]
-    codes, loss = _quantize_columns(W, Hinv, grids, block_size, sym)
-    if static:
-        scales, zeros = static_scale, static_zero
-    else:
-        scales = torch.stack([g.scale for g in grids], dim=-1)  # [E, R, G]
-        zeros = torch.stack([g.zero for g in grids], dim=-1)
-
-    g_idx = None
-    if spec.act_order:
-        # back to the original column order; groups stay contiguous in the
-        # permuted order, so record each original column's group
-        codes = codes.gather(-1, invperm[:, None, :].expand(E, R, C))
-        if gs is not None and not static:
-            g_idx = (torch.arange(C, device=W.device) // gs)[invperm]  # [E, C]
-
-    qw = QuantizedWeight.from_codes(codes, scales, None if sym else zeros, bits=bits, group_size=gs, g_idx=g_idx)
-    if single:
-        return GPTQResult(qw.select(0), loss[0], damp_used[0])
-    return GPTQResult(qw, loss, damp_used)
+    out = gptq_codes(weight, hessian, UniformGrid(spec.bits, spec.symmetric), spec.group_size,
+                     act_order=spec.act_order, static_groups=spec.static_groups, damp=spec.damp,
+                     block_size=block_size, name=name)
+    qw = QuantizedWeight.from_codes(out.codes, out.scales, None if spec.symmetric else out.zeros, bits=spec.bits,
+                                    group_size=spec.group_size, g_idx=out.g_idx)
+    if out.single:
+        return GPTQResult(qw.select(0), out.loss[0], out.damp_used[0])
+    return GPTQResult(qw, out.loss, out.damp_used)
 
 
 def gptq_quantize_segments(
@@ -301,14 +342,15 @@ def gptq_quantize_segments(
         if spec is not None:
             spec.check_in_features(width, f"{name} (a {width}-column segment)")
         if spec is None or spec.group_size is None:
-            grids.append(_Grid(start, width, None if spec is None else spec.bits))
+            grids.append(_Grid(start, width, None if spec is None else UniformGrid(spec.bits, sym)))
         else:
-            grids.extend(_Grid(s, spec.group_size, spec.bits) for s in range(start, start + width, spec.group_size))
+            grids.extend(_Grid(s, spec.group_size, UniformGrid(spec.bits, sym))
+                         for s in range(start, start + width, spec.group_size))
         start += width
     W, H, single = _prepare(weight, hessian, name)
     Hinv, _ = _upper_cholesky_of_inverse(H, damp, name)
     del H
-    codes, loss = _quantize_columns(W, Hinv, grids, block_size, sym)
+    codes, loss = _quantize_columns(W, Hinv, grids, block_size)
     out, start = [], 0
     for width, spec in segments:
         cols = slice(start, start + width)

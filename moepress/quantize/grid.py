@@ -19,6 +19,8 @@ optimised, and |w - w^| <= scale/2 holds for the stored scale.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 FP16_MAX = 65504.0
@@ -81,3 +83,21 @@ def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Snap x to the grid and return the dequantized values (float32)."""
     return dequantize_codes(quantize_codes(x, scale, zero, bits), scale, zero)
+
+
+@dataclass(frozen=True)
+class UniformGrid:
+    """This module's grid as one value: the three formulas GPTQ's column loop asks of a grid
+    (:class:`moepress.quantize.ggml_blocks.BlockFormat` is another)."""
+
+    bits: int
+    symmetric: bool
+
+    def find_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return find_params(x, self.bits, self.symmetric)
+
+    def quantize(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return quantize_codes(x, scale, zero, self.bits)
+
+    def dequantize(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return dequantize_codes(q, scale, zero)

@@ -1,0 +1,170 @@
+"""llama.cpp's block formats: bytes that gguf reads back to exactly our values, and GPTQ onto them.
+
+The reference is the ``gguf`` package (llama.cpp's own gguf-py): its ``dequantize`` of the bytes we
+write must give, bit for bit, the weights moepress computes with; its ``quantize`` (a numpy port of
+ggml-quants.c's reference quantizers) must choose the same block scales and minima as ours.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from moepress.quantize import hessian_weighted_error
+from moepress.quantize.ggml_blocks import (
+    BLOCK,
+    FORMATS,
+    BlockQuantizedWeight,
+    block_format,
+    gptq_quantize_blocks,
+    rtn_quantize_blocks,
+)
+
+gguf = pytest.importorskip("gguf", reason="the gguf package is an optional extra: pip install moepress[gguf]")
+from gguf import GGMLQuantizationType, GGML_QUANT_SIZES  # noqa: E402
+from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
+from gguf.quants import quantize as gguf_quantize  # noqa: E402
+
+NAMES = sorted(FORMATS)
+SHAPES = [(1, 32), (3, 64), (7, 96), (2, 5, 128)]
+
+
+def ggml_type(name):
+    return GGMLQuantizationType[name.upper()]
+
+
+def weights(shape, seed, kind="normal"):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(*shape, generator=g) * 0.05
+    if kind == "outliers":
+        w.view(-1)[:: 37] *= 30
+    elif kind == "positive":
+        w = w.abs() + 0.01
+    elif kind == "zeros":
+        w.view(-1, BLOCK)[::2] = 0  # whole blocks of zeros: d == 0
+    return w
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sizes_match_gguf(name):
+    fmt = block_format(name)
+    assert (BLOCK, fmt.block_bytes) == GGML_QUANT_SIZES[ggml_type(name)]
+    assert fmt.ggml_type == int(ggml_type(name))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", ["normal", "outliers", "positive", "zeros"])
+def test_bytes_dequantize_through_gguf_exactly(name, shape, kind):
+    fmt = block_format(name)
+    w = weights(shape, seed=hash((name, shape, kind)) % 1000, kind=kind)
+    q = rtn_quantize_blocks(w, fmt)
+    assert q.blocks.dtype == torch.uint8 and q.blocks.shape[-1] == shape[-1] // BLOCK * fmt.block_bytes
+    ours = q.dequantize().numpy()
+    theirs = gguf_dequantize(q.blocks.numpy(), ggml_type(name))
+    assert theirs.shape == tuple(shape)
+    assert np.array_equal(ours.view(np.uint32), theirs.astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_arbitrary_codes_round_trip_through_bytes(name):
+    """Every code the format can hold, with random scales, packs and unpacks exactly, and gguf
+    reads the same values (the full code range, not just what RTN happens to produce)."""
+    fmt = block_format(name)
+    g = torch.Generator().manual_seed(3)
+    rows, in_f = 6, 128
+    codes = torch.randint(fmt.qmin, fmt.qmax + 1, (rows, in_f), generator=g).float()
+    d = (torch.rand(rows, in_f // BLOCK, generator=g) * 0.01).half().float()
+    m = (-torch.rand(rows, in_f // BLOCK, generator=g) * 0.1).half().float() if fmt.has_min else torch.zeros_like(d)
+    weight = BlockQuantizedWeight.from_codes(codes, d, m, fmt)
+    q2, d2, m2 = weight.unpack()
+    assert torch.equal(q2, codes) and torch.equal(d2, d) and torch.equal(m2, m)
+    theirs = gguf_dequantize(weight.blocks.numpy(), ggml_type(name))
+    assert np.array_equal(weight.dequantize().numpy().view(np.uint32), theirs.astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_rtn_matches_llamacpp_reference_grid(name):
+    """The block scales and minima are llama.cpp's (byte-equal to gguf's port of quantize_row_*_ref);
+    our codes are the nearest points of the stored grid, so no weight is farther than llama.cpp's."""
+    fmt = block_format(name)
+    w = weights((16, 256), seed=11, kind="outliers")
+    ours = rtn_quantize_blocks(w, fmt)
+    theirs = torch.from_numpy(gguf_quantize(w.numpy(), ggml_type(name)))
+    assert theirs.shape == ours.blocks.shape
+    head = 4 if fmt.has_min else 2  # d (and m) lead every block
+    ob = ours.blocks.reshape(16, -1, fmt.block_bytes)
+    tb = theirs.reshape(16, -1, fmt.block_bytes)
+    assert torch.equal(ob[..., :head], tb[..., :head])
+    ref = BlockQuantizedWeight(theirs, fmt, 256, 16).dequantize()
+    err_ours = (ours.dequantize() - w).abs()
+    err_ref = (ref - w).abs()
+    assert (err_ours <= err_ref + 1e-12).all()
+    # (the codes differ only where llama.cpp's unrounded d tips a weight to the farther point)
+    assert (ours.blocks == theirs).float().mean() > 0.9
+
+
+def test_extreme_weight_lands_on_the_end_code():
+    """q4_0/q5_0 put the block's largest-magnitude weight (its sign included) on code 0 exactly."""
+    w = torch.linspace(-0.3, 0.1, 32).reshape(1, 32)
+    for fmt in (block_format("q4_0"), block_format("q5_0")):
+        q, d, _ = rtn_quantize_blocks(w, fmt).unpack()
+        assert q[0, 0] == 0 and d[0, 0] > 0  # peak -0.3: d = -0.3 / -8 > 0
+        assert torch.isclose(rtn_quantize_blocks(w, fmt).dequantize()[0, 0], torch.tensor(-0.3), rtol=1e-3)
+
+
+def test_bad_shapes_and_names():
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        rtn_quantize_blocks(torch.zeros(4, 48), block_format("q4_0"))
+    with pytest.raises(ValueError, match="choose one of"):
+        block_format("q3_z")
+    q = rtn_quantize_blocks(torch.randn(4, 64), block_format("q5_1"))
+    with pytest.raises(ValueError, match="corrupt q5_1 weight w"):
+        BlockQuantizedWeight.from_tensors({"blocks": q.blocks[:, :-1]}, q.meta(), name="w")
+    again = BlockQuantizedWeight.from_tensors(q.tensors(), q.meta(), name="w")
+    assert torch.equal(again.dequantize(), q.dequantize())
+
+
+def correlated_hessian(E, C, n_tokens, seed):
+    g = torch.Generator().manual_seed(seed)
+    Z = torch.randn(E, n_tokens, C, generator=g)
+    A = torch.randn(E, C, C, generator=g) / math.sqrt(C)
+    X = Z @ A + 0.3 * torch.randn(E, n_tokens, C, generator=g)
+    X[:, :, :4] *= 20
+    return X.mT @ X
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("act_order", ["off", "static"])
+def test_gptq_beats_rtn_on_the_hessian_weighted_error(name, act_order):
+    fmt = block_format(name)
+    E, R, C = 3, 24, 128
+    w = weights((E, R, C), seed=5)
+    H = correlated_hessian(E, C, 512, seed=6)
+    rtn = rtn_quantize_blocks(w, fmt)
+    gptq = gptq_quantize_blocks(w, H, fmt, act_order=act_order)
+    assert isinstance(gptq.weight, BlockQuantizedWeight) and gptq.weight.shape == (E, R, C)
+    err_rtn = hessian_weighted_error(w, rtn.dequantize(), H)
+    err_gptq = hessian_weighted_error(w, gptq.weight.dequantize(), H)
+    assert (err_gptq < err_rtn).all(), (name, err_gptq, err_rtn)
+    # the bytes GPTQ writes are GGUF bytes too
+    theirs = gguf_dequantize(gptq.weight.blocks.numpy(), ggml_type(name))
+    assert np.array_equal(gptq.weight.dequantize().numpy(), theirs)
+
+
+def test_gptq_single_matrix_and_dynamic_refused():
+    fmt = block_format("q4_1")
+    w = weights((8, 64), seed=1)
+    H = correlated_hessian(1, 64, 256, seed=2)[0]
+    out = gptq_quantize_blocks(w, H, fmt)
+    assert out.weight.shape == (8, 64) and out.loss.shape == ()
+    with pytest.raises(ValueError, match="act-order must be off or static"):
+        gptq_quantize_blocks(w, H, fmt, act_order="dynamic")
+
+
+def test_select_picks_experts():
+    w = weights((4, 8, 64), seed=9)
+    q = rtn_quantize_blocks(w, block_format("q8_0"))
+    assert torch.equal(q.select(2).dequantize(), q.dequantize()[2])
+    assert torch.equal(q.select([3, 1]).dequantize(), q.dequantize()[[3, 1]])
