@@ -3,12 +3,12 @@
 and evaluation windows:
 
 * expert drop: the same share of experts removed from every MoE layer by each moepress criterion
-  (frequency, mass, router, reap) and by llm-compressor's ``REAPPruningModifier``;
+  (frequency, mass, router, reap, kl) and by llm-compressor's ``REAPPruningModifier``;
 * pruning of the routed experts at 50% and 2:4 by moepress's SparseGPT, Wanda and magnitude and by
   llm-compressor's ``SparseGPTModifier`` and ``WandaPruningModifier``.
 
     bash benchmarks/peers/setup_llmcompressor.sh          # once: .venvs/llmcompressor
-    python benchmarks/trim_peers.py --models zoo/models/tiny-mixtral zoo/models/tiny-deepseek
+    python benchmarks/trim_peers.py --models zoo/models/tiny-mixtral zoo/models/tiny-deepseek [--parts drop]
 
 moepress rows run in this process through ``moepress.compress(..., bits=16, ...)``; the peer rows run
 ``benchmarks/workers/reap_worker.py`` / ``prune_worker.py`` in llm-compressor's virtual environment.
@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 import moepress  # noqa: E402
 from benchmarks.workers.common import eval_windows, evaluate_row, linear_params, load_reference  # noqa: E402
-from moepress.trim.importance import CRITERIA  # noqa: E402
+from moepress.trim.importance import DROP_CRITERIA  # noqa: E402
 
 
 def moepress_row(model_dir: str, method: str, options: dict, args, workdir: str) -> dict:
@@ -69,13 +69,21 @@ def peer_row(module: str, model_dir: str, method: str, extra: list[str], args, w
 def rows_for(model_dir: str, args, workdir: str):
     """(row, key of the peer row it is compared with) for one model."""
     drop = f"{round(args.drop * 100)}%"
+    if "drop" not in args.parts:
+        yield from _prune_rows(model_dir, args, workdir)
+        return
     peer = peer_row("benchmarks.workers.reap_worker", model_dir, "reap", ["--drop", str(args.drop)], args, workdir)
     peer["compare"] = f"drop {drop}"
     yield peer
-    for criterion in CRITERIA:
+    for criterion in DROP_CRITERIA:
         row = moepress_row(model_dir, criterion, {"drop_experts": drop, "drop_criterion": criterion}, args, workdir)
         row["compare"] = f"drop {drop}"
         yield row
+    if "prune" in args.parts:
+        yield from _prune_rows(model_dir, args, workdir)
+
+
+def _prune_rows(model_dir: str, args, workdir: str):
     for pattern in ("50%", "2:4"):
         for pruner in ("sparsegpt", "wanda"):
             peer = peer_row("benchmarks.workers.prune_worker", model_dir, pruner,
@@ -95,6 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--eval-samples", type=int, default=64)
+    p.add_argument("--parts", default="drop,prune", help="which comparisons: drop, prune or both (default)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     date = datetime.date.today().isoformat()
