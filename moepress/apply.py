@@ -35,9 +35,27 @@ def quantize_batch(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
     return packed.to(weight.device), error.reshape(-1).cpu()
 
 
+def quantize_blocks_batch(weight: torch.Tensor, hessian: torch.Tensor, treatment: Treatment, name: str):
+    """Quantize [E, out, in] (or [out, in]) weights onto ``treatment``'s llama.cpp block format (GPTQ or
+    RTN); returns the :class:`~moepress.quantize.ggml_blocks.BlockQuantizedWeight` and per-matrix error."""
+    from .quantize.ggml_blocks import block_format, gptq_quantize_blocks, rtn_quantize_blocks
+
+    fmt = block_format(treatment.format)
+    weight = weight.detach().float()
+    if treatment.method == "gptq":
+        packed = gptq_quantize_blocks(weight, hessian, fmt, act_order=treatment.act_order, damp=treatment.damp,
+                                      name=name).weight
+    else:
+        packed = rtn_quantize_blocks(weight, fmt, name=name)
+    error = hessian_weighted_error(weight, packed.dequantize(torch.float32).to(weight.device), hessian)
+    return packed.to(weight.device), error.reshape(-1).cpu()
+
+
 def treat_batch(weight: torch.Tensor, hessian: torch.Tensor, treatment: Treatment, name: str):
     """Apply one quantized or pruned ``treatment`` to [E, out, in] (or [out, in]) weights; returns the
     stored weight (packed or sparse) and the per-matrix output error."""
+    if treatment.format is not None:
+        return quantize_blocks_batch(weight, hessian, treatment, name)
     if not treatment.pruned:
         return quantize_batch(weight, hessian, treatment.spec(), name)
     from .prune.sparse import sparsify
@@ -62,4 +80,4 @@ def treat_batch(weight: torch.Tensor, hessian: torch.Tensor, treatment: Treatmen
     return sparse.to(w.device), error.reshape(-1).cpu()
 
 
-__all__ = ["pruning_pattern", "quantize_batch", "treat_batch"]
+__all__ = ["pruning_pattern", "quantize_batch", "quantize_blocks_batch", "treat_batch"]

@@ -155,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "one layer's Hessians do not fit (float32: E x (H^2 + I^2) x 4 bytes)")
     c.add_argument("--offload-activations", action="store_true",
                    help="keep the calibration activations in memory-mapped files beside --out instead of in memory")
+    c.add_argument("--target", choices=("llamacpp",), default=None,
+                   help="the engine that will serve the result: llamacpp quantizes every unit onto llama.cpp's own "
+                        "block format (--bits 4: q4_1, 5: q5_1, 8: q8_0, 16: f16) with GPTQ and refuses what a GGUF "
+                        "cannot hold (pruning, per-expert mixed types, unequal expert counts); then `moepress "
+                        "export --format gguf`")
+    c.add_argument("--ggml-type", choices=("q4_0", "q4_1", "q5_0", "q5_1", "q8_0"), default=None,
+                   help="with --target llamacpp: this llama.cpp type instead of --bits' default")
     _add_common(c)
 
     e = sub.add_parser(
@@ -230,7 +237,7 @@ def run_compress(args) -> None:
         prune=args.prune, pruner=args.pruner, prune_scope=args.prune_scope,
         drop_experts=args.drop_experts, drop_criterion=args.drop_criterion, top_k=args.top_k,
         drop_blocks=args.drop_blocks, drop_moe_layers=args.drop_moe_layers, dynamic_pruning=args.dynamic_pruning,
-        offload_activations=args.offload_activations,
+        offload_activations=args.offload_activations, target=args.target, ggml_type=args.ggml_type,
     )
     if args.save_profile:
         from .preflight import check_writable_file
@@ -274,8 +281,8 @@ def run_compress(args) -> None:
     what = (f"the options of {args.plan}" if args.plan else
             f"the options of the {'joint' if args.active is not None else args.strategy} plan within {args.budget}"
             f"{f' and {args.active:g} of the active parameters' if args.active is not None else ''} (plan.yaml in {args.out})" if args.budget else
-            f"{config.bits} bits" + (f", the {config.prune_scope} pruned to {config.prune} ({config.pruner})"
-                                     if config.prune else ""))
+            (f"llama.cpp's {config.treatment().label}" if config.target else f"{config.bits} bits") +
+            (f", the {config.prune_scope} pruned to {config.prune} ({config.pruner})" if config.prune else ""))
     print("\nexpert coverage (calibration tokens routed per expert):", file=sys.stderr)
     print(result.profile.coverage_table(), file=sys.stderr)
     print(

@@ -64,6 +64,8 @@ class CompressConfig:
     drop_criterion: str = "reap"  # frequency | mass | router | reap (moepress.trim.importance)
     expert_chunk: int | None = None  # experts whose Hessians are held at once (None: all of a layer)
     offload_activations: bool = False  # calibration activations in memory-mapped files beside --out
+    target: str | None = None  # "llamacpp": llama.cpp's block formats and rules (moepress.export.llamacpp_target)
+    ggml_type: str | None = None  # with target llamacpp: the type instead of --bits' default (q4_0, q5_0, ...)
 
     def __post_init__(self):
         try:
@@ -72,6 +74,10 @@ class CompressConfig:
             raise MoepressError(str(exc)) from None
         if self.prune_scope not in ("experts", "all"):
             raise MoepressError(f"prune-scope must be 'experts' or 'all' (got {self.prune_scope!r})")
+        from .export import llamacpp_target
+
+        llamacpp_target.check_target_name(self.target)
+        llamacpp_target.check_config(self)
         self.treatment()  # a bad bit width, group size or damping fails here, in one line
         self.pruned_treatment()
         self._drop_amount()
@@ -95,8 +101,13 @@ class CompressConfig:
     def treatment(self) -> Treatment:
         """The one treatment every unit gets without a plan (``--bits``, ``--group-size``, ...);
         ``bits`` 16 keeps the units (with ``--prune``: pruned, the rest kept)."""
-        if self.bits == KEEP.bits:
+        if self.bits == KEEP.bits and self.ggml_type is None:
             return KEEP
+        if self.target == "llamacpp":
+            from .export.llamacpp_target import block_type
+
+            return Treatment.block_format(block_type(self.bits, self.ggml_type), method=self.method,
+                                          act_order=self.act_order, damp=self.damp)
         return Treatment.quantize(self.bits, self.group_size, symmetric=self.symmetric, act_order=self.act_order,
                                   method=self.method, damp=self.damp)
 
@@ -196,8 +207,10 @@ class CompressResult:
             "moepress_version": __version__,
             "source_model": self.source,
             "method": self.config.method,
+            "target": self.config.target,
             "bits": None if self.plan is not None else self.config.bits,
-            "group_size": None if self.plan is not None else self.config.group_size,
+            "group_size": None if self.plan is not None else
+            self.config.treatment().group_size if self.config.target else self.config.group_size,
             "plan": None if self.plan is None else {k: v for k, v in self.plan.to_dict().items() if k != "units"},
             "symmetric": self.config.symmetric,
             "act_order": self.config.act_order if self.config.method == "gptq" else "off",
@@ -659,6 +672,9 @@ def compress(
                             "(moepress plan ... -o plan.yaml), then torchrun ... compress --plan plan.yaml")
     if budget is not None and plan is not None:
         raise MoepressError("--budget makes a plan, so it does not combine with --plan; give one of them")
+    if budget is not None and (options.get("target") or getattr(config, "target", None)):
+        raise MoepressError("--budget does not combine with --target llamacpp yet (the allocator has no llama.cpp "
+                            "types); use --bits, or write a plan with q4_0/q4_1/q5_0/q5_1/q8_0/16b labels")
     costs_work = None
     if budget is not None:
         if not isinstance(model, str):
@@ -704,6 +720,12 @@ def compress(
     else:
         _check_shapes(view, config)
     check_trimming(view, config)
+    if config.target == "llamacpp":  # what a GGUF cannot hold is refused here, before any work
+        from .export import llamacpp_target
+
+        trim = plan.trim if plan is not None else None
+        llamacpp_target.check_trimming(view, trim, config)
+        llamacpp_target.check_units(view, unit_treatments(config, treatments), trim)
     text = load_text(config.calib)
     tokens = token_windows(
         text, tokenizer, config.seq_len, config.calib_samples, seed=config.seed, what="calibration"

@@ -60,6 +60,10 @@ class Treatment:
                 magnitude masks quantize the kept weights by round-to-nearest (method "rtn"),
                 SparseGPT by its own error feedback (method "gptq"); pruned units have no
                 act-order.
+    format:     a llama.cpp block format ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0":
+                :mod:`moepress.quantize.ggml_blocks`) instead of moepress's own grid, or None. It
+                fixes ``bits``, ``group_size`` (32) and ``symmetric`` (no stored minimum); act-order
+                is off or static, and nothing is pruned. Its label is the format's name.
 
     Construct with :meth:`keep_unit` (or use ``KEEP``), :meth:`quantize`, :meth:`prune`,
     :meth:`split` or :meth:`parse`; a bad value raises a one-line :class:`MoepressError`.
@@ -77,6 +81,7 @@ class Treatment:
     sparsity: float = 0.0
     nm: tuple | None = None
     pruner: str = "sparsegpt"
+    format: str | None = None
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -94,6 +99,9 @@ class Treatment:
             return
         if self.pieces or self.axis is not None:
             raise MoepressError("only a split treatment has pieces and an axis")
+        if self.format is not None:
+            self._check_format()
+            return
         self._check_pruning()
         if self.kind == "prune":  # the kept weights stay as they are: no grid, no quantizer
             for name in ("symmetric", "method"):
@@ -119,6 +127,35 @@ class Treatment:
             raise MoepressError(f"treatment {self.label}: {exc}") from None
         set_(self, "group_size", spec.group_size)
         set_(self, "damp", spec.damp)
+
+    def _check_format(self):
+        """A llama.cpp block format: its own bits, blocks of 32, its grid; GPTQ or RTN, act-order off
+        or static (dynamic act-order scatters a block's columns, which GGUF cannot store)."""
+        from .quantize.ggml_blocks import BLOCK, block_format
+
+        set_ = object.__setattr__
+        try:
+            fmt = block_format(self.format)
+        except ValueError as exc:
+            raise MoepressError(str(exc)) from None
+        if self.kind != "quantize" or self.pruned:
+            raise MoepressError(f"{fmt.name} is a quantized treatment of a whole unit; it cannot be pruned")
+        if self.bits != fmt.bits:
+            raise MoepressError(f"{fmt.name} stores {fmt.bits}-bit codes (got bits {self.bits!r})")
+        if self.method not in ("gptq", "rtn"):
+            raise MoepressError(f"treatment {fmt.name}: method must be 'gptq' or 'rtn' (got {self.method!r})")
+        try:
+            mode = "off" if self.method == "rtn" else QuantSpec.act_order_mode(self.act_order)
+            set_(self, "damp", QuantSpec(bits=4, damp=self.damp).damp)
+        except ValueError as exc:
+            raise MoepressError(f"treatment {fmt.name}: {exc}") from None
+        if mode == "dynamic":
+            raise MoepressError(f"treatment {fmt.name}: llama.cpp's blocks are 32 consecutive inputs, so act-order "
+                                "must be off or static (dynamic act-order scatters them)")
+        set_(self, "format", fmt.name)
+        set_(self, "act_order", mode)
+        set_(self, "group_size", BLOCK)
+        set_(self, "symmetric", not fmt.has_min)
 
     def _check_pruning(self):
         """Normalise and check sparsity, N:M and pruner (a unit without pruning has none of them)."""
@@ -150,6 +187,8 @@ class Treatment:
             raise MoepressError(f"a split's axis must be 0 (rows of gate/up) or 1 (columns of down), got {self.axis!r}")
         if any(not isinstance(p, Treatment) or p.kind not in ("keep", "quantize") or p.pruned for p in pieces):
             raise MoepressError("the pieces of a split are kept or quantized (unpruned) treatments")
+        if any(p.format is not None for p in pieces):
+            raise MoepressError("the pieces of a split use moepress's own grids, not llama.cpp block formats")
         # Pieces never store a group index (a g_idx per piece would need its own bookkeeping in every
         # kernel): see as_piece.
         pieces = tuple(p.as_piece() for p in pieces)
@@ -171,11 +210,25 @@ class Treatment:
         return cls(kind="keep")
 
     @classmethod
-    def quantize(cls, bits: int, group_size: int | None = 128, **settings) -> "Treatment":
+    def quantize(cls, bits: int, group_size: int | None = 128, format: str | None = None,
+                 **settings) -> "Treatment":
+        """Quantized at ``bits`` with ``group_size``, or, with ``format`` ("q4_1"), onto that llama.cpp
+        block format (which fixes the group size to 32)."""
         unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
             raise MoepressError(f"unknown quantization setting(s) {unknown}; expected {', '.join(SETTINGS)}")
-        return cls(kind="quantize", bits=bits, group_size=group_size, **settings)
+        return cls(kind="quantize", bits=bits, group_size=group_size, format=format, **settings)
+
+    @classmethod
+    def block_format(cls, format: str, **settings) -> "Treatment":
+        """Quantized onto the llama.cpp block format ``format`` ("q4_0", ...), its bits implied."""
+        from .quantize.ggml_blocks import block_format
+
+        try:
+            bits = block_format(format).bits
+        except ValueError as exc:
+            raise MoepressError(str(exc)) from None
+        return cls.quantize(bits, 32, format=format, **settings)
 
     @classmethod
     def prune(cls, sparsity: float = 0.0, nm: tuple | None = None, *, bits: int | None = None,
@@ -205,6 +258,8 @@ class Treatment:
             return cls.from_unit_map({"group_size": default_group, **settings, **value})
         if isinstance(value, bool):
             raise MoepressError(f"cannot read treatment {value!r}; {_LABELS}")
+        if isinstance(value, str) and _FORMAT_LABEL.fullmatch(value.strip()):
+            return cls.block_format(value.strip().lower(), **{k: v for k, v in settings.items() if k != "pruner"})
         if isinstance(value, int):
             bits, group, pruning = value, default_group, None
         else:
@@ -256,6 +311,8 @@ class Treatment:
             return "16b"
         if self.kind == "split":
             return "/".join(p.label for p in self.pieces)
+        if self.format is not None:
+            return self.format
         pruning = "" if not self.pruned else (f"{self.nm[0]}:{self.nm[1]}" if self.nm else f"{self.sparsity * 100:g}%")
         if self.kind == "prune":
             return pruning
@@ -298,6 +355,8 @@ class Treatment:
             return None
         if self.kind == "split":
             raise ValueError("a split treatment is quantized piece by piece")
+        if self.format is not None:
+            raise ValueError(f"{self.format} is a llama.cpp block format, quantized by moepress.quantize.ggml_blocks")
         ordered, static = QuantSpec.act_order_flags(self.act_order)
         return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, act_order=ordered,
                          damp=self.damp, method=self.method, static_groups=static)
@@ -330,6 +389,14 @@ class Treatment:
             for piece, shape in zip(self.pieces, self.piece_shapes(out_features, in_features)):
                 piece.check_shape(*shape, name)
             return
+        if self.format is not None:
+            from .quantize.ggml_blocks import block_format
+
+            try:
+                block_format(self.format).check_in_features(in_features, name)
+            except ValueError as exc:
+                raise MoepressError(f"treatment {self.label} for {name}: {exc}") from None
+            return
         try:
             self.spec().check_in_features(in_features, name)
         except ValueError as exc:
@@ -344,6 +411,10 @@ class Treatment:
         if self.kind == "split":
             return sum(p.nbytes(*shape, keep_element_size)
                        for p, shape in zip(self.pieces, self.piece_shapes(out_features, in_features)))
+        if self.format is not None:  # llama.cpp's blocks: fp16 d (and m) and the codes of 32 weights
+            from .quantize.ggml_blocks import block_format
+
+            return block_format(self.format).nbytes(out_features, in_features)
         kept = self.kept_per_row(in_features)
         # A pruned weight stores a 1-bit keep-mask per weight and only the kept values of each row.
         mask = out_features * packed_width(in_features, 1) if self.pruned else 0
@@ -369,8 +440,10 @@ class Treatment:
                                               "pruner": self.pruner}
         if self.kind == "prune":
             return {"kind": "prune", "bits": KEEP_BITS, **pruning, "damp": self.damp}
-        return {"kind": "quantize", "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
-                "act_order": self.act_order, "method": self.method, "damp": self.damp, **pruning}
+        block = {} if self.format is None else {"format": self.format}
+        return {"kind": "quantize", **block, "bits": self.bits, "group_size": self.group_size,
+                "symmetric": self.symmetric, "act_order": self.act_order, "method": self.method, "damp": self.damp,
+                **pruning}
 
     @classmethod
     def from_unit_map(cls, entry: dict, unit: str = "unit") -> "Treatment":
@@ -424,12 +497,15 @@ class Treatment:
                 return cls.prune(**pruning, bits=entry["bits"], group_size=entry["group_size"],
                                  symmetric=entry["symmetric"], damp=entry.get("damp", 0.01))
             return cls.quantize(entry["bits"], entry["group_size"], symmetric=entry["symmetric"], act_order=act,
-                                method=entry.get("method", "gptq"), damp=entry.get("damp", 0.01))
+                                method=entry.get("method", "gptq"), damp=entry.get("damp", 0.01),
+                                format=entry.get("format"))
         except MoepressError as exc:
             raise MoepressError(f"{unit}: {exc}") from None
 
 
-_LABELS = "write e.g. 3b-g128, 4b-ch, 16b (keep), 50% or 2:4 (pruned), 2:4+4b-g128 (pruned and quantized)"
+_LABELS = ("write e.g. 3b-g128, 4b-ch, 16b (keep), 50% or 2:4 (pruned), 2:4+4b-g128 (pruned and quantized), "
+           "q4_1 (a llama.cpp block format)")
+_FORMAT_LABEL = re.compile(r"[qQ][458]_[01]")
 _LABEL = re.compile(r"\s*(?:(?:(?P<percent>\d+(?:\.\d+)?)\s*%|(?P<n>\d+)\s*:\s*(?P<m>\d+))\s*(?:\+\s*|$))?"
                     r"(?:(?P<bits>\d+)\s*b(?:its?)?\s*(?:-\s*(?:g(?P<group>\d+)|(?P<ch>ch|channel)))?)?\s*")
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..model.view import EXPERT_LINEARS, MoEView
 from ..runtime import PackedExperts, PackedWeight, SparsePackedWeight, SplitWeight
+from ..runtime.block_weight import BlockWeight
 
 
 @dataclass
@@ -60,14 +61,14 @@ def _tensor_bytes(tensor: torch.Tensor, stored_dtype: torch.dtype | None) -> int
 def _weight_bytes(module: nn.Module, stored_dtype: torch.dtype | None) -> int:
     if isinstance(module, SplitWeight):  # neuron-group pieces, each packed or kept
         return sum(_weight_bytes(piece, stored_dtype) for piece in module.pieces)
-    if isinstance(module, (PackedWeight, SparsePackedWeight)):  # the stored format's own dtypes, as held
+    if isinstance(module, (PackedWeight, SparsePackedWeight, BlockWeight)):  # the stored format's own dtypes, as held
         return sum(t.numel() * t.element_size() for n, t in module.named_buffers(recurse=False))
     return _tensor_bytes(module.weight, stored_dtype)
 
 
 def model_bytes(model: nn.Module, stored_dtype: torch.dtype | None = None) -> int:
     """Bytes of every parameter and buffer, tied tensors counted once."""
-    packed = {id(b) for m in model.modules() if isinstance(m, (PackedWeight, SparsePackedWeight))
+    packed = {id(b) for m in model.modules() if isinstance(m, (PackedWeight, SparsePackedWeight, BlockWeight))
               for b in m.buffers(recurse=False)}
     seen, total = set(), 0
     for tensor in list(model.parameters()) + list(model.buffers()):

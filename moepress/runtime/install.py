@@ -19,7 +19,9 @@ from torch import nn
 from ..errors import MoepressError
 from ..model.view import EXPERT_LINEARS, ExpertStore, MoEView, set_submodule
 from ..quantize import QuantizedWeight
+from ..quantize.ggml_blocks import BlockQuantizedWeight
 from ..treatment import Treatment
+from .block_weight import BlockExperts, BlockLinear, BlockWeight, holds_blocks
 from .kept_weight import KeptWeight
 from .packed_experts import PackedExperts
 from .packed_linear import PackedLinear
@@ -41,6 +43,8 @@ def install_linear(model: nn.Module, path: str, weight, bias: torch.Tensor | Non
         return
     if isinstance(weight, SplitWeight):
         set_submodule(model, path, SplitLinear(list(weight.pieces), weight.axis))
+    elif isinstance(weight, (BlockQuantizedWeight, BlockWeight)):  # a llama.cpp block format
+        set_submodule(model, path, BlockLinear(weight, bias))
     elif isinstance(weight, (SparseWeight, SparsePackedWeight)):
         sparse = weight.sparse() if isinstance(weight, SparsePackedWeight) else weight
         set_submodule(model, path, SparseLinear(sparse, bias))
@@ -62,7 +66,8 @@ def install_experts(store: ExpertStore, packed: dict[str, list]) -> None:
                 path = store.per_expert_linear_path(e, linear)
                 install_linear(store.model, path, weight, getattr(store.model.get_submodule(path), "bias", None))
         return
-    module = PackedExperts(num_experts=store.num_experts, hidden_size=store.hidden_size,
+    experts = BlockExperts if holds_blocks(packed) else PackedExperts  # (llama.cpp's block formats)
+    module = experts(num_experts=store.num_experts, hidden_size=store.hidden_size,
                            intermediate_size=store.intermediate_size, act_fn=store.act_fn, packed=packed)
     set_submodule(store.model, store.module_path, module)
 
@@ -89,6 +94,8 @@ def empty_weight(treatment: Treatment, out_features: int, in_features: int, kept
     checkpoint into: a tensor (kept), a :class:`PackedWeight` or a :class:`SplitWeight`."""
     if treatment.kind == "split":
         return SplitWeight.empty(treatment, out_features, in_features, kept_dtype)
+    if treatment.format is not None:
+        return BlockWeight.empty(treatment, out_features, in_features)
     if treatment.pruned:
         return SparsePackedWeight.empty(treatment, out_features, in_features, kept_dtype)
     if treatment.keep:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..errors import MoepressError
+from .block_weight import BlockWeight
 from .packed_weight import PackedWeight
 from .sparse_weight import SparsePackedWeight
 
@@ -14,7 +15,7 @@ from .sparse_weight import SparsePackedWeight
 def validate_packed(model: nn.Module) -> None:
     """Check every packed buffer against its metadata after loading (a corrupt file fails here)."""
     for name, module in model.named_modules():
-        if isinstance(module, (PackedWeight, SparsePackedWeight)):
+        if isinstance(module, (PackedWeight, SparsePackedWeight, BlockWeight)):
             try:
                 module.validate(name)
             except ValueError as exc:
