@@ -15,6 +15,8 @@ what that costs in quality and bytes.
   moepress plan --model PATH_OR_HUB_ID --budget 2.5bits --strategy ilp -o plan.yaml --plot plan.png
   moepress compress --model PATH_OR_HUB_ID --plan plan.yaml --out OUT_DIR    # mixed precision, per unit
   moepress eval --model OUT_DIR --reference PATH_OR_HUB_ID --text FILE.txt
+  moepress compress --model PATH --target llamacpp --bits 4 --out OUT_DIR     # llama.cpp's q4_1, with GPTQ
+  moepress export --model OUT_DIR --format gguf --out model.gguf               # then llama-cli -m model.gguf
   moepress tiny --arch mixtral --out tiny-mixtral      # a tiny random model to try it offline
 """
 
@@ -205,6 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--plot", metavar="FILE.png", help="also draw the plan: layers x experts coloured by bits (matplotlib)")
     _add_common(pl)
 
+    x = sub.add_parser(
+        "export",
+        help="write a moepress checkpoint in a format another engine serves (GGUF for llama.cpp)",
+        description="--format gguf: a checkpoint made with `compress --target llamacpp` as one GGUF file, its "
+        "llama.cpp block-format weights written as they are (llama-cli, llama-server, llama-perplexity run it).",
+    )
+    x.add_argument("--model", required=True, help="the moepress checkpoint folder (compress --out)")
+    x.add_argument("--format", required=True, choices=("gguf",), help="gguf (llama.cpp)")
+    x.add_argument("--out", required=True, help="the file to write (written to a temporary file, then renamed)")
+    x.add_argument("--tokenizer-pre", default=None, metavar="NAME",
+                   help="llama.cpp's name of the tokenizer's BPE pre-tokenizer (default: gpt-2 for a byte-level BPE "
+                        "with GPT-2's split regex; others must be named, e.g. llama-bpe, qwen2)")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
     t = sub.add_parser(
         "tiny",
         help="write a tiny random MoE model of a supported architecture, with a real tokenizer (to try moepress offline)",
@@ -329,6 +345,18 @@ def run_plan(args) -> None:
     make_plan(args)
 
 
+def run_export(args) -> None:
+    from .errors import MoepressError
+    from .export.gguf import export_gguf
+
+    if os.path.exists(args.out) and not args.overwrite:
+        raise MoepressError(f"{args.out} exists; pass --overwrite to replace it")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise MoepressError(f"the folder of {args.out} does not exist")
+    out = export_gguf(args.model, args.out, tokenizer_pre=args.tokenizer_pre)
+    print(f"wrote {out} ({os.path.getsize(out):,} bytes)")
+
+
 def run_tiny(args) -> None:
     import shutil
     import tempfile
@@ -359,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handlers = {"compress": run_compress, "eval": run_eval, "plan": run_plan, "tiny": run_tiny}
+    handlers = {"compress": run_compress, "eval": run_eval, "plan": run_plan, "tiny": run_tiny, "export": run_export}
     try:
         handlers[args.command](args)
     except MoepressError as exc:

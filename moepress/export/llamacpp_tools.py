@@ -51,4 +51,40 @@ def missing(*names: str) -> str | None:
     return None
 
 
-__all__ = ["ENV", "TOOLS", "converter", "llamacpp_dir", "missing", "source_tree", "tool"]
+# Runs llama.cpp's converter with one change: the BPE pre-tokenizer it cannot recognise (the zoo's
+# byte-level BPE: "BPE pre-tokenizer was not recognized") is named, as moepress's export names it.
+_CONVERT_WITH_PRE = """
+import runpy, sys
+sys.path.insert(0, sys.argv[1])
+from conversion.base import TextModel
+pre = sys.argv[2]
+TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
+sys.argv = [sys.argv[1] + '/convert_hf_to_gguf.py'] + sys.argv[3:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def convert_reference(model_dir: str, out: str, outtype: str = "f16", pre: str | None = "gpt-2",
+                      timeout: float = 600) -> str:
+    """Convert a Hugging Face model folder with llama.cpp's own ``convert_hf_to_gguf.py`` (the
+    reference moepress's export is compared with, and the f16 GGUF llama-perplexity's KL is measured
+    against). ``pre`` names the BPE pre-tokenizer for tokenizers the converter does not recognise
+    (None: run it unchanged). Returns ``out``; raises RuntimeError with the converter's last lines."""
+    import subprocess
+    import sys
+
+    if converter() is None:
+        raise RuntimeError(missing("convert"))
+    args = [str(model_dir), "--outfile", str(out), "--outtype", outtype]
+    if pre is None:
+        command = [sys.executable, str(converter()), *args]
+    else:
+        command = [sys.executable, "-c", _CONVERT_WITH_PRE, str(source_tree()), pre, *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-5:])
+        raise RuntimeError(f"convert_hf_to_gguf.py failed on {model_dir}:\n{tail}")
+    return str(out)
+
+
+__all__ = ["ENV", "TOOLS", "convert_reference", "converter", "llamacpp_dir", "missing", "source_tree", "tool"]

@@ -1,0 +1,408 @@
+"""GGUF export: a ``compress --target llamacpp`` checkpoint as a file llama.cpp runs.
+
+:func:`export_gguf` reads the checkpoint's tensors one at a time from its safetensors shards and
+writes them with the ``gguf`` package (llama.cpp's own gguf-py): names from its
+``TensorNameMap``, a layer's routed experts stacked into the 3-D ``blk.N.ffn_{gate,up,down}_exps``
+tensors, the block-format units' bytes written exactly as the checkpoint holds them (moepress's
+model computes with these values; nothing is rounded again), kept weights in F16, norms and
+routers in F32 (as llama.cpp's converter and llama-quantize keep them). The metadata are the keys
+llama.cpp's ``convert_hf_to_gguf.py`` writes for the same model (checked key by key in
+``tests/test_gguf_export.py``), with ``general.file_type`` naming the checkpoint's type.
+
+The tokenizer is written as the converter's ``gpt2`` (byte-level BPE) vocabulary. The converter
+recognises a BPE pre-tokenizer by hashing its output on a test text and refuses ones it does not
+know (the zoo's own byte-level BPE); a byte-level BPE with GPT-2's split regex is what llama.cpp
+calls ``gpt-2``, which the export writes; any other pre-tokenizer must be named
+(``tokenizer_pre``, ``--tokenizer-pre``: llama.cpp's name for it, e.g. ``llama-bpe``, ``qwen2``).
+
+Architectures: one small entry per architecture llama.cpp runs (:data:`ARCHITECTURES`); a
+checkpoint of another one is refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import MoepressError
+
+EXPERT = re.compile(r"\.experts\.(\d+)\.")
+SUFFIXES = (".weight", ".bias", ".blocks")
+FUSED_EXPERTS = (".experts.gate_up_proj", ".experts.down_proj")  # transformers' 3-D experts, kept as they are
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How one of moepress's architectures is written for llama.cpp.
+
+    gguf_arch:   the gguf-py ``MODEL_ARCH`` name (``"LLAMA"`` for Mixtral: llama.cpp runs Mixtral
+                 as a llama model with experts)
+    permute_qk:  llama's rotary layout: q/k rows permuted from Hugging Face's halves to
+                 interleaved pairs (the converter's ``LlamaModel.permute``)
+    """
+
+    gguf_arch: str
+    permute_qk: bool = False
+
+
+ARCHITECTURES = {
+    "mixtral": Architecture("LLAMA", permute_qk=True),
+}
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise MoepressError("the GGUF export needs the gguf package: pip install 'moepress[gguf]'") from None
+    return gguf
+
+
+class _Checkpoint:
+    """A moepress checkpoint folder, its tensors read one at a time (never the whole model)."""
+
+    def __init__(self, path: str):
+        from .checkpoint import read_record
+
+        self.path = Path(path)
+        if not (self.path / "config.json").is_file():
+            raise MoepressError(f"{path} is not a model folder (no config.json)")
+        self.config = json.loads((self.path / "config.json").read_text())
+        self.record = read_record(str(path))
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            self.shard_of = json.loads(index.read_text())["weight_map"]
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(self.path / "model.safetensors"), framework="pt") as f:
+                self.shard_of = {name: "model.safetensors" for name in f.keys()}
+        self._open: dict[str, object] = {}
+
+    def _file(self, name: str):
+        from safetensors import safe_open
+
+        shard = self.shard_of[name]
+        if shard not in self._open:
+            self._open[shard] = safe_open(str(self.path / shard), framework="pt")
+        return self._open[shard]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._file(name).get_tensor(name)
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._file(name).get_slice(name).get_shape())
+
+
+@dataclass
+class _Tensor:
+    """One GGUF tensor to write: its name, ggml type and a function producing its data."""
+
+    name: str
+    qtype: object  # gguf.GGMLQuantizationType
+    shape: tuple  # numpy shape of the data (bytes for block types)
+    dtype: object  # numpy dtype of the data
+    load: object  # () -> numpy array
+
+    @property
+    def nbytes(self) -> int:
+        import numpy as np
+
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+def _permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's rotary row order for a q or k projection (Hugging Face stores the two halves of
+    every head apart; ggml's rope wants them as interleaved pairs)."""
+    return rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def _check_expressible(ckpt: _Checkpoint) -> None:
+    from ..treatment import Treatment
+
+    record = ckpt.record
+    for name, entry in record.get("units", {}).items():
+        t = Treatment.from_unit_map(entry, name)
+        if not (t.keep or (t.kind == "quantize" and t.format is not None)):
+            raise MoepressError(f"{name} is {t.label}, moepress's own format, which llama.cpp cannot read; compress "
+                                "with --target llamacpp (llama.cpp's q4_0/q4_1/q5_0/q5_1/q8_0) to export a GGUF")
+    for key, what in (("dropped_blocks", "dropped blocks"), ("dropped_moe_layers", "dropped MoE sublayers")):
+        if record.get(key):
+            raise MoepressError(f"the checkpoint has {what} {record[key]}; the GGUF export does not renumber layers yet")
+    if record.get("dynamic_pruning"):
+        raise MoepressError("the checkpoint carries dynamic expert skipping, which llama.cpp cannot run")
+
+
+def _tensors(ckpt: _Checkpoint, arch: Architecture, gguf) -> list[_Tensor]:
+    """Every GGUF tensor, in the converter's order of names (embeddings and head first, then blocks)."""
+    import numpy as np
+
+    from ..quantize.ggml_blocks import block_format
+    from ..treatment import Treatment
+
+    cfg = ckpt.config
+    n_layers = cfg["num_hidden_layers"]
+    n_head, n_head_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    names = gguf.TensorNameMap(getattr(gguf.MODEL_ARCH, arch.gguf_arch), n_layers)
+    units = ckpt.record.get("units", {})
+    formats = {name: Treatment.from_unit_map(e, name).format for name, e in units.items()}
+    # moepress's canonical unit of a state-dict base name (for its block format)
+    groups: dict[str, list[tuple[int | None, str]]] = {}  # base name -> [(expert, stored name)]
+    for stored in ckpt.shard_of:
+        suffix = next((s for s in SUFFIXES if stored.endswith(s)), None)
+        if suffix is None and stored.endswith(FUSED_EXPERTS):
+            suffix = ""
+        if suffix is None:
+            raise MoepressError(f"{stored}: a tensor the GGUF export does not know how to write")
+        base = stored[: len(stored) - len(suffix)]
+        m = EXPERT.search(base + ".")
+        expert = None
+        if m is not None:
+            expert = int(m.group(1))
+            base = EXPERT.sub(".experts.", base + ".", count=1)[:-1]
+        groups.setdefault(base + suffix, []).append((expert, stored))
+    force_f32 = {gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP}
+
+    def gguf_name(base: str, suffix: str) -> tuple[str, object]:
+        found = names.get_type_and_name(base, try_suffixes=())
+        if found is None:
+            raise MoepressError(f"{base}: no llama.cpp tensor of architecture {arch.gguf_arch} has this name")
+        kind, name = found
+        return name + (".bias" if suffix == ".bias" else ".weight"), kind
+
+    out: list[_Tensor] = []
+    for key in sorted(groups, key=_converter_order):
+        members = sorted(groups[key], key=lambda m: -1 if m[0] is None else m[0])
+        suffix = next((s for s in SUFFIXES if key.endswith(s)), "")
+        base = key[: len(key) - len(suffix)]
+        if base.endswith(".experts.gate_up_proj"):  # fused kept experts: gate and up are two GGUF tensors
+            stored = members[0][1]
+            inter = ckpt.shape(stored)[1] // 2
+            for part, rows in (("gate_proj", slice(0, inter)), ("up_proj", slice(inter, None))):
+                name, _ = gguf_name(base.replace("gate_up_proj", part), suffix)
+                shape = tuple(ckpt.shape(stored))
+                out.append(_Tensor(name, gguf.GGMLQuantizationType.F16, (shape[0], inter, shape[2]), np.float16,
+                                   lambda s=stored, r=rows: ckpt.tensor(s)[:, r].to(torch.float16).numpy()))
+            continue
+        name, kind = gguf_name(base, suffix)
+        layer = _layer_of(base)
+        rotary = arch.permute_qk and kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K)
+        heads = n_head if kind == gguf.MODEL_TENSOR.ATTN_Q else n_head_kv
+        stored_names = [s for _, s in members]
+        experts = members[0][0] is not None
+        first_shape = ckpt.shape(stored_names[0])
+        shape = tuple([len(stored_names)] + first_shape if experts else first_shape)
+
+        def load(stored_names=stored_names, experts=experts, rotary=rotary, heads=heads, f16=None):
+            data = [ckpt.tensor(s) for s in stored_names]
+            data = torch.stack(data) if experts else data[0]
+            if rotary:
+                data = _permute(data, heads)
+            if f16 is not None:
+                data = data.to(f16)
+            return data.contiguous().numpy()
+
+        if suffix == ".blocks":
+            fmt = _unit_format(formats, base, layer, members)
+            qtype = gguf.GGMLQuantizationType(block_format(fmt).ggml_type)
+            out.append(_Tensor(name, qtype, shape, np.uint8, load))
+        elif len(shape) <= 1 or kind in force_f32 or suffix == ".bias" or name.endswith("_norm.weight"):
+            out.append(_Tensor(name, gguf.GGMLQuantizationType.F32, shape, np.float32,
+                               lambda load=load: load(f16=torch.float32)))
+        else:
+            out.append(_Tensor(name, gguf.GGMLQuantizationType.F16, shape, np.float16,
+                               lambda load=load: load(f16=torch.float16)))
+    return out
+
+
+def _layer_of(base: str) -> int | None:
+    m = re.search(r"\.layers\.(\d+)\.", base)
+    return None if m is None else int(m.group(1))
+
+
+def _converter_order(key: str):
+    layer = _layer_of(key)
+    return (-1, key) if layer is None else (layer, key)
+
+
+def _unit_format(formats: dict, base: str, layer, members) -> str:
+    """The block format of the stored tensors of ``base``, from the unit map (one for all experts)."""
+    tail = base.rsplit(".", 1)[-1]
+    if ".experts." in base + ".":
+        found = {formats.get(f"layers.{layer}.experts.{e}.{tail}") for e, _ in members}
+    else:
+        kind = "attn" if any(p in base for p in (".self_attn.", ".attention.")) else \
+            "shared" if "shared" in base else "mlp"
+        found = {formats.get(f"layers.{layer}.{kind}.{tail}")}
+    found.discard(None)
+    if len(found) != 1:
+        raise MoepressError(f"{base}: the unit map gives {sorted(found) or 'no'} llama.cpp type(s) for these weights; "
+                            "a GGUF tensor has one")
+    return found.pop()
+
+
+def _file_type(tensors: list[_Tensor], gguf) -> int:
+    """``general.file_type``: the LlamaFileType of the type holding most of the weights (F16 when
+    every linear is kept), as llama-quantize names the file after the type it was asked for."""
+    import numpy as np
+
+    by_type: dict = {}
+    for t in tensors:
+        if t.qtype not in (gguf.GGMLQuantizationType.F32,):
+            by_type[t.qtype] = by_type.get(t.qtype, 0) + int(np.prod(t.shape))
+    quantized = {q: n for q, n in by_type.items() if q != gguf.GGMLQuantizationType.F16}
+    main = max(quantized, key=quantized.get) if quantized else gguf.GGMLQuantizationType.F16
+    return int(gguf.LlamaFileType[f"MOSTLY_{main.name}"])
+
+
+def _tokenizer_pre(path: Path, given: str | None) -> str:
+    if given is not None:
+        return given
+    file = path / "tokenizer.json"
+    pre = json.loads(file.read_text()).get("pre_tokenizer") if file.is_file() else None
+    if isinstance(pre, dict) and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"  # byte-level BPE split by GPT-2's regex: what llama.cpp calls gpt-2
+    raise MoepressError(f"{path}: the tokenizer's pre-tokenizer is not GPT-2's byte-level one; name it as llama.cpp "
+                        "does (--tokenizer-pre llama-bpe, qwen2, deepseek-v3, ...)")
+
+
+def _write_vocab(writer, path: Path, vocab_size: int, pre: str, gguf) -> None:
+    """The converter's ``_set_vocab_gpt2``: tokens by id, their types, merges and special tokens."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    reverse = {i: tok for tok, i in tokenizer.vocab.items()}
+    added = tokenizer.get_added_vocab()
+    decoder = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        token = reverse[i]
+        if token in added:
+            if not decoder[i].normalized:
+                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
+            looks_special = token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (
+                token.startswith("<|") and token.endswith("|>")) or (token.startswith("<｜") and token.endswith("｜>"))
+            if decoder[i].special or looks_special:
+                types.append(gguf.TokenType.CONTROL)
+            else:
+                token = token.replace("\u2581", " ")
+                types.append(gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+        tokens.append(token)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(str(path), load_merges=True)
+    # A byte-level post-processor adds no BOS/EOS. gguf-py releases before llama.cpp's vendored one do
+    # not read that, and llama.cpp then prepends a BOS the model never saw: say it, as the converter does.
+    post = json.loads((path / "tokenizer.json").read_text()).get("post_processor") \
+        if (path / "tokenizer.json").is_file() else None
+    processors = (post or {}).get("processors", [post] if post else [])
+    if processors and all(p.get("type") == "ByteLevel" for p in processors):
+        special.add_special_token.setdefault("bos", False)
+        special.add_special_token.setdefault("eos", False)
+    special.add_to_gguf(writer)
+
+
+def _write_hparams(writer, cfg: dict) -> None:
+    """The hyperparameters the converter writes for a llama-style MoE (TextModel and LlamaModel's
+    ``set_gguf_parameters``)."""
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(cfg["num_attention_heads"])
+    writer.add_head_count_kv(cfg.get("num_key_value_heads", cfg["num_attention_heads"]))
+    rope = cfg.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", cfg.get("rope_theta"))
+    if theta is not None:
+        writer.add_rope_freq_base(theta)
+    if rope.get("rope_type") not in (None, "default"):
+        raise MoepressError(f"rope type {rope['rope_type']!r}: the GGUF export writes default rope only (for now)")
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    for key, add in (("num_local_experts", writer.add_expert_count),
+                     ("num_experts_per_tok", writer.add_expert_used_count)):
+        if cfg.get(key) is not None:
+            add(cfg[key])
+    if cfg.get("sliding_window") is not None:
+        writer.add_sliding_window(cfg["sliding_window"])
+    writer.add_vocab_size(cfg["vocab_size"])
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    writer.add_rope_dimension_count(head_dim)
+
+
+def export_gguf(path: str, out: str, *, tokenizer_pre: str | None = None) -> str:
+    """Write the moepress checkpoint at ``path`` (made with ``compress --target llamacpp``, or any
+    whose units are all kept or in llama.cpp types) as the GGUF file ``out``; returns ``out``.
+
+    Written to a temporary file beside ``out`` and renamed when complete. One-line
+    :class:`MoepressError` for what llama.cpp cannot run (moepress's own formats, an architecture
+    without an entry, a tokenizer whose pre-tokenizer is not named).
+    """
+    gguf = _gguf()
+    ckpt = _Checkpoint(path)
+    model_type = ckpt.config.get("model_type")
+    arch = ARCHITECTURES.get(model_type)
+    if arch is None:
+        raise MoepressError(f"the GGUF export does not know architecture {model_type!r} yet; it writes "
+                            f"{', '.join(sorted(ARCHITECTURES))}")
+    _check_expressible(ckpt)
+    pre = _tokenizer_pre(ckpt.path, tokenizer_pre)
+    tensors = _tensors(ckpt, arch, gguf)
+    out = os.path.abspath(out)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.gguf_arch)])
+    try:
+        for t in tensors:
+            writer.add_tensor_info(t.name, t.shape, t.dtype, t.nbytes, raw_dtype=t.qtype)
+        _write_metadata(writer, ckpt, tensors, pre, gguf)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in tensors:  # one tensor in memory at a time
+            data = t.load()
+            if data.shape != tuple(t.shape) or data.dtype != t.dtype:
+                raise MoepressError(f"{t.name}: read {data.shape} {data.dtype}, expected {t.shape} {t.dtype}")
+            writer.write_tensor_data(data)
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return out
+
+
+def _write_metadata(writer, ckpt: _Checkpoint, tensors, pre: str, gguf) -> None:
+    """general.* as the converter derives them (gguf's Metadata heuristics, on the source model's
+    folder when it is at hand, so the name is the model's, not the output folder's), then the
+    hyperparameters and the tokenizer."""
+    total, shared, expert, count = writer.get_total_parameter_count()
+    source = ckpt.record.get("source_model") or ""
+    folder = Path(source) if source and Path(source).is_dir() else ckpt.path
+    metadata = gguf.Metadata.load(None, folder, None, total)
+    if metadata.name is None:
+        metadata.name = folder.name
+    if metadata.size_label is None and total > 0:
+        metadata.size_label = gguf.size_label(total, shared, expert, count)
+    writer.add_type(gguf.GGUFType.MODEL)
+    metadata.set_gguf_meta_model(writer)
+    _write_hparams(writer, ckpt.config)
+    writer.add_file_type(_file_type(tensors, gguf))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _write_vocab(writer, ckpt.path, ckpt.config["vocab_size"], pre, gguf)
+
+
+__all__ = ["ARCHITECTURES", "Architecture", "export_gguf"]
