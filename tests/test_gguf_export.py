@@ -44,23 +44,47 @@ def tensors(path) -> dict:
     return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tiny_model_dir, calib_file, tmp_path_factory):
-    """The tiny Mixtral compressed for llama.cpp at 4 (q4_1), 8 (q8_0) and 16 bits (kept)."""
-    source = tiny_model_dir("mixtral")
-    root = tmp_path_factory.mktemp("gguf")
-    out = {}
+def _compressed(source, calib_file, root):
+    """``source`` compressed for llama.cpp at 4 (q4_1), 8 (q8_0) and 16 bits (kept), and exported."""
+    out, files = {}, {}
     for bits in (4, 8, 16):
         out[bits] = str(root / f"q{bits}")
         moepress.compress(source, target="llamacpp", bits=bits, calib=calib_file, out=out[bits], progress=False,
                           **SMALL)
-    return source, root, out
+        files[bits] = export_gguf(out[bits], str(root / f"q{bits}.gguf"))
+    return source, root, out, files
 
 
 @pytest.fixture(scope="module")
-def exported(checkpoints):
-    _, root, out = checkpoints
-    return {bits: export_gguf(path, str(root / f"q{bits}.gguf")) for bits, path in out.items()}
+def olmoe_dir(tokenizer, tmp_path_factory):
+    """A tiny OLMoE llama.cpp can load: llama.cpp's OLMoE normalises k over all heads, so no
+    grouped-query attention (the converter writes the GQA tiny OLMoE, llama.cpp refuses its k_norm)."""
+    from moepress.model.tiny import build_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-olmoe")
+    build_tiny_model("olmoe", vocab_size=len(tokenizer), num_key_value_heads=4).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def mixtral(tiny_model_dir, calib_file, tmp_path_factory):
+    return _compressed(tiny_model_dir("mixtral"), calib_file, tmp_path_factory.mktemp("gguf-mixtral"))
+
+
+@pytest.fixture(scope="module")
+def olmoe(olmoe_dir, calib_file, tmp_path_factory):
+    return _compressed(olmoe_dir, calib_file, tmp_path_factory.mktemp("gguf-olmoe"))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(mixtral):
+    return mixtral[:3]
+
+
+@pytest.fixture(scope="module")
+def exported(mixtral):
+    return mixtral[3]
 
 
 def _permuted(rows: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -101,12 +125,13 @@ def test_gguf_holds_the_checkpoints_bytes(checkpoints, exported):
 
 
 @pytest.mark.skipif(_converter_missing() is not None, reason=str(_converter_missing()))
-def test_metadata_equal_llamacpps_converter_key_by_key(checkpoints, exported, tmp_path):
+@pytest.mark.parametrize("arch", ["mixtral", "olmoe"])
+def test_metadata_equal_llamacpps_converter_key_by_key(arch, request, tmp_path):
     """Against convert_hf_to_gguf.py on the same float model (with the pre-tokenizer the converter
     cannot recognise named gpt-2, as the export names it): every key and value equal. The one key
     we differ on, deliberately: ``general.file_type`` of a q4_1 file (the converter writes no q4_1:
     it says f16 for its f16 file; ours says MOSTLY_Q4_1, as llama-quantize would)."""
-    source, _, _ = checkpoints
+    source, _, _, exported = request.getfixturevalue(arch)
     reference = {"f16": metadata(llamacpp_tools.convert_reference(source, tmp_path / "f16.gguf", "f16")),
                  "q8_0": metadata(llamacpp_tools.convert_reference(source, tmp_path / "q8.gguf", "q8_0"))}
     for ours, theirs, differ in ((exported[16], reference["f16"], set()), (exported[8], reference["q8_0"], set()),
@@ -134,11 +159,12 @@ def _llamacpp_protocol_ppl(model, ids: list[int], n_ctx: int, chunks: int) -> fl
 
 @pytest.mark.skipif(llamacpp_tools.missing("llama-perplexity") is not None,
                     reason=str(llamacpp_tools.missing("llama-perplexity")))
-def test_llama_perplexity_equals_moepress_on_the_exported_file(tmp_path):
-    """The zoo's tiny Mixtral (trained: a meaningful perplexity), compressed to q4_1 and exported:
-    llama-perplexity's figure on a text is within 1% of moepress's own on the same checkpoint, the
-    same tokens and the same scoring (llama.cpp multiplies with 8-bit activations and an f16 KV
-    cache; measured 0.02% apart)."""
+@pytest.mark.parametrize("arch", ["mixtral", "olmoe"])
+def test_llama_perplexity_equals_moepress_on_the_exported_file(arch, request, tmp_path):
+    """The zoo's tiny Mixtral (trained: a meaningful perplexity) and a random tiny OLMoE, compressed
+    to q4_1 and exported: llama-perplexity's figure on a text is within 1% of moepress's own on the
+    same checkpoint, the same tokens and the same scoring (llama.cpp multiplies with 8-bit
+    activations and an f16 KV cache; measured 0.02% apart on both)."""
     import re
     import subprocess
 
@@ -146,9 +172,10 @@ def test_llama_perplexity_equals_moepress_on_the_exported_file(tmp_path):
 
     from moepress.data import load_text
 
-    zoo = os.path.join(os.path.dirname(__file__), "..", "zoo", "models", "tiny-mixtral")
+    source = os.path.join(os.path.dirname(__file__), "..", "zoo", "models", "tiny-mixtral") \
+        if arch == "mixtral" else request.getfixturevalue("olmoe_dir")
     out = str(tmp_path / "q4")
-    moepress.compress(zoo, target="llamacpp", bits=4, calib_samples=16, seq_len=128, out=out, progress=False)
+    moepress.compress(source, target="llamacpp", bits=4, calib_samples=16, seq_len=128, out=out, progress=False)
     path = export_gguf(out, str(tmp_path / "q4.gguf"))
     text = load_text("builtin:eval")[:100_000]
     (tmp_path / "eval.txt").write_text(text)
@@ -174,7 +201,7 @@ def test_what_the_export_refuses(checkpoints, tiny_model_dir, calib_file, tmp_pa
     moepress.compress(tiny_model_dir("qwen3_moe"), target="llamacpp", bits=8, calib=calib_file, out=qwen,
                       progress=False, **SMALL)
     line = run_cli(capsys, "export", "--model", qwen, "--format", "gguf", "--out", str(tmp_path / "x.gguf"))
-    assert "does not know architecture 'qwen3_moe' yet" in line
+    assert "does not know architecture 'qwen3_moe' yet; it writes mixtral, olmoe" in line
     (tmp_path / "there.gguf").write_bytes(b"")
     line = run_cli(capsys, "export", "--model", out[4], "--format", "gguf", "--out", str(tmp_path / "there.gguf"))
     assert "exists; pass --overwrite" in line

@@ -15,8 +15,10 @@ know (the zoo's own byte-level BPE); a byte-level BPE with GPT-2's split regex i
 calls ``gpt-2``, which the export writes; any other pre-tokenizer must be named
 (``tokenizer_pre``, ``--tokenizer-pre``: llama.cpp's name for it, e.g. ``llama-bpe``, ``qwen2``).
 
-Architectures: one small entry per architecture llama.cpp runs (:data:`ARCHITECTURES`); a
-checkpoint of another one is refused in one line.
+Architectures: one small entry per architecture llama.cpp runs (:data:`ARCHITECTURES`: Mixtral,
+OLMoE); a checkpoint of another one is refused in one line. Not yet: Qwen3-MoE (llama.cpp's
+qwen3moe has no dense layers, the zoo's tiny one has one), Qwen2-MoE (shared expert and its gate),
+DeepSeek-V2/V3 (MLA's split kv_b, leading dense blocks, expert groups).
 """
 
 from __future__ import annotations
@@ -44,14 +46,17 @@ class Architecture:
                  as a llama model with experts)
     permute_qk:  llama's rotary layout: q/k rows permuted from Hugging Face's halves to
                  interleaved pairs (the converter's ``LlamaModel.permute``)
+    llama_keys:  also ``vocab_size`` and ``rope.dimension_count`` (what ``LlamaModel`` adds)
     """
 
     gguf_arch: str
     permute_qk: bool = False
+    llama_keys: bool = False
 
 
 ARCHITECTURES = {
-    "mixtral": Architecture("LLAMA", permute_qk=True),
+    "mixtral": Architecture("LLAMA", permute_qk=True, llama_keys=True),
+    "olmoe": Architecture("OLMOE"),
 }
 
 
@@ -315,9 +320,9 @@ def _write_vocab(writer, path: Path, vocab_size: int, pre: str, gguf) -> None:
     special.add_to_gguf(writer)
 
 
-def _write_hparams(writer, cfg: dict) -> None:
-    """The hyperparameters the converter writes for a llama-style MoE (TextModel and LlamaModel's
-    ``set_gguf_parameters``)."""
+def _write_hparams(writer, cfg: dict, arch: Architecture) -> None:
+    """The hyperparameters the converter writes (TextModel's ``set_gguf_parameters``, and
+    LlamaModel's for ``llama_keys``)."""
     writer.add_block_count(cfg["num_hidden_layers"])
     writer.add_context_length(cfg["max_position_embeddings"])
     writer.add_embedding_length(cfg["hidden_size"])
@@ -331,12 +336,15 @@ def _write_hparams(writer, cfg: dict) -> None:
     if rope.get("rope_type") not in (None, "default"):
         raise MoepressError(f"rope type {rope['rope_type']!r}: the GGUF export writes default rope only (for now)")
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    for key, add in (("num_local_experts", writer.add_expert_count),
-                     ("num_experts_per_tok", writer.add_expert_used_count)):
-        if cfg.get(key) is not None:
-            add(cfg[key])
+    for keys, add in ((("num_local_experts", "num_experts"), writer.add_expert_count),
+                      (("num_experts_per_tok",), writer.add_expert_used_count)):
+        value = next((cfg[k] for k in keys if cfg.get(k) is not None), None)
+        if value is not None:
+            add(value)
     if cfg.get("sliding_window") is not None:
         writer.add_sliding_window(cfg["sliding_window"])
+    if not arch.llama_keys:
+        return
     writer.add_vocab_size(cfg["vocab_size"])
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     writer.add_rope_dimension_count(head_dim)
@@ -366,7 +374,7 @@ def export_gguf(path: str, out: str, *, tokenizer_pre: str | None = None) -> str
     try:
         for t in tensors:
             writer.add_tensor_info(t.name, t.shape, t.dtype, t.nbytes, raw_dtype=t.qtype)
-        _write_metadata(writer, ckpt, tensors, pre, gguf)
+        _write_metadata(writer, ckpt, arch, tensors, pre, gguf)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -385,7 +393,7 @@ def export_gguf(path: str, out: str, *, tokenizer_pre: str | None = None) -> str
     return out
 
 
-def _write_metadata(writer, ckpt: _Checkpoint, tensors, pre: str, gguf) -> None:
+def _write_metadata(writer, ckpt: _Checkpoint, arch: Architecture, tensors, pre: str, gguf) -> None:
     """general.* as the converter derives them (gguf's Metadata heuristics, on the source model's
     folder when it is at hand, so the name is the model's, not the output folder's), then the
     hyperparameters and the tokenizer."""
@@ -399,7 +407,7 @@ def _write_metadata(writer, ckpt: _Checkpoint, tensors, pre: str, gguf) -> None:
         metadata.size_label = gguf.size_label(total, shared, expert, count)
     writer.add_type(gguf.GGUFType.MODEL)
     metadata.set_gguf_meta_model(writer)
-    _write_hparams(writer, ckpt.config)
+    _write_hparams(writer, ckpt.config, arch)
     writer.add_file_type(_file_type(tensors, gguf))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _write_vocab(writer, ckpt.path, ckpt.config["vocab_size"], pre, gguf)
