@@ -1,0 +1,212 @@
+"""The fast CPU runtime: a loaded checkpoint's packed modules converted, once, for their kernels.
+
+The reference runtime (:class:`PackedLinear`, :class:`PackedExperts`) keeps the stored format in
+memory and dequantizes every weight on every call: honest about bytes, slow. :func:`prepare` is
+gpt-fast's ``convert_for_runtime`` step: after loading, each packed weight is re-laid out for the
+fastest kernel this torch offers for its format (:func:`moepress.runtime.kernels.build_matmul`) and
+its module replaced by :class:`FastLinear` / :class:`FastExperts`. No weight is cached in a float
+dtype: what stays resident is the codes (4-bit codes in torch's int4 layout, 8-bit per-channel as
+int8, others at their stored width as bit planes) and their group scales.
+
+    model = moepress.load("out")                               # runtime="fast" is the default
+    model = moepress.load("out", runtime="reference")          # dequantize per call
+    model = moepress.load("out", runtime=FastOptions(widen=True))  # 2/3-bit codes in the int4 kernel
+
+Numerics: in a bf16/fp16 model the int4 and int8 kernels take their scales (and the int4 kernel its
+float zero ``scale * (8 - zero)``) in the activation dtype, so those round to bf16; the outputs
+differ from the reference runtime's by about what bf16 rounding of the weights does anyway (the
+tests bound it by the reference's own bf16-vs-float32 difference). Everything else (float32 models,
+the dequantize kernel, kept and split weights) computes the reference's weights bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import MoepressError
+from .kernels import Matmul, build_fused, build_matmul
+from .packed_experts import EXPERT_LINEARS, PackedExperts
+from .packed_linear import PackedLinear
+from .split_weight import SplitLinear
+
+RUNTIMES = ("fast", "reference")
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    """What :func:`prepare` may do.
+
+    ``widen``: hold 2- and 3-bit codes as 4-bit codes so the int4 kernel computes them (the same
+    values; their code bytes grow by 2x and 1.33x, still a quarter of bf16 or less). Off by default:
+    a 2-bit checkpoint then takes 2 bits per weight in memory too, at the dequantize kernel's speed.
+    """
+
+    widen: bool = False
+
+    @classmethod
+    def of(cls, runtime) -> "FastOptions | None":
+        """The options ``moepress.load(runtime=...)`` means: None for the reference runtime."""
+        if isinstance(runtime, cls):
+            return runtime
+        if runtime == "reference":
+            return None
+        if runtime == "fast":
+            return cls()
+        raise MoepressError(f"runtime must be one of {', '.join(RUNTIMES)} or a FastOptions (got {runtime!r})")
+
+
+class FastLinear(nn.Module):
+    """A drop-in for ``nn.Linear`` computing through one :class:`~moepress.runtime.kernels.Matmul`."""
+
+    replaces_linear = True  # moepress.model.view treats it as a linear unit
+
+    def __init__(self, matmul: Matmul, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.matmul = matmul
+        self.in_features, self.out_features = matmul.in_features, matmul.out_features
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul.forward(x, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.out_features}x{self.in_features}, kernel={self.matmul.kind}, bias={self.bias is not None}"
+
+
+class FastExpert(nn.Module):
+    """One expert's kernels: ``gate_up`` (gate and up projections in one kernel, when they share
+    a format that reaches the int4/int8 kernels) or ``gate_proj`` and ``up_proj``; ``down_proj``."""
+
+    def __init__(self, gate_proj, up_proj, down_proj, dtype: torch.dtype, options: FastOptions):
+        super().__init__()
+        self.gate_up = build_fused([gate_proj, up_proj], dtype, options.widen)
+        if self.gate_up is None:
+            self.gate_proj = build_matmul(gate_proj, dtype, options.widen)
+            self.up_proj = build_matmul(up_proj, dtype, options.widen)
+        self.down_proj = build_matmul(down_proj, dtype, options.widen)
+        self.intermediate = gate_proj.out_features
+
+    def forward(self, x: torch.Tensor, act_fn) -> torch.Tensor:
+        if self.gate_up is not None:
+            gate_up = self.gate_up.forward(x)
+            hidden = act_fn(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate:]
+        else:
+            hidden = act_fn(self.gate_proj.forward(x)) * self.up_proj.forward(x)
+        return self.down_proj.forward(hidden)
+
+    def kernels(self) -> list[Matmul]:
+        return [m for m in (self.gate_up, getattr(self, "gate_proj", None), getattr(self, "up_proj", None),
+                            self.down_proj) if m is not None]
+
+
+class FastExperts(nn.ModuleList):
+    """:class:`PackedExperts` with every expert's linears as kernels; the same forward signature
+    and the same arithmetic (each expert's rows in the reference's order, added to the output in
+    increasing expert order), so a float32 model's logits equal the reference's. The routed rows
+    are gathered once and scattered back once per layer, not per expert."""
+
+    holds_packed_experts = True  # moepress.model.view reads its sizes as for PackedExperts
+
+    def __init__(self, packed: PackedExperts, dtype: torch.dtype, options: FastOptions):
+        super().__init__(
+            FastExpert(*(packed.packed_weight(e, lin) for lin in EXPERT_LINEARS), dtype, options)
+            for e in range(packed.num_experts)
+        )
+        self.num_experts = packed.num_experts
+        self.hidden_size = packed.hidden_size
+        self.intermediate_size = packed.intermediate_size
+        self.act_fn = packed.act_fn
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        tokens = top_k_index.shape[0]
+        # (slot, token) pairs in slot-major order, grouped by expert: the rows each expert computes,
+        # in the order the reference's expert mask gives them. A zero-weight slot (dynamic pruning)
+        # gets the sentinel expert num_experts and is not computed.
+        experts = top_k_index.T.reshape(-1)
+        weights = top_k_weights.T.reshape(-1)
+        experts = torch.where(weights != 0, experts, self.num_experts)
+        if tokens == 1:  # decoding one sequence: every hit expert sees the one token
+            output = torch.zeros_like(hidden_states)
+            for expert, slot in sorted((e, k) for k, e in enumerate(experts.tolist()) if e < self.num_experts):
+                out = self[expert].forward(hidden_states, self.act_fn) * weights[slot]
+                output += out.to(output.dtype)
+            return output
+        counts = torch.bincount(experts, minlength=self.num_experts + 1).tolist()
+        pairs = torch.argsort(experts, stable=True)[: tokens * top_k_index.shape[1] - counts[-1]]
+        token = pairs % tokens
+        rows = hidden_states[token]
+        outs, start = [], 0
+        for expert, count in enumerate(counts[: self.num_experts]):
+            if count:
+                outs.append(self[expert].forward(rows[start:start + count], self.act_fn))
+                start += count
+        output = torch.zeros_like(hidden_states)
+        if outs:
+            out = torch.cat(outs) * weights[pairs, None]
+            output.index_add_(0, token, out.to(output.dtype))
+        return output
+
+    def extra_repr(self) -> str:
+        kinds = Counter(k.kind for e in range(self.num_experts) for k in self[e].kernels())
+        return f"num_experts={self.num_experts}, kernels={dict(kinds)}"
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _on_cpu(module: nn.Module) -> bool:
+    return all(t.device.type == "cpu" for t in list(module.buffers()) + list(module.parameters()))
+
+
+def prepare(model: nn.Module, options: FastOptions | None = None) -> nn.Module:
+    """Convert ``model``'s packed modules (a loaded moepress checkpoint) for the fast CPU kernels,
+    in place, once; returns ``model``. Activations are taken in the model's float dtype (bf16 or
+    fp16 reach the int4/int8 kernels; float32 the exact dequantize kernel). A model not on the CPU,
+    or already prepared, is left as it is. Pruned (sparse) linears keep the reference runtime."""
+    options = options or FastOptions()
+    if not _on_cpu(model):
+        return model
+    dtype = _float_dtype(model)
+    replacements = []
+    for name, module in model.named_modules():
+        if isinstance(module, PackedExperts):
+            replacements.append((name, FastExperts(module, dtype, options)))
+        elif isinstance(module, (PackedLinear, SplitLinear)):
+            replacements.append((name, FastLinear(build_matmul(module, dtype, options.widen), module.bias)))
+    for name, module in replacements:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, module)
+    return model
+
+
+def kernel_counts(model: nn.Module) -> Counter:
+    """How many weights each kernel computes: ``int4``, ``int8``, ``dequant``, ``dense``,
+    ``reference`` (a split weight counts its pieces; a pruned linear, which keeps the reference
+    runtime, counts as ``reference``), and ``unprepared`` for packed modules :func:`prepare` has
+    not converted."""
+    from .sparse_weight import SparseLinear
+
+    counts: Counter = Counter()
+    for module in model.modules():
+        if isinstance(module, Matmul) and not hasattr(module, "pieces"):
+            counts[module.kind] += 1
+        elif isinstance(module, SparseLinear):
+            counts["reference"] += 1
+        elif isinstance(module, (PackedLinear, SplitLinear, PackedExperts)):
+            counts["unprepared"] += 1
+    return counts
+
+
+__all__ = ["FastExpert", "FastExperts", "FastLinear", "FastOptions", "RUNTIMES", "kernel_counts", "prepare"]
