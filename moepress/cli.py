@@ -159,11 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the calibration activations in memory-mapped files beside --out instead of in memory")
     c.add_argument("--target", choices=("llamacpp",), default=None,
                    help="the engine that will serve the result: llamacpp quantizes every unit onto llama.cpp's own "
-                        "block format (--bits 4: q4_1, 5: q5_1, 8: q8_0, 16: f16) with GPTQ and refuses what a GGUF "
-                        "cannot hold (pruning, per-expert mixed types, unequal expert counts); then `moepress "
-                        "export --format gguf`")
-    c.add_argument("--ggml-type", choices=("q4_0", "q4_1", "q5_0", "q5_1", "q8_0"), default=None,
-                   help="with --target llamacpp: this llama.cpp type instead of --bits' default")
+                        "block format (--bits 4: q4_K, or q4_1 where a row is not a multiple of 256; 5: q5_K/q5_1; "
+                        "6: q6_K/q8_0; 8: q8_0; 16: f16) with GPTQ and refuses what a GGUF cannot hold (pruning, "
+                        "per-expert mixed types, unequal expert counts); then `moepress export --format gguf`")
+    c.add_argument("--ggml-type", choices=("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_K", "q5_K", "q6_K"),
+                   default=None, help="with --target llamacpp: this llama.cpp type for every unit instead of "
+                                      "--bits' choice")
     _add_common(c)
 
     e = sub.add_parser(
@@ -297,7 +298,8 @@ def run_compress(args) -> None:
     what = (f"the options of {args.plan}" if args.plan else
             f"the options of the {'joint' if args.active is not None else args.strategy} plan within {args.budget}"
             f"{f' and {args.active:g} of the active parameters' if args.active is not None else ''} (plan.yaml in {args.out})" if args.budget else
-            (f"llama.cpp's {config.treatment().label}" if config.target else f"{config.bits} bits") +
+            (f"llama.cpp's {'/'.join(sorted({t.label for t in result.units.values()}))}" if config.target
+             else f"{config.bits} bits") +
             (f", the {config.prune_scope} pruned to {config.prune} ({config.pruner})" if config.prune else ""))
     print("\nexpert coverage (calibration tokens routed per expert):", file=sys.stderr)
     print(result.profile.coverage_table(), file=sys.stderr)

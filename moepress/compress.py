@@ -723,6 +723,8 @@ def compress(
     if config.target == "llamacpp":  # what a GGUF cannot hold is refused here, before any work
         from .export import llamacpp_target
 
+        if plan is None:  # --bits: llama.cpp's type for each unit's row width
+            treatments = llamacpp_target.resolve(view, config)
         trim = plan.trim if plan is not None else None
         llamacpp_target.check_trimming(view, trim, config)
         llamacpp_target.check_units(view, unit_treatments(config, treatments), trim)

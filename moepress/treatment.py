@@ -60,10 +60,11 @@ class Treatment:
                 magnitude masks quantize the kept weights by round-to-nearest (method "rtn"),
                 SparseGPT by its own error feedback (method "gptq"); pruned units have no
                 act-order.
-    format:     a llama.cpp block format ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0":
-                :mod:`moepress.quantize.ggml_blocks`) instead of moepress's own grid, or None. It
-                fixes ``bits``, ``group_size`` (32) and ``symmetric`` (no stored minimum); act-order
-                is off or static, and nothing is pruned. Its label is the format's name.
+    format:     a llama.cpp block format ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_K", "q5_K",
+                "q6_K": :mod:`moepress.quantize.ggml_blocks`) instead of moepress's own grid, or
+                None. It fixes ``bits``, ``group_size`` (its block: 32, 256 for the k-quants) and
+                ``symmetric`` (no stored minimum); act-order is off or static, and nothing is
+                pruned. Its label is the format's name.
 
     Construct with :meth:`keep_unit` (or use ``KEEP``), :meth:`quantize`, :meth:`prune`,
     :meth:`split` or :meth:`parse`; a bad value raises a one-line :class:`MoepressError`.
@@ -131,7 +132,7 @@ class Treatment:
     def _check_format(self):
         """A llama.cpp block format: its own bits, blocks of 32, its grid; GPTQ or RTN, act-order off
         or static (dynamic act-order scatters a block's columns, which GGUF cannot store)."""
-        from .quantize.ggml_blocks import BLOCK, block_format
+        from .quantize.ggml_blocks import block_format
 
         set_ = object.__setattr__
         try:
@@ -154,7 +155,7 @@ class Treatment:
                                 "must be off or static (dynamic act-order scatters them)")
         set_(self, "format", fmt.name)
         set_(self, "act_order", mode)
-        set_(self, "group_size", BLOCK)
+        set_(self, "group_size", fmt.block)
         set_(self, "symmetric", not fmt.has_min)
 
     def _check_pruning(self):
@@ -505,7 +506,7 @@ class Treatment:
 
 _LABELS = ("write e.g. 3b-g128, 4b-ch, 16b (keep), 50% or 2:4 (pruned), 2:4+4b-g128 (pruned and quantized), "
            "q4_1 (a llama.cpp block format)")
-_FORMAT_LABEL = re.compile(r"[qQ][458]_[01]")
+_FORMAT_LABEL = re.compile(r"[qQ]\d_(?:[01]|[kK])")
 _LABEL = re.compile(r"\s*(?:(?:(?P<percent>\d+(?:\.\d+)?)\s*%|(?P<n>\d+)\s*:\s*(?P<m>\d+))\s*(?:\+\s*|$))?"
                     r"(?:(?P<bits>\d+)\s*b(?:its?)?\s*(?:-\s*(?:g(?P<group>\d+)|(?P<ch>ch|channel)))?)?\s*")
 

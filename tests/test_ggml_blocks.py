@@ -26,7 +26,7 @@ from gguf import GGMLQuantizationType, GGML_QUANT_SIZES  # noqa: E402
 from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 from gguf.quants import quantize as gguf_quantize  # noqa: E402
 
-NAMES = sorted(FORMATS)
+NAMES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
 SHAPES = [(1, 32), (3, 64), (7, 96), (2, 5, 128)]
 
 
@@ -168,3 +168,75 @@ def test_select_picks_experts():
     q = rtn_quantize_blocks(w, block_format("q8_0"))
     assert torch.equal(q.select(2).dequantize(), q.dequantize()[2])
     assert torch.equal(q.select([3, 1]).dequantize(), q.dequantize()[[3, 1]])
+
+
+# ---------------------------------------------------------------------- k-quants
+
+K_NAMES = ["q4_K", "q5_K", "q6_K"]
+K_SHAPES = [(1, 256), (3, 512), (2, 4, 256)]
+
+
+@pytest.mark.parametrize("name", K_NAMES)
+def test_k_sizes_match_gguf(name):
+    fmt = block_format(name)
+    assert (fmt.block, fmt.block_bytes) == GGML_QUANT_SIZES[ggml_type(name)]
+    assert fmt.ggml_type == int(ggml_type(name))
+
+
+@pytest.mark.parametrize("name", K_NAMES)
+@pytest.mark.parametrize("shape", K_SHAPES)
+@pytest.mark.parametrize("kind", ["normal", "outliers", "positive", "zeros"])
+def test_k_bytes_dequantize_through_gguf_exactly(name, shape, kind):
+    fmt = block_format(name)
+    w = weights(shape, seed=hash((name, shape, kind)) % 1000, kind=kind)
+    q = rtn_quantize_blocks(w, fmt)
+    ours = q.dequantize().numpy()
+    theirs = gguf_dequantize(q.blocks.numpy(), ggml_type(name))
+    assert np.array_equal(ours.view(np.uint32), theirs.astype(np.float32).view(np.uint32))
+    # and the grid is a good one: within a sub-block step of every weight (RTN, before clamping)
+    assert np.abs(ours - w.numpy()).max() < 0.5 * np.abs(w.numpy()).max()
+
+
+@pytest.mark.parametrize("name", K_NAMES)
+def test_k_arbitrary_parameters_round_trip(name):
+    """Every code, 6-bit scale and minimum (or signed 8-bit scale) packs and unpacks exactly, and
+    gguf reads the same values."""
+    fmt = block_format(name)
+    g = torch.Generator().manual_seed(5)
+    rows, in_f = 4, 512
+    nb = in_f // fmt.block
+    codes = torch.randint(fmt.qmin, fmt.qmax + 1, (rows, in_f), generator=g).float()
+    d = (torch.rand(rows, nb, 1, generator=g) * 0.01).half().float()
+    if fmt.bits == 6:
+        sc = torch.randint(-128, 128, (rows, nb, fmt.n_sub), generator=g).float()
+        zero = torch.zeros(rows, nb, 1 + fmt.n_sub)
+    else:
+        sc = torch.randint(0, 64, (rows, nb, fmt.n_sub), generator=g).float()
+        zero = torch.cat([(torch.rand(rows, nb, 1, generator=g) * 0.01).half().float(),
+                          torch.randint(0, 64, (rows, nb, fmt.n_sub), generator=g).float()], -1)
+    scale = torch.cat([d, sc], -1)
+    weight = BlockQuantizedWeight.from_codes(codes, scale, zero, fmt)
+    q2, s2, z2 = weight.unpack()
+    assert torch.equal(q2, codes) and torch.equal(s2, scale) and torch.equal(z2, zero)
+    theirs = gguf_dequantize(weight.blocks.numpy(), ggml_type(name))
+    assert np.array_equal(weight.dequantize().numpy().view(np.uint32), theirs.astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("name", K_NAMES)
+@pytest.mark.parametrize("act_order", ["off", "static"])
+def test_k_gptq_beats_rtn(name, act_order):
+    fmt = block_format(name)
+    E, R, C = 2, 16, 512
+    w = weights((E, R, C), seed=7)
+    H = correlated_hessian(E, C, 1024, seed=8)
+    err_rtn = hessian_weighted_error(w, rtn_quantize_blocks(w, fmt).dequantize(), H)
+    out = gptq_quantize_blocks(w, H, fmt, act_order=act_order)
+    err_gptq = hessian_weighted_error(w, out.weight.dequantize(), H)
+    assert (err_gptq < err_rtn).all(), (name, err_gptq, err_rtn)
+    theirs = gguf_dequantize(out.weight.blocks.numpy(), ggml_type(name))
+    assert np.array_equal(out.weight.dequantize().numpy(), theirs)
+
+
+def test_k_quants_need_rows_of_256():
+    with pytest.raises(ValueError, match="not a multiple of 256"):
+        rtn_quantize_blocks(torch.zeros(4, 128), block_format("q4_K"))

@@ -225,3 +225,41 @@ def test_an_interrupted_export_leaves_nothing(checkpoints, tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         export_gguf(out[4], str(tmp_path / "model.gguf"))
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(llamacpp_tools.missing("llama-perplexity") is not None,
+                    reason=str(llamacpp_tools.missing("llama-perplexity")))
+@pytest.mark.parametrize("bits, types", [(4, {"q4_K"}), (6, {"q6_K"}), (5, {"q5_K"})])
+def test_k_quants_where_rows_are_256_wide(bits, types, tokenizer, tmp_path):
+    """A tiny Mixtral whose hidden and expert sizes are multiples of 256: --bits picks the k-quant
+    for every unit, the GGUF holds it, and llama-perplexity agrees with moepress within 1%."""
+    import re
+    import subprocess
+
+    from transformers import AutoTokenizer
+
+    from moepress.data import load_text
+    from moepress.model.tiny import build_tiny_model
+
+    source = tmp_path / "wide"
+    build_tiny_model("mixtral", vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512,
+                     num_hidden_layers=2).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    out = str(tmp_path / "q")
+    result = moepress.compress(str(source), target="llamacpp", bits=bits, calib_samples=8, seq_len=64, out=out,
+                               progress=False)
+    assert {t.label for t in result.units.values()} == types
+    path = export_gguf(out, str(tmp_path / "q.gguf"))
+    assert {t.tensor_type.name.lower() for n, t in tensors(path).items() if n.endswith("_exps.weight")} == \
+        {t.lower() for t in types}
+    text = load_text("builtin:eval")[:30_000]
+    (tmp_path / "eval.txt").write_text(text)
+    n_ctx, chunks = 128, 8
+    done = subprocess.run([str(llamacpp_tools.tool("llama-perplexity")), "-m", path, "-f", str(tmp_path / "eval.txt"),
+                           "-c", str(n_ctx), "--chunks", str(chunks), "-t", "1"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    theirs = float(re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr).group(1))
+    ids = AutoTokenizer.from_pretrained(out)(text, add_special_tokens=False)["input_ids"]
+    ours = _llamacpp_protocol_ppl(moepress.load(out).eval(), ids, n_ctx, chunks)
+    assert abs(theirs - ours) / ours < 0.01, (theirs, ours)

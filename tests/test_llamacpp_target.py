@@ -46,13 +46,19 @@ def test_format_treatments():
 
 def test_bits_choose_llamacpp_types():
     from moepress.compress import CompressConfig
+    from moepress.export.llamacpp_target import block_type
 
     assert CompressConfig(target="llamacpp", bits=4).treatment().label == "q4_1"
     assert CompressConfig(target="llamacpp", bits=5).treatment().label == "q5_1"
     assert CompressConfig(target="llamacpp", bits=8).treatment().label == "q8_0"
     assert CompressConfig(target="llamacpp", bits=16).treatment().keep
     assert CompressConfig(target="llamacpp", ggml_type="q4_0").treatment().label == "q4_0"
-    with pytest.raises(MoepressError, match="3-bit needs the k-quants"):
+    # the k-quant where a row is a multiple of 256 inputs, else the legacy type (llama-quantize's fallback)
+    assert [block_type(b, None, 512) for b in (4, 5, 6, 8)] == ["q4_K", "q5_K", "q6_K", "q8_0"]
+    assert [block_type(b, None, 384) for b in (4, 5, 6, 8)] == ["q4_1", "q5_1", "q8_0", "q8_0"]
+    assert block_type(4, "q4_0", 512) == "q4_0"
+    assert Treatment.parse("Q4_K").group_size == 256 and Treatment.parse("q6_K").symmetric
+    with pytest.raises(MoepressError, match="3-bit needs Q2_K/Q3_K"):
         CompressConfig(target="llamacpp", bits=3)
     with pytest.raises(MoepressError, match="needs --target llamacpp"):
         CompressConfig(ggml_type="q4_0")
@@ -115,8 +121,9 @@ def _plan(view, option, **overrides) -> dict:
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--bits", "3"], "3-bit needs the k-quants"),
-    (["--bits", "2"], "2-bit needs the k-quants"),
+    (["--bits", "3"], "3-bit needs Q2_K/Q3_K"),
+    (["--bits", "2"], "2-bit needs Q2_K/Q3_K"),
+    (["--ggml-type", "q4_K"], "q4_K stores blocks of 256 inputs; layers.0.attn.q_proj has 128 input features"),
     (["--prune", "50%"], "--target llamacpp: --prune 50%: llama.cpp stores no pruned weights"),
     (["--act-order", "dynamic"], "act-order dynamic"),
     (["--dynamic-pruning", "0.3"], "--dynamic-pruning"),

@@ -262,7 +262,8 @@ def _file_type(tensors: list[_Tensor], gguf) -> int:
             by_type[t.qtype] = by_type.get(t.qtype, 0) + int(np.prod(t.shape))
     quantized = {q: n for q, n in by_type.items() if q != gguf.GGMLQuantizationType.F16}
     main = max(quantized, key=quantized.get) if quantized else gguf.GGMLQuantizationType.F16
-    return int(gguf.LlamaFileType[f"MOSTLY_{main.name}"])
+    name = {"Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S"}.get(main.name, main.name)  # (a pure k-quant is its _S mix's)
+    return int(gguf.LlamaFileType[f"MOSTLY_{name}"])
 
 
 def _tokenizer_pre(path: Path, given: str | None) -> str:

@@ -5,11 +5,13 @@ A GGUF stores each projection of a layer's routed experts as one 3-D tensor with
 ``expert_count`` and ``expert_used_count`` for the model), every linear either in a block format
 or in float. So under the target:
 
-* ``--bits N`` means llama.cpp's N-bit type: 4 -> Q4_1, 5 -> Q5_1, 8 -> Q8_0 (``--ggml-type``
-  picks another: q4_0, q5_0); 16 keeps every unit (an f16 GGUF). The ``_1`` types are the default
-  because they had the lower layer error on every tensor we measured (the zoo's Mixtral: about 17%
-  lower squared error than Q4_0 at 11% more bytes, 5.0 vs 4.5 bits per weight); other widths wait
-  for the k-quants.
+* ``--bits N`` means llama.cpp's N-bit type, per tensor: the k-quant where a row is a multiple
+  of 256 inputs (4 -> Q4_K, 5 -> Q5_K, 6 -> Q6_K), else the legacy type (4 -> Q4_1, 5 -> Q5_1,
+  6 -> Q8_0, llama-quantize's own fallback); 8 -> Q8_0; 16 keeps every unit (an f16 GGUF).
+  ``--ggml-type`` puts every unit in one type instead (q4_0, q5_0, ...). Of the legacy types the
+  ``_1`` ones are the default because they had the lower layer error on every tensor we measured
+  (the zoo's Mixtral: about 17% lower squared error than Q4_0 at 11% more bytes, 5.0 vs 4.5 bits
+  per weight); 2 and 3 bits wait for Q2_K and Q3_K.
 * Every unit is quantized to that type with GPTQ (or RTN) onto llama.cpp's own grid
   (:mod:`moepress.quantize.ggml_blocks`), so the checkpoint already holds the GGUF's bytes.
 * Refused, in one line naming the unit or layer: pruning, dynamic act-order, dynamic expert
@@ -23,8 +25,8 @@ from ..errors import MoepressError
 from ..model.view import EXPERT_LINEARS, MoEView
 
 TARGETS = ("llamacpp",)
-# --bits N under --target llamacpp: llama.cpp's N-bit type (the k-quants are not written yet)
-TYPES_BY_BITS = {4: "q4_1", 5: "q5_1", 8: "q8_0"}
+# --bits N under --target llamacpp: llama.cpp's N-bit type for rows of 256 inputs, and where they are not
+TYPES_BY_BITS = {4: ("q4_K", "q4_1"), 5: ("q5_K", "q5_1"), 6: ("q6_K", "q8_0"), 8: ("q8_0", "q8_0")}
 
 
 def check_target_name(target: str | None) -> None:
@@ -32,8 +34,9 @@ def check_target_name(target: str | None) -> None:
         raise MoepressError(f"unknown target {target!r}; choose {', '.join(TARGETS)} (or none: moepress's own runtime)")
 
 
-def block_type(bits: int, ggml_type: str | None = None) -> str:
-    """The llama.cpp type ``--bits`` (or ``--ggml-type``) names under the target, or one line saying which exist."""
+def block_type(bits: int, ggml_type: str | None = None, in_features: int | None = None) -> str:
+    """The llama.cpp type ``--bits`` (or ``--ggml-type``) gives a unit of ``in_features`` inputs under
+    the target (None: the type of rows that are not a multiple of 256), or one line saying which exist."""
     from ..quantize.ggml_blocks import block_format
 
     if ggml_type is not None:
@@ -42,9 +45,22 @@ def block_type(bits: int, ggml_type: str | None = None) -> str:
         except ValueError as exc:
             raise MoepressError(f"--ggml-type: {exc}") from None
     if bits not in TYPES_BY_BITS:
-        raise MoepressError(f"--target llamacpp writes llama.cpp's 4-, 5- and 8-bit types (q4_1, q5_1, q8_0) or 16 "
-                            f"(f16); {bits}-bit needs the k-quants, which moepress does not write yet")
-    return TYPES_BY_BITS[bits]
+        raise MoepressError(f"--target llamacpp writes llama.cpp's 4-, 5-, 6- and 8-bit types (q4_K/q4_1, q5_K/q5_1, "
+                            f"q6_K, q8_0) or 16 (f16); {bits}-bit needs Q2_K/Q3_K, which moepress does not write yet")
+    k_quant, legacy = TYPES_BY_BITS[bits]
+    return k_quant if in_features is not None and block_format(k_quant).fits(in_features) else legacy
+
+
+def resolve(view: MoEView, config) -> dict:
+    """Every unit's treatment under the target without a plan: ``--bits``' type for its row width
+    (one for all experts of a projection: they share it), kept at 16 bits."""
+    from ..treatment import KEEP, Treatment
+
+    if config.bits == KEEP.bits and config.ggml_type is None:
+        return {name: KEEP for name in view.unit_shapes()}
+    settings = {"method": config.method, "act_order": config.act_order, "damp": config.damp}
+    return {name: Treatment.block_format(block_type(config.bits, config.ggml_type, in_features), **settings)
+            for name, (_, in_features) in view.unit_shapes().items()}
 
 
 def check_config(config) -> None:

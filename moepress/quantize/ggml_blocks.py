@@ -46,12 +46,20 @@ class BlockFormat:
     bits:       code width
     has_min:    whether a block stores a minimum ``m`` (the ``_1`` types) besides ``d``
     ggml_type:  the ``GGMLQuantizationType`` value GGUF writes for a tensor of this format
+    block:      inputs per stored block (32; 256 for the k-quants of :mod:`.ggml_kquants`)
+    sub:        inputs sharing one effective (scale, zero) inside a block (the block itself here)
     """
 
     name: str
     bits: int
     has_min: bool
     ggml_type: int
+    block: int = BLOCK
+    sub: int = BLOCK
+
+    @property
+    def n_sub(self) -> int:
+        return self.block // self.sub
 
     # ------------------------------------------------------------------ layout
     @property
@@ -75,19 +83,22 @@ class BlockFormat:
     def row_bytes(self, in_features: int) -> int:
         """Bytes of one row of ``in_features`` weights."""
         self.check_in_features(in_features)
-        return in_features // BLOCK * self.block_bytes
+        return in_features // self.block * self.block_bytes
 
     def nbytes(self, out_features: int, in_features: int) -> int:
         return out_features * self.row_bytes(in_features)
 
     def bits_per_weight(self) -> float:
-        return 8 * self.block_bytes / BLOCK
+        return 8 * self.block_bytes / self.block
+
+    def fits(self, in_features: int) -> bool:
+        return in_features > 0 and in_features % self.block == 0
 
     def check_in_features(self, in_features: int, name: str = "weight") -> None:
-        if in_features <= 0 or in_features % BLOCK:
+        if not self.fits(in_features):
             raise ValueError(
-                f"{self.name} stores blocks of {BLOCK} inputs; {name} has {in_features} input features, "
-                f"not a multiple of {BLOCK}"
+                f"{self.name} stores blocks of {self.block} inputs; {name} has {in_features} input features, "
+                f"not a multiple of {self.block}"
             )
 
     # ------------------------------------------------------------------ the grid (GPTQ's interface)
@@ -106,6 +117,11 @@ class BlockFormat:
             peak = x.gather(-1, x.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
             d = peak / -self.offset
         return _fp16(d), torch.zeros_like(d)
+
+    def effective(self, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (scale, zero) of each sub-block, [..., n_sub], from a block's stored parameters: a
+        block here is its own one sub-block (the k-quants derive eight or sixteen)."""
+        return d.unsqueeze(-1), m.unsqueeze(-1)
 
     def quantize(self, x: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """Codes (float32, as the block stores them) of the grid points nearest ``x``; ``d``/``m``
@@ -197,11 +213,11 @@ FORMATS = {f.name: f for f in (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)}
 
 
 def block_format(name: str) -> BlockFormat:
-    """The format called ``name`` ("q4_0", "Q4_0"), or a one-line ValueError listing them."""
-    try:
-        return FORMATS[str(name).lower()]
-    except KeyError:
-        raise ValueError(f"unknown llama.cpp block format {name!r}; choose one of {', '.join(FORMATS)}") from None
+    """The format called ``name`` ("q4_0", "Q4_0", "q4_K"), or a one-line ValueError listing them."""
+    found = {k.lower(): f for k, f in FORMATS.items()}.get(str(name).lower())
+    if found is None:
+        raise ValueError(f"unknown llama.cpp block format {name!r}; choose one of {', '.join(FORMATS)}")
+    return found
 
 
 @dataclass
@@ -228,15 +244,16 @@ class BlockQuantizedWeight:
         return (*self.lead_shape, self.out_features, self.in_features)
 
     def unpack(self):
-        """(codes, d, m) as :meth:`BlockFormat.unpack` gives them."""
+        """(codes, scale, zero) as :meth:`BlockFormat.unpack` gives them."""
         return self.format.unpack(self.blocks, self.in_features)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight llama.cpp reads from these bytes, [*lead, out, in] (float32, then cast)."""
-        q, d, m = self.unpack()
-        nb = self.in_features // BLOCK
-        q = q.reshape(*q.shape[:-1], nb, BLOCK)
-        w = self.format.dequantize(q, d.unsqueeze(-1), m.unsqueeze(-1))
+        fmt = self.format
+        q, scale, zero = self.unpack()
+        s, z = fmt.effective(scale, zero)  # [..., blocks, n_sub]
+        q = q.reshape(*q.shape[:-1], self.in_features // fmt.block, fmt.n_sub, fmt.sub)
+        w = fmt.dequantize(q, s.unsqueeze(-1), z.unsqueeze(-1))
         return w.reshape(*self.shape).to(dtype)
 
     def select(self, index) -> "BlockQuantizedWeight":
@@ -271,8 +288,9 @@ class BlockQuantizedWeight:
         except (KeyError, ValueError) as exc:
             bad(str(exc))
         in_f, out_f = meta.get("in_features"), meta.get("out_features")
-        if not isinstance(in_f, int) or not isinstance(out_f, int) or in_f <= 0 or out_f <= 0 or in_f % BLOCK:
-            bad(f"in_features/out_features must be positive ints, in a multiple of {BLOCK} (got {in_f!r}, {out_f!r})")
+        if not isinstance(in_f, int) or not isinstance(out_f, int) or out_f <= 0 or not fmt.fits(in_f):
+            bad(f"in_features/out_features must be positive ints, in a multiple of {fmt.block} (got {in_f!r}, "
+                f"{out_f!r})")
         if set(tensors) != {"blocks"}:
             bad(f"expected one tensor 'blocks', got {sorted(tensors)}")
         blocks = tensors["blocks"]
@@ -297,19 +315,22 @@ def rtn_quantize_blocks(weight: torch.Tensor, fmt: BlockFormat, name: str = "wei
     w = weight.float()
     if not torch.isfinite(w).all():
         raise ValueError(f"{name} contains inf or nan; cannot quantize it")
-    blocks = w.reshape(*lead, out_f, in_f // BLOCK, BLOCK)
-    d, m = fmt.find_params(blocks)
-    codes = fmt.quantize(blocks, d.unsqueeze(-1), m.unsqueeze(-1)).reshape(*lead, out_f, in_f)
-    return BlockQuantizedWeight.from_codes(codes, d, m, fmt)
+    blocks = w.reshape(*lead, out_f, in_f // fmt.block, fmt.block)
+    scale, zero = fmt.find_params(blocks)
+    s, z = fmt.effective(scale, zero)
+    subs = blocks.reshape(*blocks.shape[:-1], fmt.n_sub, fmt.sub)
+    codes = fmt.quantize(subs, s.unsqueeze(-1), z.unsqueeze(-1)).reshape(*lead, out_f, in_f)
+    return BlockQuantizedWeight.from_codes(codes, scale, zero, fmt)
 
 
 def gptq_quantize_blocks(weight: torch.Tensor, hessian: torch.Tensor, fmt: BlockFormat, *, act_order: str = "off",
                          damp: float = 0.01, block_size: int = 128, name: str = "weight"):
     """GPTQ onto ``fmt`` (weight [E, out, in] or [out, in], Hessian [E, in, in] or [in, in]).
 
-    The column loop is :mod:`moepress.quantize.gptq`'s, with ``fmt`` as the grid and groups of 32:
-    each block's (d, m) is found from the error-updated weights when GPTQ reaches the block, and
-    every later column of the block is rounded to that stored grid with its error fed forward.
+    The column loop is :mod:`moepress.quantize.gptq`'s, with ``fmt`` as the grid and groups of its
+    block (32, or 256 for the k-quants): each block's parameters are found from the error-updated
+    weights when GPTQ reaches the block, and every later column of the block is rounded to its
+    sub-block's stored grid with its error fed forward.
     ``act_order`` is "off" or "static" (blocks fixed up front from the original weights, columns
     quantized in descending diag(H) order); "dynamic" would scatter a block's columns, which GGUF
     cannot store. Returns a :class:`~moepress.quantize.gptq.GPTQResult` whose ``weight`` is a
@@ -319,13 +340,17 @@ def gptq_quantize_blocks(weight: torch.Tensor, hessian: torch.Tensor, fmt: Block
         raise ValueError(f"{name}: {fmt.name} stores blocks of consecutive inputs; act-order must be off or static "
                          f"(got {act_order!r})")
     fmt.check_in_features(weight.shape[-1], name)
-    out = gptq_codes(weight, hessian, fmt, group_size=BLOCK, act_order=act_order != "off", static_groups=True,
+    out = gptq_codes(weight, hessian, fmt, group_size=fmt.block, act_order=act_order != "off", static_groups=True,
                      damp=damp, block_size=block_size, name=name)
     weight = BlockQuantizedWeight.from_codes(out.codes, out.scales, out.zeros, fmt)
     if out.single:
         return GPTQResult(weight.select(0), out.loss[0], out.damp_used[0])
     return GPTQResult(weight, out.loss, out.damp_used)
 
+
+from .ggml_kquants import K_FORMATS  # noqa: E402  (the k-quants build on BlockFormat)
+
+FORMATS.update(K_FORMATS)
 
 __all__ = ["BLOCK", "FORMATS", "BlockFormat", "BlockQuantizedWeight", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
            "block_format", "gptq_quantize_blocks", "rtn_quantize_blocks"]

@@ -134,7 +134,10 @@ class _Grid:
     ``start`` from the error-updated weights; ``codebook`` None leaves them unquantized (kept).
 
     The codebook is the grid's value formulas: ``find_params(x) -> (scale, zero)`` reducing the
-    last dim, ``quantize(x, scale, zero) -> codes`` and ``dequantize(codes, scale, zero)``; a
+    last dim (the parameters stored), ``effective(scale, zero)`` the (scale, zero) [..., n] of each
+    of its ``sub``-column pieces (n = 1 and ``sub`` None for a plain grid; a llama.cpp k-quant
+    derives eight or sixteen from one super-block's parameters), ``quantize(x, s, z) -> codes`` and
+    ``dequantize(codes, s, z)`` with the effective ones; a
     :class:`~moepress.quantize.grid.UniformGrid` or a llama.cpp
     :class:`~moepress.quantize.ggml_blocks.BlockFormat` (whose "zero" is a block's minimum)."""
 
@@ -143,6 +146,18 @@ class _Grid:
     codebook: object | None
     scale: torch.Tensor | None = None
     zero: torch.Tensor | None = None
+    s_eff: torch.Tensor | None = None  # [E, R, n] effective per piece (preset for static grids)
+    z_eff: torch.Tensor | None = None
+
+    def fit(self, src: torch.Tensor) -> None:
+        self.scale, self.zero = self.codebook.find_params(src)
+        self.s_eff, self.z_eff = self.codebook.effective(self.scale, self.zero)
+
+    def params_at(self, col: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The effective (scale, zero) [E, R] of column ``col``."""
+        sub = getattr(self.codebook, "sub", None)
+        k = 0 if sub is None or self.s_eff.shape[-1] == 1 else (col - self.start) // sub
+        return self.s_eff[..., k], self.z_eff[..., k]
 
 
 def _block_ends(grids: list[_Grid], C: int, block_size: int) -> list[int]:
@@ -180,16 +195,17 @@ def _quantize_columns(W: torch.Tensor, Hinv: torch.Tensor, grids: list[_Grid], b
             col = i1 + i
             if col in starts:
                 grid = starts[col]
-                if grid.codebook is not None and grid.scale is None:  # (static grids come preset)
+                if grid.codebook is not None and grid.s_eff is None:  # (static grids come preset)
                     src = W1[:, :, i : i + grid.width] if i + grid.width <= count else W[:, :, col : col + grid.width]
-                    grid.scale, grid.zero = grid.codebook.find_params(src)
+                    grid.fit(src)
             if grid.codebook is None:
                 continue  # kept: no error to spread, the column stays as updated so far
             w = W1[:, :, i]  # [E, R]
             d = Hinv1[:, i, i].unsqueeze(-1)  # [E, 1]
-            q = grid.codebook.quantize(w, grid.scale, grid.zero)
+            scale, zero = grid.params_at(col)
+            q = grid.codebook.quantize(w, scale, zero)
             codes[:, :, col] = q
-            err = (w - grid.codebook.dequantize(q, grid.scale, grid.zero)) / d
+            err = (w - grid.codebook.dequantize(q, scale, zero)) / d
             loss += err.square().sum(-1) / 2
             # OBS update of the remaining columns of this block
             W1[:, :, i + 1 :] -= err.unsqueeze(-1) * Hinv1[:, i, i + 1 :].unsqueeze(1)
@@ -262,11 +278,14 @@ def gptq_codes(
         # static act-order: each original group's grid from the original weights, fixed before any
         # error feedback; permuted column c uses the grid of its original group perm[c] // gs
         original = W.gather(-1, invperm[:, None, :].expand(E, R, C)).reshape(E, R, C // gs, gs)
-        static_scale, static_zero = codebook.find_params(original)  # [E, R, G]
-        group_of = perm // gs  # [E, C]
+        static_scale, static_zero = codebook.find_params(original)  # [E, R, G] (or [E, R, G, P])
+        s_eff, z_eff = codebook.effective(static_scale, static_zero)  # [E, R, G, n]: n pieces per group
+        piece = gs // s_eff.shape[-1]
+        s_eff, z_eff = s_eff.reshape(E, R, -1), z_eff.reshape(E, R, -1)
+        group_of = perm // piece  # [E, C]
         grids = [_Grid(c, 1, codebook,
-                       static_scale.gather(-1, group_of[:, c, None, None].expand(E, R, 1)).squeeze(-1),
-                       static_zero.gather(-1, group_of[:, c, None, None].expand(E, R, 1)).squeeze(-1))
+                       s_eff=s_eff.gather(-1, group_of[:, c, None, None].expand(E, R, 1)),
+                       z_eff=z_eff.gather(-1, group_of[:, c, None, None].expand(E, R, 1)))
                  for c in range(C)]
         block_size = gs * math.ceil(block_size / gs)
     else:
@@ -276,8 +295,8 @@ def gptq_codes(
     if static:
         scales, zeros = static_scale, static_zero
     else:
-        scales = torch.stack([g.scale for g in grids], dim=-1)  # [E, R, G]
-        zeros = torch.stack([g.zero for g in grids], dim=-1)
+        scales = torch.stack([g.scale for g in grids], dim=2)  # [E, R, G] (or [E, R, G, P])
+        zeros = torch.stack([g.zero for g in grids], dim=2)
 
     g_idx = None
     if act_order:

@@ -96,6 +96,11 @@ class UniformGrid:
     def find_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return find_params(x, self.bits, self.symmetric)
 
+    sub = None  # one (scale, zero) for all the grid's columns
+
+    def effective(self, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return scale.unsqueeze(-1), zero.unsqueeze(-1)
+
     def quantize(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         return quantize_codes(x, scale, zero, self.bits)
 

@@ -32,7 +32,7 @@ class BlockWeight(nn.Module):
     def __init__(self, quantized: BlockQuantizedWeight):
         super().__init__()
         self.format = quantized.format.name
-        self.bits, self.group_size = quantized.format.bits, 32
+        self.bits, self.group_size = quantized.format.bits, quantized.format.block
         self.in_features, self.out_features = quantized.in_features, quantized.out_features
         self.register_buffer("blocks", quantized.blocks)
 

@@ -1,0 +1,179 @@
+"""llama.cpp's k-quants Q4_K, Q5_K and Q6_K: super-blocks of 256 inputs, byte for byte as GGUF stores them.
+
+A super-block holds float16 super-scales and small integer scales of its sub-blocks
+(ggml-common.h's ``block_q4_K`` etc.; values as ggml-quants.c's ``dequantize_row_*``):
+
+    type   bytes  layout                                  value of code q in sub-block j
+    q4_K   144    d, dmin, scales[12], qs[128]            (d * sc_j) * q - (dmin * m_j)   8 x 32, q in [0, 15]
+    q5_K   176    d, dmin, scales[12], qh[32], qs[128]    (d * sc_j) * q - (dmin * m_j)   8 x 32, q in [0, 31]
+    q6_K   210    ql[128], qh[64], scales[16], d          (d * sc_j) * (q - 32)           16 x 16, q in [0, 63]
+
+``sc_j``/``m_j`` are 6-bit (packed in 12 bytes, ggml's ``get_scale_min_k4``) for q4_K/q5_K, signed
+int8 for q6_K. Parameters are chosen from the super-block's weights: each sub-block's own grid
+(min/max for q4_K/q5_K, the largest-magnitude weight on code -32 for q6_K, as the ``_0`` types do),
+then the integer scales against the float16 super-scale ``d = max / 63`` (``-max / 128`` for q6_K)
+as ``quantize_row_*_ref`` does (without its weighted search), and codes are the nearest points of
+the stored grid. GPTQ (:mod:`moepress.quantize.gptq`) asks these formats for a super-block's
+parameters when it reaches it and rounds every column to the sub-block grid it falls in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .ggml_blocks import BlockFormat, _fp16, _fp16_bytes, _fp16_from_bytes
+
+SUPER = 256  # ggml's QK_K
+
+
+@dataclass(frozen=True)
+class KQuantFormat(BlockFormat):
+    """A k-quant: ``block`` 256 inputs per stored super-block, ``sub`` inputs per sub-block grid."""
+
+    block: int = SUPER
+    sub: int = 32
+
+    @property
+    def n_sub(self) -> int:
+        return self.block // self.sub
+
+    @property
+    def block_bytes(self) -> int:
+        if self.bits == 6:
+            return SUPER // 2 + SUPER // 4 + SUPER // 16 + 2
+        return 4 + 12 + (SUPER // 8 if self.bits == 5 else 0) + SUPER // 2
+
+    @property
+    def offset(self) -> int:
+        return 32 if self.bits == 6 else 0
+
+    @property
+    def qmin(self) -> int:
+        return 0
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1
+
+    # ------------------------------------------------------------------ the grid
+    def find_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored parameters of each super-block ``x[..., 256]``: (scale, zero), each [..., 1 + n_sub]:
+        ``[d, sc_0..]`` and ``[dmin, m_0..]`` (q6_K: ``[d, sc_0..]`` and zeros), float32 values the
+        file holds exactly (d in float16, sc and m integers)."""
+        x = x.float()
+        subs = x.reshape(*x.shape[:-1], self.n_sub, self.sub)
+        if self.bits == 6:
+            peak = subs.gather(-1, subs.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+            scale = peak / -32
+            top = scale.gather(-1, scale.abs().argmax(dim=-1, keepdim=True))  # [..., 1]
+            d = _fp16(top / -128)
+            sc = torch.where(d == 0, torch.zeros_like(scale), torch.round(scale / torch.where(d == 0, 1, d)))
+            sc = sc.clamp(-128, 127)
+            return torch.cat([d, sc], -1), torch.zeros(*sc.shape[:-1], 1 + self.n_sub, device=x.device)
+        lo = subs.amin(dim=-1).clamp(max=0)
+        hi = subs.amax(dim=-1)
+        scale, mins = (hi - lo) / self.qmax, -lo  # both >= 0
+        d = _fp16(scale.amax(dim=-1, keepdim=True) / 63)
+        dmin = _fp16(mins.amax(dim=-1, keepdim=True) / 63)
+        sc = torch.where(d > 0, torch.round(scale / torch.where(d > 0, d, 1)), 0).clamp(0, 63)
+        m = torch.where(dmin > 0, torch.round(mins / torch.where(dmin > 0, dmin, 1)), 0).clamp(0, 63)
+        return torch.cat([d, sc], -1), torch.cat([dmin, m], -1)
+
+    def effective(self, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sub-block (scale, zero) [..., n_sub]: ``d * sc_j`` and ``dmin * m_j`` in float32, as ggml computes them."""
+        return scale[..., :1] * scale[..., 1:], zero[..., :1] * zero[..., 1:]
+
+    def quantize(self, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        safe = torch.where(s == 0, torch.ones_like(s), s)
+        q = torch.round((x.float() + z) / safe) + self.offset
+        q = torch.where(s == 0, torch.full_like(q, float(self.offset)), q)
+        return q.clamp(self.qmin, self.qmax)
+
+    def dequantize(self, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if self.bits == 6:
+            return s * (q - self.offset)
+        return s * q - z
+
+    # ------------------------------------------------------------------ bytes
+    def pack(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> torch.Tensor:
+        """GGUF bytes of codes [..., in] with stored parameters [..., in / 256, 1 + n_sub]."""
+        *lead, in_f = codes.shape
+        self.check_in_features(in_f)
+        nb = in_f // SUPER
+        q = codes.reshape(*lead, nb, SUPER).to(torch.uint8)
+        d, sc = scale[..., 0], scale[..., 1:]
+        if self.bits == 6:
+            parts = []
+            ql, qh = [], []
+            for half in range(2):
+                h = q[..., 128 * half: 128 * (half + 1)].reshape(*lead, nb, 4, 32)
+                ql.append((h[..., 0, :] & 0xF) | ((h[..., 2, :] & 0xF) << 4))
+                ql.append((h[..., 1, :] & 0xF) | ((h[..., 3, :] & 0xF) << 4))
+                qh.append((h[..., 0, :] >> 4) | ((h[..., 1, :] >> 4) << 2) | ((h[..., 2, :] >> 4) << 4)
+                          | ((h[..., 3, :] >> 4) << 6))
+            parts = [*ql, *qh, sc.to(torch.int8).view(torch.uint8), _fp16_bytes(d)]
+            return torch.cat(parts, -1).reshape(*lead, nb * self.block_bytes)
+        dmin, m = zero[..., 0], zero[..., 1:]
+        sc, m = sc.to(torch.uint8), m.to(torch.uint8)
+        scales = torch.cat([sc[..., :4] | ((sc[..., 4:] >> 4) << 6), m[..., :4] | ((m[..., 4:] >> 4) << 6),
+                            (sc[..., 4:] & 0xF) | ((m[..., 4:] & 0xF) << 4)], -1)
+        chunks = q.reshape(*lead, nb, 4, 2, 32)  # 64-value chunks: low nibbles, then high
+        qs = ((chunks[..., 0, :] & 0xF) | ((chunks[..., 1, :] & 0xF) << 4)).reshape(*lead, nb, 128)
+        parts = [_fp16_bytes(d), _fp16_bytes(dmin), scales]
+        if self.bits == 5:
+            high = ((q >> 4) & 1).reshape(*lead, nb, 8, 32).to(torch.int32)  # bit b of qh[l]: value 32 b + l
+            weights = torch.tensor([1 << b for b in range(8)], dtype=torch.int32, device=q.device)
+            parts.append((high * weights[:, None]).sum(-2).to(torch.uint8))
+        parts.append(qs)
+        return torch.cat(parts, -1).reshape(*lead, nb * self.block_bytes)
+
+    def unpack(self, data: torch.Tensor, in_features: int):
+        """(codes float32 [..., in], scale [..., in / 256, 1 + n_sub], zero [...]) of GGUF bytes."""
+        *lead, width = data.shape
+        nb = in_features // SUPER
+        if width != self.row_bytes(in_features):
+            raise ValueError(f"{self.name}: {width} bytes per row, expected {self.row_bytes(in_features)}")
+        b = data.reshape(*lead, nb, self.block_bytes)
+        if self.bits == 6:
+            ql, qh = b[..., :128], b[..., 128:192]
+            sc = b[..., 192:208].contiguous().view(torch.int8).float()
+            d = _fp16_from_bytes(b[..., 208:210])
+            values = []
+            for half in range(2):
+                lo = ql[..., 64 * half: 64 * half + 64]
+                hi = qh[..., 32 * half: 32 * half + 32]
+                for k in range(4):
+                    low = (lo[..., 32 * (k % 2): 32 * (k % 2) + 32] >> (4 * (k // 2))) & 0xF
+                    values.append(low | (((hi >> (2 * k)) & 3) << 4))
+            q = torch.cat(values, -1)
+            scale = torch.cat([d.unsqueeze(-1), sc], -1)
+            return q.float().reshape(*lead, in_features), scale, torch.zeros_like(scale)
+        d, dmin = _fp16_from_bytes(b[..., 0:2]), _fp16_from_bytes(b[..., 2:4])
+        s = b[..., 4:16]
+        sc = torch.cat([s[..., :4] & 63, (s[..., 8:] & 0xF) | ((s[..., :4] >> 6) << 4)], -1)
+        m = torch.cat([s[..., 4:8] & 63, (s[..., 8:] >> 4) | ((s[..., 4:8] >> 6) << 4)], -1)
+        at = 16
+        high = None
+        if self.bits == 5:
+            qh = b[..., at: at + 32].to(torch.int32)
+            shifts = torch.arange(8, dtype=torch.int32, device=data.device)
+            high = ((qh.unsqueeze(-2) >> shifts[:, None]) & 1).reshape(*lead, nb, SUPER).to(torch.uint8)
+            at += 32
+        qs = b[..., at: at + 128].reshape(*lead, nb, 4, 32)
+        q = torch.stack([qs & 0xF, qs >> 4], -2).reshape(*lead, nb, SUPER)
+        if high is not None:
+            q = q | (high << 4)
+        scale = torch.cat([d.unsqueeze(-1), sc.float()], -1)
+        zero = torch.cat([dmin.unsqueeze(-1), m.float()], -1)
+        return q.float().reshape(*lead, in_features), scale, zero
+
+
+# ggml's type ids (gguf.GGMLQuantizationType)
+Q4_K = KQuantFormat("q4_K", 4, has_min=True, ggml_type=12)
+Q5_K = KQuantFormat("q5_K", 5, has_min=True, ggml_type=13)
+Q6_K = KQuantFormat("q6_K", 6, has_min=False, ggml_type=14, sub=16)
+K_FORMATS = {f.name: f for f in (Q4_K, Q5_K, Q6_K)}
+
+__all__ = ["K_FORMATS", "KQuantFormat", "Q4_K", "Q5_K", "Q6_K", "SUPER"]
