@@ -19,6 +19,7 @@ import moepress
 from moepress.cli import main
 from moepress.export import llamacpp_tools
 from moepress.export.gguf import export_gguf
+from moepress.loading import load_model
 from moepress.model.view import MoEView
 
 from .helpers import run_cli
@@ -95,7 +96,7 @@ def test_gguf_holds_the_checkpoints_bytes(checkpoints, exported):
     """Every quantized tensor of the file is the checkpoint's block bytes (experts stacked, q/k rows
     in llama's rotary order), so llama.cpp reads exactly the weights moepress computes with."""
     _, _, out = checkpoints
-    model = moepress.load(out[4])
+    model = load_model(out[4])  # the stored format as it is (no runtime conversion)
     view = MoEView(model)
     cfg = model.config
     found = tensors(exported[4])

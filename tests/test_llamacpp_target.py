@@ -13,6 +13,7 @@ import yaml
 
 import moepress
 from moepress.errors import MoepressError
+from moepress.loading import load_model
 from moepress.model.view import EXPERT_LINEARS, MoEView
 from moepress.runtime.block_weight import BlockLinear, BlockWeight
 from moepress.treatment import Treatment
@@ -78,7 +79,7 @@ def test_checkpoint_holds_gguf_bytes_and_computes_with_them(compressed):
     record = json.load(open(os.path.join(out, "moepress.json")))
     assert record["target"] == "llamacpp"
     assert {Treatment.from_unit_map(u).label for u in record["units"].values()} == {"q4_1"}
-    model = moepress.load(out)
+    model = load_model(out)  # the stored format as it is (no runtime conversion)
     view = MoEView(model)
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(1))
     checked = 0
@@ -106,7 +107,7 @@ def test_footprint_counts_the_block_bytes(compressed):
     result, out = compressed
     from moepress.evaluate.footprint import measure_footprint
 
-    fp = measure_footprint(moepress.load(out))
+    fp = measure_footprint(load_model(out))
     assert fp.bits_per_param == pytest.approx(5.0)  # q4_1: 20 bytes per 32 weights
 
 
@@ -178,5 +179,5 @@ def test_a_plan_in_llamacpp_types_per_projection(tiny_model_dir, calib_file, tmp
     labels = {name: Treatment.from_unit_map(u).label for name, u in record.items()}
     assert labels["layers.1.experts.3.down_proj"] == "q8_0" and labels["layers.0.experts.3.down_proj"] == "q4_0"
     assert labels["layers.0.attn.o_proj"] == "16b"
-    model = moepress.load(out)
+    model = load_model(out)
     assert model.get_submodule(MoEView(model).attention_units(0)[0].module_path).format == "q4_0"
