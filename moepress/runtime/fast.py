@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MoepressError
-from .kernels import Matmul, build_fused, build_matmul
+from .kernels import Int4Matmul, Matmul, ReferenceMatmul, build_fused, build_matmul, join_nibbles
 from .packed_experts import EXPERT_LINEARS, PackedExperts
 from .packed_linear import PackedLinear
 from .split_weight import SplitLinear
@@ -65,10 +65,12 @@ class FastLinear(nn.Module):
 
     replaces_linear = True  # moepress.model.view treats it as a linear unit
 
-    def __init__(self, matmul: Matmul, bias: torch.Tensor | None = None):
+    def __init__(self, matmul: Matmul, bias: torch.Tensor | None = None, bits: int | None = None,
+                 group_size: int | None = None):
         super().__init__()
         self.matmul = matmul
         self.in_features, self.out_features = matmul.in_features, matmul.out_features
+        self.bits, self.group_size = bits, group_size  # the stored format's, for displays and checks
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         else:
@@ -94,17 +96,66 @@ class FastExpert(nn.Module):
         self.down_proj = build_matmul(down_proj, dtype, options.widen)
         self.intermediate = gate_proj.out_features
 
-    def forward(self, x: torch.Tensor, act_fn) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, act_fn, gate_up_weight=None, down_weight=None) -> torch.Tensor:
+        """The expert on rows ``x``; ``*_weight``: kernel layouts a :class:`PlaneGroup` rebuilt."""
         if self.gate_up is not None:
-            gate_up = self.gate_up.forward(x)
+            gate_up = self.gate_up.forward(x, weight=gate_up_weight) if gate_up_weight is not None \
+                else self.gate_up.forward(x)
             hidden = act_fn(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate:]
         else:
             hidden = act_fn(self.gate_proj.forward(x)) * self.up_proj.forward(x)
+        if down_weight is not None:
+            return self.down_proj.forward(hidden, weight=down_weight)
         return self.down_proj.forward(hidden)
 
     def kernels(self) -> list[Matmul]:
         return [m for m in (self.gate_up, getattr(self, "gate_proj", None), getattr(self, "up_proj", None),
                             self.down_proj) if m is not None]
+
+
+class PlaneGroup:
+    """The experts of a layer whose ``slot`` kernel (``gate_up`` or ``down_proj``) holds 2- or 3-bit
+    nibble planes of one shape: their planes live in one stacked tensor (each kernel's buffers are
+    views of it, no copy), so the kernel layouts of all hit experts are rebuilt by one set of
+    byte ops instead of one set per expert, in chunks of at most ``REBUILD_BYTES``."""
+
+    REBUILD_BYTES = 64 << 20  # transient kernel-layout bytes per chunk (a bound on peak memory)
+
+    def __init__(self, slot: str, experts: list[int], kernels: list[Int4Matmul]):
+        self.slot, self.experts = slot, experts
+        self.position = {e: i for i, e in enumerate(experts)}
+        first = kernels[0]
+        self.bits, self.packed_shape = first.bits, first.packed_shape
+        self.low = torch.stack([k.low for k in kernels])
+        self.high = torch.stack([k.high for k in kernels]) if first.high is not None else None
+        for i, k in enumerate(kernels):
+            k.low = self.low[i]
+            if self.high is not None:
+                k.high = self.high[i]
+        self.chunk = max(1, self.REBUILD_BYTES // (2 * self.low.shape[-1]))
+
+    @staticmethod
+    def key(kernel) -> tuple | None:
+        if not isinstance(kernel, Int4Matmul) or kernel.bits == 4:
+            return None
+        return kernel.bits, kernel.packed_shape
+
+    def rebuild(self, hit: list[int], into: dict) -> None:
+        """Put the rebuilt kernel layout of every hit member into ``into[(expert, slot)]``."""
+        members = [e for e in hit if e in self.position]
+        if len(members) < 2:  # one expert rebuilds its own as cheaply
+            return
+        for start in range(0, len(members), self.chunk):
+            chunk = members[start:start + self.chunk]
+            if len(chunk) == len(self.experts):
+                low, high = self.low, self.high
+            else:
+                index = torch.tensor([self.position[e] for e in chunk])
+                low = self.low.index_select(0, index)
+                high = None if self.high is None else self.high.index_select(0, index)
+            joined = join_nibbles(low, high, self.bits).view(len(chunk), *self.packed_shape)
+            for i, expert in enumerate(chunk):
+                into[(expert, self.slot)] = joined[i]
 
 
 class FastExperts(nn.ModuleList):
@@ -124,6 +175,40 @@ class FastExperts(nn.ModuleList):
         self.hidden_size = packed.hidden_size
         self.intermediate_size = packed.intermediate_size
         self.act_fn = packed.act_fn
+        self.plane_groups = []
+        for slot in ("gate_up", "down_proj"):
+            by_key: dict[tuple, list[int]] = {}
+            for e in range(self.num_experts):
+                key = PlaneGroup.key(getattr(self[e], slot, None))
+                if key is not None:
+                    by_key.setdefault(key, []).append(e)
+            self.plane_groups += [PlaneGroup(slot, members, [getattr(self[e], slot) for e in members])
+                                  for members in by_key.values() if len(members) > 1]
+
+    def packed_weight(self, expert: int, linear: str) -> nn.Module:
+        """The kernel computing ``linear`` of ``expert`` (gate and up share one when fused), or the
+        stored weight itself where the reference path computes it (pruned weights)."""
+        weights = self[expert]
+        if linear in ("gate_proj", "up_proj") and weights.gate_up is not None:
+            return weights.gate_up
+        kernel = getattr(weights, linear)
+        return kernel.source if isinstance(kernel, ReferenceMatmul) else kernel
+
+    def linear_bytes(self, expert: int, linear: str) -> int:
+        """Bytes ``linear`` of ``expert`` holds (a fused gate/up kernel holds both halves alike)."""
+        kernel = self.packed_weight(expert, linear)
+        share = 2 if kernel is self[expert].gate_up else 1
+        return kernel.nbytes() // share  # (a stored weight's nbytes() is its buffers', as a kernel's)
+
+    def _rebuilt(self, hit: list[int]) -> dict:
+        rebuilt: dict = {}
+        for group in self.plane_groups:
+            group.rebuild(hit, rebuilt)
+        return rebuilt
+
+    def _expert(self, expert: int, x: torch.Tensor, rebuilt: dict) -> torch.Tensor:
+        return self[expert].forward(x, self.act_fn, rebuilt.get((expert, "gate_up")),
+                                    rebuilt.get((expert, "down_proj")))
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         tokens = top_k_index.shape[0]
@@ -135,19 +220,22 @@ class FastExperts(nn.ModuleList):
         experts = torch.where(weights != 0, experts, self.num_experts)
         if tokens == 1:  # decoding one sequence: every hit expert sees the one token
             output = torch.zeros_like(hidden_states)
-            for expert, slot in sorted((e, k) for k, e in enumerate(experts.tolist()) if e < self.num_experts):
-                out = self[expert].forward(hidden_states, self.act_fn) * weights[slot]
+            order = sorted((e, k) for k, e in enumerate(experts.tolist()) if e < self.num_experts)
+            rebuilt = self._rebuilt([e for e, _ in order]) if self.plane_groups else {}
+            for expert, slot in order:
+                out = self._expert(expert, hidden_states, rebuilt) * weights[slot]
                 output += out.to(output.dtype)
             return output
         counts = torch.bincount(experts, minlength=self.num_experts + 1).tolist()
         pairs = torch.argsort(experts, stable=True)[: tokens * top_k_index.shape[1] - counts[-1]]
         token = pairs % tokens
         rows = hidden_states[token]
+        hit = [e for e in range(self.num_experts) if counts[e]]
+        rebuilt = self._rebuilt(hit) if self.plane_groups else {}
         outs, start = [], 0
-        for expert, count in enumerate(counts[: self.num_experts]):
-            if count:
-                outs.append(self[expert].forward(rows[start:start + count], self.act_fn))
-                start += count
+        for expert in hit:
+            outs.append(self._expert(expert, rows[start:start + counts[expert]], rebuilt))
+            start += counts[expert]
         output = torch.zeros_like(hidden_states)
         if outs:
             out = torch.cat(outs) * weights[pairs, None]
@@ -166,6 +254,19 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def _known(weight) -> bool:
+    """A weight whose format the kernels know; others (llama.cpp block formats) keep their own
+    module and its reference path."""
+    from .kept_weight import KeptWeight
+    from .packed_weight import PackedWeight
+    from .sparse_weight import SparsePackedWeight
+    from .split_weight import SplitWeight
+
+    if isinstance(weight, SplitWeight):
+        return all(_known(p) for p in weight.pieces)
+    return type(weight) in (PackedWeight, PackedLinear, KeptWeight, SparsePackedWeight)
+
+
 def _on_cpu(module: nn.Module) -> bool:
     return all(t.device.type == "cpu" for t in list(module.buffers()) + list(module.parameters()))
 
@@ -179,15 +280,22 @@ def prepare(model: nn.Module, options: FastOptions | None = None) -> nn.Module:
     if not _on_cpu(model):
         return model
     dtype = _float_dtype(model)
-    replacements = []
-    for name, module in model.named_modules():
-        if isinstance(module, PackedExperts):
-            replacements.append((name, FastExperts(module, dtype, options)))
-        elif isinstance(module, (PackedLinear, SplitLinear)):
-            replacements.append((name, FastLinear(build_matmul(module, dtype, options.widen), module.bias)))
-    for name, module in replacements:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, module)
+    swapped: list[str] = []
+    for name in [name for name, _ in model.named_modules()]:
+        if any(name.startswith(done + ".") for done in swapped):
+            continue
+        module = model.get_submodule(name)
+        if type(module) is PackedExperts and all(_known(module.packed_weight(e, lin))
+                                                 for e in range(module.num_experts) for lin in EXPERT_LINEARS):
+            fast = FastExperts(module, dtype, options)
+        elif type(module) in (PackedLinear, SplitLinear) and _known(module):
+            fast = FastLinear(build_matmul(module, dtype, options.widen), module.bias, module.bits,
+                              getattr(module, "group_size", None))
+        else:
+            continue
+        parent, _, child = name.rpartition(".")  # swapped at once: the stored form is freed as we go
+        setattr(model.get_submodule(parent) if parent else model, child, fast)
+        swapped.append(name)
     return model
 
 
@@ -209,4 +317,17 @@ def kernel_counts(model: nn.Module) -> Counter:
     return counts
 
 
-__all__ = ["FastExpert", "FastExperts", "FastLinear", "FastOptions", "RUNTIMES", "kernel_counts", "prepare"]
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer the model holds, each tensor counted once (views into a
+    shared stack count their own extent): what prepare's memory promise is measured with."""
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        key = (tensor.data_ptr(), tensor.numel(), tensor.element_size())
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+__all__ = ["FastExpert", "FastExperts", "FastLinear", "FastOptions", "PlaneGroup", "RUNTIMES", "kernel_counts", "prepare",
+           "resident_bytes"]

@@ -113,6 +113,7 @@ def _codes_and_params(weight):
         if perm is None:
             return None
         codes = codes[:, perm]
+        perm = perm.to(torch.int32)  # index_select takes int32: half the bytes of the sort's int64
     return codes, scales, zeros, group_size, perm
 
 
@@ -145,6 +146,12 @@ class Int4Matmul(Matmul):
     third bits as a plane packing four per byte; each call rebuilds the kernel layout from the
     planes with a few byte-wide ops into a transient buffer (freed after the call, never cached).
     ``widen`` holds them in the kernel layout instead (faster, 4 bits per code).
+
+    The kernel's ``(q - 8) * scale + zero`` is accurate for codes centred on 8; 2- and 3-bit codes
+    are therefore computed as ``q + 6`` and ``q + 4`` (added in the rebuild) with ``zero = scale *
+    (8 - offset - z)``: the same weights, but the bf16 rounding of ``scale`` and ``zero`` then
+    multiplies numbers no larger than for 4-bit codes (uncentred, 2-bit outputs were ~8x further
+    from the float32 result than the reference's own bf16 rounding).
     """
 
     kind = "int4"
@@ -159,17 +166,20 @@ class Int4Matmul(Matmul):
             repeat = group_size // kernel_group
             scales, zeros = scales.repeat_interleave(repeat, 1), zeros.repeat_interleave(repeat, 1)
         self.group_size, self.in_features, self.out_features, self.dtype = kernel_group, in_features, out_features, dtype
-        packed = _op("_convert_weight_to_int4pack_for_cpu")(codes.to(torch.int32), 1)
+        offset = CODE_OFFSETS[bits]
         self.bits = 4 if widen else bits
         if self.bits == 4:
-            self.register_buffer("weight", packed)
+            self.register_buffer("weight", _op("_convert_weight_to_int4pack_for_cpu")(codes.to(torch.int32) + offset, 1))
         else:
+            packed = _op("_convert_weight_to_int4pack_for_cpu")(codes.to(torch.int32), 1)
             self.kind = "int4-planes"
             self.packed_shape = tuple(packed.shape)
-            for name, plane in zip(("low", "high"), _split_nibbles(packed, self.bits)):
-                self.register_buffer(name, plane)
-        # w = (q - 8) * scale + zero with zero = scale * (8 - z), the kernel's own form of scale * (q - z)
-        scale_zero = torch.stack([scales, scales * (8 - zeros)], -1).transpose(0, 1).contiguous()
+            planes = _split_nibbles(packed, self.bits)
+            self.register_buffer("low", planes[0])
+            self.register_buffer("high", planes[1] if self.bits == 3 else None)
+        # w = (q + offset - 8) * scale + zero with zero = scale * (8 - offset - z): scale * (q - z) in the
+        # kernel's own form
+        scale_zero = torch.stack([scales, scales * (8 - offset - zeros)], -1).transpose(0, 1).contiguous()
         self.register_buffer("scale_zero", scale_zero.to(dtype))
         self.register_buffer("perm", perm)
 
@@ -186,22 +196,19 @@ class Int4Matmul(Matmul):
         """The weight in the kernel's layout: held (4-bit), or rebuilt from the planes."""
         if self.bits == 4:
             return self.weight
-        low = self.low >> _PLANE_SHIFTS[2]
-        low.bitwise_and_(_LOW_MASK)  # in place, tensor masks: these few ops are the cost of staying at 2-3 bits
-        if self.bits == 2:
-            return low.view(self.packed_shape)
-        high = self.high >> _PLANE_SHIFTS[1]
-        high.bitwise_and_(_HIGH_MASK)
-        return low.view(-1).add_(high.view(-1), alpha=4).view(self.packed_shape)  # disjoint bits: + is |
+        return join_nibbles(self.low, self.high, self.bits).view(self.packed_shape)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W.T (+ bias)``; ``weight``: this kernel's layout already rebuilt (by a group of experts)."""
+        weight = self.kernel_weight() if weight is None else weight
         if x.dim() == 2 and x.dtype == self.dtype and self.perm is None and bias is None and x.is_contiguous():
-            return _INT4_MM(x, self.kernel_weight(), self.group_size, self.scale_zero)  # the decode loop's case
+            return _INT4_MM(x, weight, self.group_size, self.scale_zero)  # the decode loop's case
         lead, dtype = x.shape[:-1], x.dtype
         x = x.reshape(-1, self.in_features)
         if self.perm is not None:
             x = x.index_select(1, self.perm)
-        y = _INT4_MM(x.to(self.dtype).contiguous(), self.kernel_weight(), self.group_size, self.scale_zero)
+        y = _INT4_MM(x.to(self.dtype).contiguous(), weight, self.group_size, self.scale_zero)
         y = y.reshape(*lead, self.out_features).to(dtype)
         return y if bias is None else y + bias.to(dtype)
 
@@ -210,7 +217,25 @@ class Int4Matmul(Matmul):
 _PLANE_SHIFTS = {2: torch.tensor([0, 2], dtype=torch.uint8).view(2, 1),
                  1: torch.tensor([0, 1, 2, 3], dtype=torch.uint8).view(4, 1)}
 _LOW_MASK = torch.tensor(0x33, dtype=torch.uint8)
+# Int4Matmul computes b-bit codes as q + CODE_OFFSETS[b] (centred on the kernel's 8); both nibbles of a
+# byte at once, without carries (q + offset < 16)
+CODE_OFFSETS = {2: 6, 3: 4, 4: 0}
+_OFFSET_BYTES = {b: torch.tensor(o * 0x11, dtype=torch.uint8) for b, o in CODE_OFFSETS.items()}
 _HIGH_MASK = torch.tensor(0x11, dtype=torch.uint8)
+
+
+def join_nibbles(low: torch.Tensor, high: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Inverse of :func:`_split_nibbles` along the last dim (leading dims: several experts at once):
+    uint8 [..., M/2] (and [..., M/4]) -> the kernel layout's bytes [..., M]. A few byte-wide ops,
+    in place on the fresh tensors: their cost is what staying at 2 or 3 bits per code costs."""
+    joined = low.unsqueeze(-2) >> _PLANE_SHIFTS[2]
+    joined.bitwise_and_(_LOW_MASK)
+    joined = joined.flatten(-2)
+    if bits == 2:
+        return joined.add_(_OFFSET_BYTES[2])
+    third = high.unsqueeze(-2) >> _PLANE_SHIFTS[1]
+    third.bitwise_and_(_HIGH_MASK)
+    return joined.add_(third.flatten(-2), alpha=4).add_(_OFFSET_BYTES[bits])  # disjoint bits: + is |
 
 
 class NotNibbles(ValueError):
@@ -289,23 +314,25 @@ def _relayout(codes: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Te
 
 class DequantMatmul(Matmul):
     """Codes at their stored width, dequantized per call as ``(q - zero[g]) * scale[g]`` in float32
-    with the group scales broadcast (the reference runtime's arithmetic, fewer and byte-wide ops)."""
+    with the group scales broadcast (the reference runtime's arithmetic, fewer and byte-wide ops).
+    The scales and zero points are the stored tensors themselves (fp16, uint8), not copies."""
 
     kind = "dequant"
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
-                 perm: torch.Tensor | None):
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                 group_size: int, perm: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = codes.shape
         self.bits, self.group_size = bits, group_size
-        self.planes = len(_relayout(codes[:1, :group_size], bits, group_size))
+        self.widths = {2: (2,), 3: (2, 1), 4: (4,), 8: (8,)}[bits]
         for k, plane in enumerate(_relayout(codes, bits, group_size)):
             self.register_buffer(f"plane{k}", plane)
-        self.register_buffer("scale", scales.unsqueeze(-1).contiguous())  # [out, G, 1] float32
-        self.register_buffer("zero", zeros.unsqueeze(-1).contiguous())
+        self.register_buffer("scale", scales.unsqueeze(-1))  # [out, G, 1]
+        self.register_buffer("zero", None if zeros is None else zeros.unsqueeze(-1))
+        self.symmetric_zero = symmetric_zero(bits)
         # act-order: the codes are held with contiguous groups; the weight is put back in column order
         # (not the input permuted) so the products are summed in the reference's order
-        self.register_buffer("unperm", None if perm is None else torch.argsort(perm))
+        self.register_buffer("unperm", None if perm is None else torch.argsort(perm).to(torch.int32))
 
     @classmethod
     def eligible(cls, weight) -> bool:
@@ -315,24 +342,24 @@ class DequantMatmul(Matmul):
     def codes(self) -> torch.Tensor:
         """uint8 [out, G, group]."""
         out_features, groups = self.scale.shape[:2]
-        widths = {2: (2,), 3: (2, 1), 4: (4,), 8: (8,)}[self.bits]
         codes, low = None, 0
-        for k, width in enumerate(widths):
+        for k, width in enumerate(self.widths):
             plane = getattr(self, f"plane{k}")
             per_byte = 8 // width
             if per_byte == 1:
                 part = plane
             else:
-                shifts = _shifts(width, per_byte, plane.device)
-                part = (plane.unsqueeze(2) >> shifts) & (2**width - 1)
+                part = plane.unsqueeze(2) >> _shifts(width, per_byte)
+                part.bitwise_and_(_MASKS[width])
                 part = part.view(out_features, groups, self.group_size)
-            codes = part if codes is None else codes | (part << low)
+            codes = part if codes is None else codes.bitwise_or_(part << low)
             low += width
         return codes
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight [out, in] in its original column order, the reference's values bit for bit."""
-        weight = ((self.codes().float() - self.zero) * self.scale).view(self.out_features, self.in_features)
+        zero = self.symmetric_zero if self.zero is None else self.zero.float()
+        weight = ((self.codes().float() - zero) * self.scale.float()).view(self.out_features, self.in_features)
         if self.unperm is not None:
             weight = weight.index_select(1, self.unperm)
         return weight.to(dtype)
@@ -342,8 +369,11 @@ class DequantMatmul(Matmul):
 
 
 @functools.lru_cache(maxsize=None)
-def _shifts(width: int, per_byte: int, device: torch.device) -> torch.Tensor:
-    return (torch.arange(per_byte, dtype=torch.uint8, device=device) * width).view(1, 1, per_byte, 1)
+def _shifts(width: int, per_byte: int) -> torch.Tensor:
+    return (torch.arange(per_byte, dtype=torch.uint8) * width).view(1, 1, per_byte, 1)
+
+
+_MASKS = {w: torch.tensor(2**w - 1, dtype=torch.uint8) for w in (1, 2, 4)}
 
 
 class DenseMatmul(Matmul):
@@ -445,7 +475,7 @@ def build_matmul(weight, dtype: torch.dtype, widen: bool = False) -> Matmul:
     if int8:
         return Int8Matmul(codes, scales, zeros, perm, dtype)
     if DequantMatmul.eligible(weight):
-        return DequantMatmul(codes, scales, zeros, weight.bits, group_size, perm)
+        return DequantMatmul(codes, weight.scales, weight.zeros, weight.bits, group_size, perm)
     return ReferenceMatmul(weight)
 
 
