@@ -9,6 +9,8 @@ from torch import nn
 
 from ..model.view import EXPERT_LINEARS, MoEView
 from ..runtime import PackedExperts, PackedWeight, SparsePackedWeight, SplitWeight
+from ..runtime.fast import FastExperts, FastLinear
+from ..runtime.kernels import Matmul, ReferenceMatmul, SplitMatmul
 from ..runtime.block_weight import BlockWeight
 
 
@@ -58,7 +60,18 @@ def _tensor_bytes(tensor: torch.Tensor, stored_dtype: torch.dtype | None) -> int
     return tensor.numel() * tensor.element_size()
 
 
+def _held(module: nn.Module) -> nn.Module:
+    """The weight module behind a fast-runtime wrapper (moepress.runtime.fast): a FastLinear's
+    kernel, and the stored weight a reference-path kernel (pruned weights) dequantizes."""
+    if isinstance(module, FastLinear):
+        module = module.matmul
+    return module.source if isinstance(module, ReferenceMatmul) else module
+
+
 def _weight_bytes(module: nn.Module, stored_dtype: torch.dtype | None) -> int:
+    module = _held(module)
+    if isinstance(module, Matmul):  # a fast-runtime kernel: the bytes it holds
+        return module.nbytes()
     if isinstance(module, SplitWeight):  # neuron-group pieces, each packed or kept
         return sum(_weight_bytes(piece, stored_dtype) for piece in module.pieces)
     if isinstance(module, (PackedWeight, SparsePackedWeight, BlockWeight)):  # the stored format's own dtypes, as held
@@ -68,7 +81,7 @@ def _weight_bytes(module: nn.Module, stored_dtype: torch.dtype | None) -> int:
 
 def model_bytes(model: nn.Module, stored_dtype: torch.dtype | None = None) -> int:
     """Bytes of every parameter and buffer, tied tensors counted once."""
-    packed = {id(b) for m in model.modules() if isinstance(m, (PackedWeight, SparsePackedWeight, BlockWeight))
+    packed = {id(b) for m in model.modules() if isinstance(m, (PackedWeight, SparsePackedWeight, BlockWeight, Matmul))
               for b in m.buffers(recurse=False)}
     seen, total = set(), 0
     for tensor in list(model.parameters()) + list(model.buffers()):
@@ -81,7 +94,8 @@ def model_bytes(model: nn.Module, stored_dtype: torch.dtype | None = None) -> in
 
 def _kept_params(module: nn.Module, out_features: int, in_features: int) -> int:
     """Non-zero weights a linear keeps: all of them, or a pruned weight's kept ones."""
-    if isinstance(module, SplitWeight):
+    module = _held(module)
+    if isinstance(module, (SplitWeight, SplitMatmul)):
         return sum(_kept_params(p, p.out_features, p.in_features) for p in module.pieces)
     kept = getattr(module, "kept_per_row", None) if isinstance(module, SparsePackedWeight) else None
     return out_features * (in_features if kept is None else kept)
@@ -146,7 +160,9 @@ def measure_footprint(model: nn.Module, stored_dtype: torch.dtype | None = None)
         for linear in EXPERT_LINEARS:
             out_features, in_features = store.shape(linear)
             p = store.num_experts * out_features * in_features
-            if isinstance(module, PackedExperts):
+            if isinstance(module, FastExperts):
+                b = sum(module.linear_bytes(e, linear) for e in range(store.num_experts))
+            elif isinstance(module, PackedExperts):
                 b = sum(_weight_bytes(module.packed_weight(e, linear), None) for e in range(store.num_experts))
             elif store.layout == "per_expert":
                 b = sum(
