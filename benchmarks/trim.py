@@ -59,15 +59,17 @@ CRITERIA = ("frequency", "mass", "router", "reap", "kl")
 JOINT_PRUNE_OPTIONS = "50%+4b,2:4+4b,50%+3b,50%+2b"
 
 
-def recipes(bits: int) -> dict[str, dict]:
+def recipes(bits: int, prune_options: str = JOINT_PRUNE_OPTIONS, trim: str = "experts,top_k,moe_layers,blocks",
+            fitness_samples: int = 8) -> dict[str, dict]:
     """Recipe name -> compress options (``budget`` and ``planning``: planned, then compressed)."""
     out = {f"{bits}b": {}}
     # The joint optimizer at the bytes of uniform <bits>-bit over every linear and 80% of the active
     # parameters; with removals only; and the quantization-only ILP at the same bytes (kl_scaled).
-    out[f"joint@{bits}bits,active0.8"] = {"budget": f"{bits}bits", "planning": {
-        "scope": "all", "active": 0.8, "prune_options": JOINT_PRUNE_OPTIONS}}
-    out[f"joint@{bits}bits,active0.8,no-prune"] = {"budget": f"{bits}bits", "planning": {"scope": "all", "active": 0.8}}
-    out[f"ilp@{bits}bits"] = {"budget": f"{bits}bits", "planning": {"scope": "all", "estimator": "kl_scaled"}}
+    joint = {"scope": "all", "active": 0.8, "trim": trim, "fitness_samples": fitness_samples}
+    out[f"joint@{bits}bits,active0.8"] = {"budget": f"{bits}bits", "planning": {**joint, "prune_options": prune_options}}
+    out[f"joint@{bits}bits,active0.8,no-prune"] = {"budget": f"{bits}bits", "planning": joint}
+    out[f"ilp@{bits}bits"] = {"budget": f"{bits}bits", "planning": {"scope": "all", "estimator": "kl_scaled",
+                                                                      "fitness_samples": fitness_samples}}
     for criterion in CRITERIA:
         out[f"drop25-{criterion}+{bits}b"] = {"drop_experts": "25%", "drop_criterion": criterion}
     out[f"top1+{bits}b"] = {"top_k": 1}
@@ -169,6 +171,9 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--eval-samples", type=int, default=64)
     p.add_argument("--only", nargs="*", default=None, help="recipe names to run (default all)")
+    p.add_argument("--joint-prune-options", default=JOINT_PRUNE_OPTIONS, help="the joint rows' --prune-options")
+    p.add_argument("--joint-trim", default="experts,top_k,moe_layers,blocks", help="the joint rows' --trim")
+    p.add_argument("--fitness-samples", type=int, default=8, help="held-out windows the planners measure KL on")
     p.add_argument("--out", default=None, help="JSON (default benchmarks/results/trim-<date>.json)")
     args = p.parse_args(argv)
     date = datetime.date.today().isoformat()
@@ -182,7 +187,8 @@ def main(argv=None) -> int:
     done = {(r["model"], r["recipe"]) for r in payload["rows"] if r.get("status") == "ok"}
     with tempfile.TemporaryDirectory(prefix="moepress-trim-") as workdir:
         for model_dir in args.models:
-            for name, options in recipes(args.bits).items():
+            for name, options in recipes(args.bits, args.joint_prune_options, args.joint_trim,
+                                         args.fitness_samples).items():
                 model = os.path.basename(os.path.normpath(model_dir))
                 if (model, name) in done or (args.only and name not in args.only):
                     continue
@@ -191,6 +197,7 @@ def main(argv=None) -> int:
                     row = run_row(model_dir, name, options, args, workdir)
                 except Exception as exc:  # a failed recipe is a row saying how, not a lost benchmark
                     row = {"model": model, "recipe": name, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+                row["run"] = {k: v for k, v in vars(args).items() if k not in ("models", "only", "out")}
                 payload["rows"] = [r for r in payload["rows"] if (r["model"], r["recipe"]) != (model, name)] + [row]
                 with open(out + ".tmp", "w") as f:
                     json.dump(payload, f, indent=1)
