@@ -202,8 +202,11 @@ class Int4Matmul(Matmul):
                 weight: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W.T (+ bias)``; ``weight``: this kernel's layout already rebuilt (by a group of experts)."""
         weight = self.kernel_weight() if weight is None else weight
-        if x.dim() == 2 and x.dtype == self.dtype and self.perm is None and bias is None and x.is_contiguous():
-            return _INT4_MM(x, weight, self.group_size, self.scale_zero)  # the decode loop's case
+        if x.dtype == self.dtype and self.perm is None and bias is None and x.is_contiguous():  # the usual case
+            if x.dim() == 2:
+                return _INT4_MM(x, weight, self.group_size, self.scale_zero)
+            y = _INT4_MM(x.view(-1, self.in_features), weight, self.group_size, self.scale_zero)
+            return y.view(*x.shape[:-1], self.out_features)
         lead, dtype = x.shape[:-1], x.dtype
         x = x.reshape(-1, self.in_features)
         if self.perm is not None:
