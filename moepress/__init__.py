@@ -32,7 +32,7 @@ def load(path: str, *, device: str | None = None, dtype="auto", trust_remote_cod
     (:func:`moepress.runtime.fast.prepare`; a model on a GPU is left as loaded); ``"reference"``
     keeps the stored format in memory and dequantizes per call (what ``from_pretrained`` gives, and
     what :func:`moepress.evaluate` measures bytes on); a :class:`moepress.runtime.fast.FastOptions`
-    is ``"fast"`` with options (``FastOptions(widen=True)``)."""
+    is ``"fast"`` with options (``FastOptions(widen="all")``: 2/3-bit experts as 4-bit codes too)."""
     from .loading import load_model
     from .runtime.fast import FastOptions, prepare
 

@@ -119,8 +119,9 @@ def _bf16_within_rounding(fast_module, ref_module, *args):
 
 
 EXPECTED_BF16_KERNELS = {  # the kernels the weights of each checkpoint reach in a bf16 model
-    "4b": {"int4"}, "3b": {"int4-planes"}, "2b": {"int4-planes"}, "8b-ch": {"int8"}, "8b-g64": {"dequant"},
-    "4b-ch-sym": {"int4"}, "4b-act-order": {"int4"}, "qwen3-3b": {"int4-planes"}, "qwen2-4b": {"int4"},
+    "4b": {"int4"}, "3b": {"int4", "int4-planes"}, "2b": {"int4", "int4-planes"}, "8b-ch": {"int8"},
+    "8b-g64": {"dequant"}, "4b-ch-sym": {"int4"}, "4b-act-order": {"int4"}, "qwen3-3b": {"int4", "int4-planes"},
+    "qwen2-4b": {"int4"},
 }
 
 
@@ -172,21 +173,29 @@ def test_the_fast_path_never_dequantizes_a_packed_weight(checkpoints, monkeypatc
 
 @pytest.mark.parametrize("name", ["4b", "3b", "2b", "4b-ch-sym", "deepseek-mixed"])
 def test_runtime_memory_stays_near_the_packed_bytes(checkpoints, name):
-    """Tensor bytes after prepare against before (each storage counted once). Float32 (the dequantize
-    kernel) holds the stored bytes: the codes re-laid out in as many bytes, the very scale and zero
-    tensors (a group index becomes an int32 column order: + 2 bytes a column). bf16's int4 kernel
-    takes a (scale, zero) pair of bf16 for each group: 4 bytes against the stored 3 (2 when
-    symmetric), at most 2/32 byte more per weight at group 32, so at most 12% of the packed bytes.
-    ``widen`` holds 2/3-bit codes as 4-bit ones: at most the packed bytes again."""
+    """Tensor bytes after prepare against before (each storage counted once), as shares of the packed
+    linear bytes. Float32 (the dequantize kernel) holds the stored bytes: the codes re-laid out in as
+    many bytes, the very scale and zero tensors (a group index becomes an int32 column order: + 2
+    bytes a column): within 1%. bf16's int4 kernel takes a (scale, zero) pair of bf16 for each group,
+    4 bytes against the stored 3 (2 when symmetric): at most 2/32 byte more per weight at group 32,
+    12% of the packed bytes (``widen="none"``). The default also holds the always-active linears'
+    2/3-bit codes as 4-bit ones: at most their share of the packed bytes more (a few percent of a
+    real MoE's, 6-25% of these tiny models'); ``widen="all"`` at most the packed bytes again."""
     out = checkpoints(name)
-    for dtype, margin in ((torch.float32, 0.01), (torch.bfloat16, 0.12)):
-        model = moepress.load(out, dtype=dtype, runtime="reference")
-        packed, before = measure_footprint(model).linear_bytes, resident_bytes(model)
-        after = resident_bytes(prepare(model))
-        assert after - before <= margin * packed, (dtype, after - before, packed)
-        if name in ("2b", "3b") and dtype == torch.bfloat16:
-            wide = resident_bytes(moepress.load(out, dtype=dtype, runtime=FastOptions(widen=True)))
-            assert after < wide <= before + packed
+    for dtype in (torch.float32, torch.bfloat16):
+        for widen in ("none", "dense", "all"):
+            model = moepress.load(out, dtype=dtype, runtime="reference")
+            footprint, before = measure_footprint(model), resident_bytes(model)
+            packed = footprint.linear_bytes
+            always_active = packed - footprint.bytes_by_kind.get("experts", 0)
+            growth = resident_bytes(prepare(model, FastOptions(widen=widen))) - before
+            if dtype == torch.float32:
+                bound = 0.01 * packed
+            else:
+                bound = 0.12 * packed + {"none": 0, "dense": always_active, "all": packed}[widen]
+            assert growth <= bound, (dtype, widen, growth, packed)
+            if dtype == torch.bfloat16 and widen == "all" and name in ("2b", "3b"):
+                assert growth > 0.3 * packed  # widening really holds them as 4-bit codes
 
 
 def test_kernels_fall_back_when_torch_lacks_them(checkpoints, monkeypatch):

@@ -6,11 +6,12 @@ gpt-fast's ``convert_for_runtime`` step: after loading, each packed weight is re
 fastest kernel this torch offers for its format (:func:`moepress.runtime.kernels.build_matmul`) and
 its module replaced by :class:`FastLinear` / :class:`FastExperts`. No weight is cached in a float
 dtype: what stays resident is the codes (4-bit codes in torch's int4 layout, 8-bit per-channel as
-int8, others at their stored width as bit planes) and their group scales.
+int8, others at their stored width as bit planes; 2/3-bit codes of the always-active linears as 4-bit
+ones, see :class:`FastOptions`) and their group scales.
 
     model = moepress.load("out")                               # runtime="fast" is the default
     model = moepress.load("out", runtime="reference")          # dequantize per call
-    model = moepress.load("out", runtime=FastOptions(widen=True))  # 2/3-bit codes in the int4 kernel
+    model = moepress.load("out", runtime=FastOptions(widen="all"))  # 2/3-bit experts as 4-bit codes
 
 Numerics: in a bf16/fp16 model the int4 and int8 kernels take their scales (and the int4 kernel its
 float zero ``scale * (8 - zero)``) in the activation dtype, so those round to bf16; the outputs
@@ -35,18 +36,32 @@ from .packed_linear import PackedLinear
 from .split_weight import SplitLinear
 
 RUNTIMES = ("fast", "reference")
+WIDEN = ("none", "dense", "all")
 
 
 @dataclass(frozen=True)
 class FastOptions:
     """What :func:`prepare` may do.
 
-    ``widen``: hold 2- and 3-bit codes as 4-bit codes so the int4 kernel computes them (the same
-    values; their code bytes grow by 2x and 1.33x, still a quarter of bf16 or less). Off by default:
-    a 2-bit checkpoint then takes 2 bits per weight in memory too, at the dequantize kernel's speed.
+    ``widen``: which 2- and 3-bit weights are held as 4-bit codes (the same values) for the int4
+    kernel instead of at their width as nibble planes the kernel's layout is rebuilt from on every
+    call (a few byte ops: at small sizes about as slow as the kernel itself). ``"dense"`` (default):
+    the linears every token passes through (attention, shared experts, dense MLPs), a few percent
+    of a MoE's bytes, so the routed experts, nearly all of them, stay at 2 or 3 bits per weight;
+    ``"all"``: the routed experts too (their code bytes grow 2x at 2 bits and 1.33x at 3, still a
+    quarter of bf16 or less); ``"none"``: nothing. ``True``/``False`` mean ``"all"``/``"none"``.
     """
 
-    widen: bool = False
+    widen: str | bool = "dense"
+
+    def __post_init__(self):
+        if isinstance(self.widen, bool):
+            object.__setattr__(self, "widen", "all" if self.widen else "none")
+        if self.widen not in WIDEN:
+            raise MoepressError(f"widen must be one of {', '.join(WIDEN)} (got {self.widen!r})")
+
+    def widens(self, routed_expert: bool) -> bool:
+        return self.widen == "all" or (self.widen == "dense" and not routed_expert)
 
     @classmethod
     def of(cls, runtime) -> "FastOptions | None":
@@ -89,11 +104,12 @@ class FastExpert(nn.Module):
 
     def __init__(self, gate_proj, up_proj, down_proj, dtype: torch.dtype, options: FastOptions):
         super().__init__()
-        self.gate_up = build_fused([gate_proj, up_proj], dtype, options.widen)
+        widen = options.widens(routed_expert=True)
+        self.gate_up = build_fused([gate_proj, up_proj], dtype, widen)
         if self.gate_up is None:
-            self.gate_proj = build_matmul(gate_proj, dtype, options.widen)
-            self.up_proj = build_matmul(up_proj, dtype, options.widen)
-        self.down_proj = build_matmul(down_proj, dtype, options.widen)
+            self.gate_proj = build_matmul(gate_proj, dtype, widen)
+            self.up_proj = build_matmul(up_proj, dtype, widen)
+        self.down_proj = build_matmul(down_proj, dtype, widen)
         self.intermediate = gate_proj.out_features
 
     def forward(self, x: torch.Tensor, act_fn, gate_up_weight=None, down_weight=None) -> torch.Tensor:
@@ -280,6 +296,7 @@ def prepare(model: nn.Module, options: FastOptions | None = None) -> nn.Module:
     if not _on_cpu(model):
         return model
     dtype = _float_dtype(model)
+    routed = _routed_expert_linears(model)
     swapped: list[str] = []
     for name in [name for name, _ in model.named_modules()]:
         if any(name.startswith(done + ".") for done in swapped):
@@ -289,7 +306,7 @@ def prepare(model: nn.Module, options: FastOptions | None = None) -> nn.Module:
                                                  for e in range(module.num_experts) for lin in EXPERT_LINEARS):
             fast = FastExperts(module, dtype, options)
         elif type(module) in (PackedLinear, SplitLinear) and _known(module):
-            fast = FastLinear(build_matmul(module, dtype, options.widen), module.bias, module.bits,
+            fast = FastLinear(build_matmul(module, dtype, options.widens(name in routed)), module.bias, module.bits,
                               getattr(module, "group_size", None))
         else:
             continue
@@ -297,6 +314,23 @@ def prepare(model: nn.Module, options: FastOptions | None = None) -> nn.Module:
         setattr(model.get_submodule(parent) if parent else model, child, fast)
         swapped.append(name)
     return model
+
+
+def _routed_expert_linears(model: nn.Module) -> set[str]:
+    """Module paths of routed experts stored as one linear each (the per-expert layout); the fused
+    layout's are inside PackedExperts. Empty for a model moepress's view does not know."""
+    from ..model.view import MoEView
+
+    try:
+        view = MoEView(model)
+    except MoepressError:
+        return set()
+    paths = set()
+    for layer in range(view.num_layers):
+        store = view.experts(layer)
+        if store is not None and store.layout == "per_expert":
+            paths.update(store.per_expert_linear_path(e, lin) for e in range(store.num_experts) for lin in EXPERT_LINEARS)
+    return paths
 
 
 def kernel_counts(model: nn.Module) -> Counter:
