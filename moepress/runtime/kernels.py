@@ -4,16 +4,18 @@ Every kernel is a module with ``forward(x) -> x @ W.T`` for ``x`` [..., in] and 
 the form its computation wants:
 
 - :class:`Int4Matmul`: torch's CPU int4 kernel (``aten._weight_int4pack_mm_for_cpu``, the one
-  gpt-fast and torchao use) for codes of up to 4 bits in groups of 32, 64, 128 or 256 columns
-  (a per-channel weight becomes groups of one repeated scale; act-order columns are permuted so
-  their groups are contiguous, and the input is permuted alike). It takes its scales and zero
-  points as one bf16/fp16 tensor, ``w = (q - 8) * scale + zero``, so ``scale`` and the float zero
-  ``scale * (8 - z)`` are rounded to the activation dtype: see :func:`int4_supported`.
+  gpt-fast and torchao use) for bf16/fp16 activations and codes of up to 4 bits in groups of 32,
+  64, 128 or 256 columns (a per-channel weight becomes groups of one repeated scale; act-order
+  columns are permuted so their groups are contiguous, and the input is permuted alike). 4-bit
+  codes are held in the kernel's layout; 2- and 3-bit codes at their width, as nibble planes the
+  layout is rebuilt from per call (``int4-planes``), or widened to 4 bits. The kernel takes its
+  scales and float zero points as one tensor of the activation dtype, so they round to bf16.
 - :class:`Int8Matmul`: ``aten._weight_int8pack_mm`` for 8-bit per-channel codes (int8 codes and
   one scale per row; an asymmetric zero point becomes a rank-1 correction from the input's sum).
-- :class:`DequantMatmul`: the codes at their own width (2 or 3 bits stay 2 or 3 bits), re-laid
-  out so unpacking is two byte-wide shifts per bit plane and the group scales broadcast (no
-  per-column expansion); it computes exactly the reference runtime's weights.
+- :class:`DequantMatmul`: everything else quantized, and every weight of a float32 model (where
+  the int4/int8 kernels are slow): the codes at their width, re-laid out so unpacking is a
+  byte-wide shift and mask per bit plane and the group scales broadcast (no per-column expansion);
+  it computes exactly the reference runtime's weights.
 - :class:`DenseMatmul` (a kept 16-bit weight), :class:`SplitMatmul` (pieces of a split weight,
   each its own kernel) and :class:`ReferenceMatmul` (anything else, e.g. pruned weights: the
   reference runtime's ``dequantize``).
@@ -127,8 +129,9 @@ class Matmul(nn.Module):
             p.numel() * p.element_size() for p in self.parameters())
 
     def _apply(self, fn, recurse=True):
-        """Kernels hold CPU layouts in their own dtypes: a device move is refused (prepare again on
-        the target device), a dtype cast leaves them as they are (inputs are cast per call)."""
+        """Kernels hold CPU layouts in their own dtypes: a device move is refused (load the model
+        with the reference runtime to move it), a dtype cast leaves them as they are (inputs are
+        cast per call)."""
         for buf in list(self.buffers()) + list(self.parameters()):
             if fn(torch.empty(0, dtype=buf.dtype, device=buf.device)).device != buf.device:
                 raise RuntimeError("moepress fast-runtime kernels are laid out for the CPU; load the model with "
@@ -165,13 +168,15 @@ class Int4Matmul(Matmul):
             kernel_group = next(g for g in reversed(INT4_GROUP_SIZES) if in_features % g == 0)
             repeat = group_size // kernel_group
             scales, zeros = scales.repeat_interleave(repeat, 1), zeros.repeat_interleave(repeat, 1)
-        self.group_size, self.in_features, self.out_features, self.dtype = kernel_group, in_features, out_features, dtype
+        self.group_size, self.in_features, self.out_features = kernel_group, in_features, out_features
+        self.dtype = dtype
         offset = CODE_OFFSETS[bits]
         self.bits = 4 if widen else bits
+        pack = _op("_convert_weight_to_int4pack_for_cpu")
         if self.bits == 4:
-            self.register_buffer("weight", _op("_convert_weight_to_int4pack_for_cpu")(codes.to(torch.int32) + offset, 1))
+            self.register_buffer("weight", pack(codes.to(torch.int32) + offset, 1))
         else:
-            packed = _op("_convert_weight_to_int4pack_for_cpu")(codes.to(torch.int32), 1)
+            packed = pack(codes.to(torch.int32), 1)
             self.kind = "int4-planes"
             self.packed_shape = tuple(packed.shape)
             planes = _split_nibbles(packed, self.bits)
@@ -493,10 +498,11 @@ def build_fused(weights: list, dtype: torch.dtype, widen: bool = False) -> Matmu
     first = weights[0]
     if not all(isinstance(w, PackedWeight) for w in weights):
         return None
+    def same_groups(w) -> bool:
+        return w.g_idx is None if first.g_idx is None else w.g_idx is not None and torch.equal(w.g_idx, first.g_idx)
+
     same = all(w.bits == first.bits and w.group_size == first.group_size and w.in_features == first.in_features
-               and (w.zeros is None) == (first.zeros is None)
-               and (w.g_idx is None if first.g_idx is None else w.g_idx is not None and torch.equal(w.g_idx, first.g_idx))
-               for w in weights)
+               and (w.zeros is None) == (first.zeros is None) and same_groups(w) for w in weights)
     if not same:
         return None
 
