@@ -185,10 +185,13 @@ class JointProblem:
                        if self.kind[g] != "expert"]
             entries += [(w_index[v], 1.0) for v in var_w]
             constraint(entries, -np.inf, self.active_budget * per_param)
+            routed_of: dict[int, list[tuple[int, int, int]]] = {}  # MoE layer -> its experts' x variables
+            for i, (g, col) in enumerate(var_x):
+                if self.kind[g] == "expert":
+                    routed_of.setdefault(int(self.layer[g]), []).append((i, g, col))
             for layer, c in var_w:  # w >= share * S_l - M (1 - y), in shares of the original's active count
                 share = self._share(layer, c) * per_param
-                routed = [(i, g, col) for i, (g, col) in enumerate(var_x)
-                          if self.kind[g] == "expert" and int(self.layer[g]) == layer]
+                routed = routed_of.get(layer, [])
                 big = share * sum(float(self.kept[g].max()) for g in {g for _, g, _ in routed})
                 entries = [(w_index[layer, c], 1.0)] + [(i, -share * float(self.kept[g, col])) for i, g, col in routed]
                 entries.append((y_index[layer, c], -big))
