@@ -36,6 +36,7 @@ CHECKPOINTS = {
     "8b-g64": ("mixtral", dict(bits=8, group_size=64)),
     "4b-ch-sym": ("mixtral", dict(bits=4, group_size=None, symmetric=True)),
     "4b-act-order": ("mixtral", dict(bits=4, group_size=32, act_order="dynamic")),
+    "4b-drop-experts": ("olmoe", dict(bits=4, group_size=64, drop_experts="25%", top_k=1)),
     "qwen3-3b": ("qwen3_moe", dict(bits=3, group_size=32)),
     "qwen2-4b": ("qwen2_moe", dict(bits=4, group_size=128)),
     "deepseek-mixed": ("deepseek_v3", "mixed"),
@@ -121,7 +122,7 @@ def _bf16_within_rounding(fast_module, ref_module, *args):
 EXPECTED_BF16_KERNELS = {  # the kernels the weights of each checkpoint reach in a bf16 model
     "4b": {"int4"}, "3b": {"int4", "int4-planes"}, "2b": {"int4", "int4-planes"}, "8b-ch": {"int8"},
     "8b-g64": {"dequant"}, "4b-ch-sym": {"int4"}, "4b-act-order": {"int4"}, "qwen3-3b": {"int4", "int4-planes"},
-    "qwen2-4b": {"int4"},
+    "qwen2-4b": {"int4"}, "4b-drop-experts": {"int4"},
 }
 
 
@@ -196,6 +197,17 @@ def test_runtime_memory_stays_near_the_packed_bytes(checkpoints, name):
             assert growth <= bound, (dtype, widen, growth, packed)
             if dtype == torch.bfloat16 and widen == "all" and name in ("2b", "3b"):
                 assert growth > 0.3 * packed  # widening really holds them as 4-bit codes
+
+
+@pytest.mark.parametrize("name", ["4b", "3b", "8b-ch", "deepseek-mixed"])
+def test_exact_kernels_give_the_reference_bf16_logits(checkpoints, name):
+    out = checkpoints(name)
+    fast = moepress.load(out, dtype=torch.bfloat16, runtime=FastOptions(exact=True))
+    assert not {"int4", "int4-planes", "int8", "unprepared"} & set(kernel_counts(fast))
+    reference = moepress.load(out, dtype=torch.bfloat16, runtime="reference")
+    with torch.no_grad():
+        for ids in (_ids(2, 12), _ids(1, 1)):
+            assert torch.equal(fast(ids).logits, reference(ids).logits)
 
 
 def test_kernels_fall_back_when_torch_lacks_them(checkpoints, monkeypatch):

@@ -50,9 +50,14 @@ class FastOptions:
     of a MoE's bytes, so the routed experts, nearly all of them, stay at 2 or 3 bits per weight;
     ``"all"``: the routed experts too (their code bytes grow 2x at 2 bits and 1.33x at 3, still a
     quarter of bf16 or less); ``"none"``: nothing. ``True``/``False`` mean ``"all"``/``"none"``.
+
+    ``exact``: only the kernels that compute the reference runtime's results bit for bit (the
+    dequantize kernel for every quantized weight, also in bf16/fp16, where the int4/int8 kernels
+    round their scales to the activation dtype); slower than the default, faster than the reference.
     """
 
     widen: str | bool = "dense"
+    exact: bool = False
 
     def __post_init__(self):
         if isinstance(self.widen, bool):
@@ -104,12 +109,12 @@ class FastExpert(nn.Module):
 
     def __init__(self, gate_proj, up_proj, down_proj, dtype: torch.dtype, options: FastOptions):
         super().__init__()
-        widen = options.widens(routed_expert=True)
-        self.gate_up = build_fused([gate_proj, up_proj], dtype, widen)
+        widen, exact = options.widens(routed_expert=True), options.exact
+        self.gate_up = build_fused([gate_proj, up_proj], dtype, widen, exact)
         if self.gate_up is None:
-            self.gate_proj = build_matmul(gate_proj, dtype, widen)
-            self.up_proj = build_matmul(up_proj, dtype, widen)
-        self.down_proj = build_matmul(down_proj, dtype, widen)
+            self.gate_proj = build_matmul(gate_proj, dtype, widen, exact)
+            self.up_proj = build_matmul(up_proj, dtype, widen, exact)
+        self.down_proj = build_matmul(down_proj, dtype, widen, exact)
         self.intermediate = gate_proj.out_features
 
     def forward(self, x: torch.Tensor, act_fn, gate_up_weight=None, down_weight=None) -> torch.Tensor:
@@ -306,8 +311,8 @@ def prepare(model: nn.Module, options: FastOptions | None = None) -> nn.Module:
                                                  for e in range(module.num_experts) for lin in EXPERT_LINEARS):
             fast = FastExperts(module, dtype, options)
         elif type(module) in (PackedLinear, SplitLinear) and _known(module):
-            fast = FastLinear(build_matmul(module, dtype, options.widens(name in routed)), module.bias, module.bits,
-                              getattr(module, "group_size", None))
+            kernel = build_matmul(module, dtype, options.widens(name in routed), options.exact)
+            fast = FastLinear(kernel, module.bias, module.bits, getattr(module, "group_size", None))
         else:
             continue
         parent, _, child = name.rpartition(".")  # swapped at once: the stored form is freed as we go

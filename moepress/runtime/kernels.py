@@ -454,21 +454,22 @@ class SplitMatmul(Matmul):
         return out if bias is None else out + bias.to(out.dtype)
 
 
-def build_matmul(weight, dtype: torch.dtype, widen: bool = False) -> Matmul:
+def build_matmul(weight, dtype: torch.dtype, widen: bool = False, exact: bool = False) -> Matmul:
     """The fastest kernel for ``weight`` (a PackedWeight, KeptWeight, SplitWeight or anything with
     ``dequantize``) with ``dtype`` activations. ``widen`` lets 2- and 3-bit codes be held as 4-bit
-    codes for the int4 kernel (more bytes: see :class:`moepress.runtime.fast.FastOptions`)."""
+    codes for the int4 kernel (more bytes: see :class:`moepress.runtime.fast.FastOptions`);
+    ``exact`` keeps to the kernels that compute the reference runtime's results bit for bit."""
     from .kept_weight import KeptWeight
     from .packed_weight import PackedWeight
     from .split_weight import SplitWeight
 
     if isinstance(weight, SplitWeight):
-        return SplitMatmul([build_matmul(p, dtype, widen) for p in weight.pieces], weight.axis)
+        return SplitMatmul([build_matmul(p, dtype, widen, exact) for p in weight.pieces], weight.axis)
     if isinstance(weight, KeptWeight):
         return DenseMatmul(weight.weight)
     if not isinstance(weight, PackedWeight):
         return ReferenceMatmul(weight)
-    fast_dtype = dtype in KERNEL_DTYPES
+    fast_dtype = dtype in KERNEL_DTYPES and not exact
     int4 = fast_dtype and Int4Matmul.eligible(weight, dtype)
     int8 = fast_dtype and Int8Matmul.eligible(weight, dtype)
     parts = _codes_and_params(weight) if int4 or int8 or DequantMatmul.eligible(weight) else None
@@ -487,7 +488,7 @@ def build_matmul(weight, dtype: torch.dtype, widen: bool = False) -> Matmul:
     return ReferenceMatmul(weight)
 
 
-def build_fused(weights: list, dtype: torch.dtype, widen: bool = False) -> Matmul | None:
+def build_fused(weights: list, dtype: torch.dtype, widen: bool = False, exact: bool = False) -> Matmul | None:
     """One int4 or int8 kernel over the rows of several packed weights that share their input and
     format (an expert's gate and up projections: one call instead of two), or None when they do
     not share it or would not reach those kernels (the dequantize kernel is kept per weight so its
@@ -511,5 +512,7 @@ def build_fused(weights: list, dtype: torch.dtype, widen: bool = False) -> Matmu
 
     joined = PackedWeight(QuantizedWeight(cat("qweight"), cat("scales"), cat("zeros"), first.g_idx, first.bits,
                                           first.group_size, first.in_features, sum(w.out_features for w in weights)))
+    if exact:
+        return None
     kernel = build_matmul(joined, dtype, widen)
     return kernel if kernel.kind in ("int4", "int4-planes", "int8") else None
