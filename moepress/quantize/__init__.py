@@ -27,3 +27,5 @@ __all__ = [
     "dequantize_codes",
     "fake_quantize",
 ]
+
+from . import ggml_kquants  # noqa: E402,F401  (registers the k-quants with ggml_blocks.block_format)

@@ -348,9 +348,5 @@ def gptq_quantize_blocks(weight: torch.Tensor, hessian: torch.Tensor, fmt: Block
     return GPTQResult(weight, out.loss, out.damp_used)
 
 
-from .ggml_kquants import K_FORMATS  # noqa: E402  (the k-quants build on BlockFormat)
-
-FORMATS.update(K_FORMATS)
-
 __all__ = ["BLOCK", "FORMATS", "BlockFormat", "BlockQuantizedWeight", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
            "block_format", "gptq_quantize_blocks", "rtn_quantize_blocks"]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ggml_blocks import BlockFormat, _fp16, _fp16_bytes, _fp16_from_bytes
+from .ggml_blocks import FORMATS, BlockFormat, _fp16, _fp16_bytes, _fp16_from_bytes
 
 SUPER = 256  # ggml's QK_K
 
@@ -175,5 +175,6 @@ Q4_K = KQuantFormat("q4_K", 4, has_min=True, ggml_type=12)
 Q5_K = KQuantFormat("q5_K", 5, has_min=True, ggml_type=13)
 Q6_K = KQuantFormat("q6_K", 6, has_min=False, ggml_type=14, sub=16)
 K_FORMATS = {f.name: f for f in (Q4_K, Q5_K, Q6_K)}
+FORMATS.update(K_FORMATS)  # block_format() finds them by name: moepress.quantize imports this module
 
 __all__ = ["K_FORMATS", "KQuantFormat", "Q4_K", "Q5_K", "Q6_K", "SUPER"]
