@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "block format (--bits 4: q4_K, or q4_1 where a row is not a multiple of 256; 5: q5_K/q5_1; "
                         "6: q6_K/q8_0; 8: q8_0; 16: f16) with GPTQ and refuses what a GGUF cannot hold (pruning, "
                         "per-expert mixed types, unequal expert counts); then `moepress export --format gguf`")
-    c.add_argument("--ggml-type", choices=("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_K", "q5_K", "q6_K"),
+    c.add_argument("--ggml-type", choices=("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K"),
                    default=None, help="with --target llamacpp: this llama.cpp type for every unit instead of "
                                       "--bits' choice")
     _add_common(c)

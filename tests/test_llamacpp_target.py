@@ -59,8 +59,8 @@ def test_bits_choose_llamacpp_types():
     assert [block_type(b, None, 384) for b in (4, 5, 6, 8)] == ["q4_1", "q5_1", "q8_0", "q8_0"]
     assert block_type(4, "q4_0", 512) == "q4_0"
     assert Treatment.parse("Q4_K").group_size == 256 and Treatment.parse("q6_K").symmetric
-    with pytest.raises(MoepressError, match="3-bit needs Q2_K/Q3_K"):
-        CompressConfig(target="llamacpp", bits=3)
+    with pytest.raises(MoepressError, match="not 7-bit"):
+        CompressConfig(target="llamacpp", bits=7)
     with pytest.raises(MoepressError, match="needs --target llamacpp"):
         CompressConfig(ggml_type="q4_0")
 

@@ -11,7 +11,8 @@ or in float. So under the target:
   ``--ggml-type`` puts every unit in one type instead (q4_0, q5_0, ...). Of the legacy types the
   ``_1`` ones are the default because they had the lower layer error on every tensor we measured
   (the zoo's Mixtral: about 17% lower squared error than Q4_0 at 11% more bytes, 5.0 vs 4.5 bits
-  per weight); 2 and 3 bits wait for Q2_K and Q3_K.
+  per weight). 2 -> Q2_K and 3 -> Q3_K where a row is a multiple of 256, else Q4_0 as
+  llama-quantize falls back for both: a bigger type (4.5 bits per weight against 2.625 and 3.4375).
 * Every unit is quantized to that type with GPTQ (or RTN) onto llama.cpp's own grid
   (:mod:`moepress.quantize.ggml_blocks`), so the checkpoint already holds the GGUF's bytes.
 * Refused, in one line naming the unit or layer: pruning, dynamic act-order, dynamic expert
@@ -26,7 +27,8 @@ from ..model.view import EXPERT_LINEARS, MoEView
 
 TARGETS = ("llamacpp",)
 # --bits N under --target llamacpp: llama.cpp's N-bit type for rows of 256 inputs, and where they are not
-TYPES_BY_BITS = {4: ("q4_K", "q4_1"), 5: ("q5_K", "q5_1"), 6: ("q6_K", "q8_0"), 8: ("q8_0", "q8_0")}
+TYPES_BY_BITS = {2: ("q2_K", "q4_0"), 3: ("q3_K", "q4_0"), 4: ("q4_K", "q4_1"), 5: ("q5_K", "q5_1"),
+                 6: ("q6_K", "q8_0"), 8: ("q8_0", "q8_0")}
 
 
 def check_target_name(target: str | None) -> None:
@@ -45,8 +47,9 @@ def block_type(bits: int, ggml_type: str | None = None, in_features: int | None 
         except ValueError as exc:
             raise MoepressError(f"--ggml-type: {exc}") from None
     if bits not in TYPES_BY_BITS:
-        raise MoepressError(f"--target llamacpp writes llama.cpp's 4-, 5-, 6- and 8-bit types (q4_K/q4_1, q5_K/q5_1, "
-                            f"q6_K, q8_0) or 16 (f16); {bits}-bit needs Q2_K/Q3_K, which moepress does not write yet")
+        raise MoepressError(f"--target llamacpp writes llama.cpp's 2-, 3-, 4-, 5-, 6- and 8-bit types (q2_K, q3_K, "
+                            f"q4_K/q4_1, q5_K/q5_1, q6_K, q8_0; q4_0 where a 2/3-bit row is not a multiple of 256) or "
+                            f"16 (f16), not {bits}-bit")
     k_quant, legacy = TYPES_BY_BITS[bits]
     return k_quant if in_features is not None and block_format(k_quant).fits(in_features) else legacy
 
