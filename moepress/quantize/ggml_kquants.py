@@ -34,6 +34,7 @@ class KQuantFormat(BlockFormat):
 
     block: int = SUPER
     sub: int = 32
+    scale_bits: int = 6  # width of each sub-block's integer scale (and minimum): 4 for q2_K, 8 for q6_K
 
     @property
     def n_sub(self) -> int:
@@ -41,13 +42,14 @@ class KQuantFormat(BlockFormat):
 
     @property
     def block_bytes(self) -> int:
-        if self.bits == 6:
-            return SUPER // 2 + SUPER // 4 + SUPER // 16 + 2
-        return 4 + 12 + (SUPER // 8 if self.bits == 5 else 0) + SUPER // 2
+        """Codes, the sub-blocks' integer scales (and minima), one or two float16 super-scales."""
+        ints = self.n_sub * self.scale_bits * (2 if self.has_min else 1) // 8
+        return SUPER * self.bits // 8 + ints + (4 if self.has_min else 2)
 
     @property
     def offset(self) -> int:
-        return 32 if self.bits == 6 else 0
+        """The code of weight zero in the types without minima (32 for q6_K, 4 for q3_K)."""
+        return 0 if self.has_min else 2 ** (self.bits - 1)
 
     @property
     def qmin(self) -> int:
@@ -60,25 +62,27 @@ class KQuantFormat(BlockFormat):
     # ------------------------------------------------------------------ the grid
     def find_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stored parameters of each super-block ``x[..., 256]``: (scale, zero), each [..., 1 + n_sub]:
-        ``[d, sc_0..]`` and ``[dmin, m_0..]`` (q6_K: ``[d, sc_0..]`` and zeros), float32 values the
-        file holds exactly (d in float16, sc and m integers)."""
+        ``[d, sc_0..]`` and ``[dmin, m_0..]`` (q6_K, q3_K: ``[d, sc_0..]`` with signed ``sc``, and
+        zeros), float32 values the file holds exactly (d in float16, sc and m integers)."""
         x = x.float()
         subs = x.reshape(*x.shape[:-1], self.n_sub, self.sub)
-        if self.bits == 6:
+        if not self.has_min:
             peak = subs.gather(-1, subs.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
-            scale = peak / -32
+            scale = peak / -self.offset
             top = scale.gather(-1, scale.abs().argmax(dim=-1, keepdim=True))  # [..., 1]
-            d = _fp16(top / -128)
+            half = 2 ** (self.scale_bits - 1)  # the largest scale lands on integer -128 (q6_K), -32 (q3_K)
+            d = _fp16(top / -half)
             sc = torch.where(d == 0, torch.zeros_like(scale), torch.round(scale / torch.where(d == 0, 1, d)))
-            sc = sc.clamp(-128, 127)
+            sc = sc.clamp(-half, half - 1)
             return torch.cat([d, sc], -1), torch.zeros(*sc.shape[:-1], 1 + self.n_sub, device=x.device)
         lo = subs.amin(dim=-1).clamp(max=0)
         hi = subs.amax(dim=-1)
         scale, mins = (hi - lo) / self.qmax, -lo  # both >= 0
-        d = _fp16(scale.amax(dim=-1, keepdim=True) / 63)
-        dmin = _fp16(mins.amax(dim=-1, keepdim=True) / 63)
-        sc = torch.where(d > 0, torch.round(scale / torch.where(d > 0, d, 1)), 0).clamp(0, 63)
-        m = torch.where(dmin > 0, torch.round(mins / torch.where(dmin > 0, dmin, 1)), 0).clamp(0, 63)
+        top = 2**self.scale_bits - 1  # 63, 15 for q2_K
+        d = _fp16(scale.amax(dim=-1, keepdim=True) / top)
+        dmin = _fp16(mins.amax(dim=-1, keepdim=True) / top)
+        sc = torch.where(d > 0, torch.round(scale / torch.where(d > 0, d, 1)), 0).clamp(0, top)
+        m = torch.where(dmin > 0, torch.round(mins / torch.where(dmin > 0, dmin, 1)), 0).clamp(0, top)
         return torch.cat([d, sc], -1), torch.cat([dmin, m], -1)
 
     def effective(self, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +96,7 @@ class KQuantFormat(BlockFormat):
         return q.clamp(self.qmin, self.qmax)
 
     def dequantize(self, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        if self.bits == 6:
+        if not self.has_min:
             return s * (q - self.offset)
         return s * q - z
 
@@ -104,6 +108,13 @@ class KQuantFormat(BlockFormat):
         nb = in_f // SUPER
         q = codes.reshape(*lead, nb, SUPER).to(torch.uint8)
         d, sc = scale[..., 0], scale[..., 1:]
+        if self.bits == 2:  # scales[16] (sc | m << 4), qs[64], d, dmin
+            nibbles = sc.to(torch.uint8) | (zero[..., 1:].to(torch.uint8) << 4)
+            parts = [nibbles, _pack_2bit(q), _fp16_bytes(d), _fp16_bytes(zero[..., 0])]
+            return torch.cat(parts, -1).reshape(*lead, nb * self.block_bytes)
+        if self.bits == 3:  # hmask[32], qs[64], scales[12], d
+            parts = [_pack_high_bits(q >> 2), _pack_2bit(q & 3), _pack_q3_scales(sc), _fp16_bytes(d)]
+            return torch.cat(parts, -1).reshape(*lead, nb * self.block_bytes)
         if self.bits == 6:
             parts = []
             ql, qh = [], []
@@ -136,6 +147,15 @@ class KQuantFormat(BlockFormat):
         if width != self.row_bytes(in_features):
             raise ValueError(f"{self.name}: {width} bytes per row, expected {self.row_bytes(in_features)}")
         b = data.reshape(*lead, nb, self.block_bytes)
+        if self.bits == 2:
+            nibbles, d, dmin = b[..., :16], _fp16_from_bytes(b[..., 80:82]), _fp16_from_bytes(b[..., 82:84])
+            scale = torch.cat([d.unsqueeze(-1), (nibbles & 0xF).float()], -1)
+            zero = torch.cat([dmin.unsqueeze(-1), (nibbles >> 4).float()], -1)
+            return _unpack_2bit(b[..., 16:80]).float().reshape(*lead, in_features), scale, zero
+        if self.bits == 3:
+            q = _unpack_2bit(b[..., 32:96]) | (_unpack_high_bits(b[..., :32]) << 2)
+            scale = torch.cat([_fp16_from_bytes(b[..., 108:110]).unsqueeze(-1), _unpack_q3_scales(b[..., 96:108])], -1)
+            return q.float().reshape(*lead, in_features), scale, torch.zeros_like(scale)
         if self.bits == 6:
             ql, qh = b[..., :128], b[..., 128:192]
             sc = b[..., 192:208].contiguous().view(torch.int8).float()
@@ -170,11 +190,58 @@ class KQuantFormat(BlockFormat):
         return q.float().reshape(*lead, in_features), scale, zero
 
 
+# ---------------------------------------------------------------------- q2_K / q3_K bit planes
+# (code i of a super-block: half h = i // 128, plane j = i % 128 // 32, lane l = i % 32)
+
+
+def _pack_2bit(q: torch.Tensor) -> torch.Tensor:
+    """Codes' low two bits uint8 [..., 256] -> qs [..., 64]: bits 2j of qs[32 h + l] hold code 128 h + 32 j + l."""
+    planes = (q & 3).reshape(*q.shape[:-1], 2, 4, 32)
+    return (planes[..., 0, :] | (planes[..., 1, :] << 2) | (planes[..., 2, :] << 4)
+            | (planes[..., 3, :] << 6)).reshape(*q.shape[:-1], 64)
+
+
+def _unpack_2bit(qs: torch.Tensor) -> torch.Tensor:
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=qs.device)
+    planes = (qs.reshape(*qs.shape[:-1], 2, 1, 32) >> shifts[:, None]) & 3
+    return planes.reshape(*qs.shape[:-1], SUPER)
+
+
+def _pack_high_bits(bit: torch.Tensor) -> torch.Tensor:
+    """q3_K's hmask [..., 32]: bit i // 32 of hmask[i % 32] is code i's bit 2."""
+    bits = (bit & 1).reshape(*bit.shape[:-1], 8, 32).to(torch.int32)
+    weights = torch.tensor([1 << b for b in range(8)], dtype=torch.int32, device=bit.device)
+    return (bits * weights[:, None]).sum(-2).to(torch.uint8)
+
+
+def _unpack_high_bits(hmask: torch.Tensor) -> torch.Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8, device=hmask.device)
+    return ((hmask.unsqueeze(-2) >> shifts[:, None]) & 1).reshape(*hmask.shape[:-1], SUPER)
+
+
+def _pack_q3_scales(sc: torch.Tensor) -> torch.Tensor:
+    """q3_K's 16 signed 6-bit scales [..., 16] (in [-32, 31]) -> scales[12]: ``sc + 32``'s low nibble in
+    byte j (j < 8) or the high nibble of byte j - 8; its top two bits at bits 2 (j // 4) of byte 8 + j % 4."""
+    u = (sc + 32).to(torch.uint8)
+    low, high = u & 0xF, (u >> 4).reshape(*u.shape[:-1], 4, 4)
+    tops = high[..., 0, :] | (high[..., 1, :] << 2) | (high[..., 2, :] << 4) | (high[..., 3, :] << 6)
+    return torch.cat([low[..., :8] | (low[..., 8:] << 4), tops], -1)
+
+
+def _unpack_q3_scales(s: torch.Tensor) -> torch.Tensor:
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=s.device)
+    low = torch.cat([s[..., :8] & 0xF, s[..., :8] >> 4], -1)
+    high = ((s[..., 8:12].unsqueeze(-2) >> shifts[:, None]) & 3).reshape(*s.shape[:-1], 16)
+    return (low | (high << 4)).float() - 32
+
+
 # ggml's type ids (gguf.GGMLQuantizationType)
 Q4_K = KQuantFormat("q4_K", 4, has_min=True, ggml_type=12)
 Q5_K = KQuantFormat("q5_K", 5, has_min=True, ggml_type=13)
-Q6_K = KQuantFormat("q6_K", 6, has_min=False, ggml_type=14, sub=16)
-K_FORMATS = {f.name: f for f in (Q4_K, Q5_K, Q6_K)}
+Q6_K = KQuantFormat("q6_K", 6, has_min=False, ggml_type=14, sub=16, scale_bits=8)
+Q2_K = KQuantFormat("q2_K", 2, has_min=True, ggml_type=10, sub=16, scale_bits=4)
+Q3_K = KQuantFormat("q3_K", 3, has_min=False, ggml_type=11, sub=16, scale_bits=6)
+K_FORMATS = {f.name: f for f in (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)}
 FORMATS.update(K_FORMATS)  # block_format() finds them by name: moepress.quantize imports this module
 
-__all__ = ["K_FORMATS", "KQuantFormat", "Q4_K", "Q5_K", "Q6_K", "SUPER"]
+__all__ = ["K_FORMATS", "KQuantFormat", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "SUPER"]
