@@ -23,6 +23,12 @@ also gets its memory from a process of its own (resident after loading, and the 
 decoding at each batch size) and, for moepress's runtimes, how far its logits are from the
 reference runtime's in bf16 (with the reference's own bf16-vs-float32 distance for scale). Writes
 benchmarks/results/speed-fast-<date>.json.
+
+``--llamacpp`` (with ``--runtimes``) adds llama.cpp itself: moepress's f16, 4- and 3-bit GGUFs
+(``compress --target llamacpp`` + ``export --format gguf``) decoded by ``llama-batched-bench`` at
+the same prompt and generation lengths, batch sizes and thread count (its generation-only
+tokens/s), as ratios to the same bf16 transformers row and to llama.cpp's own f16 file. Those rows
+run after the torch rows, not interleaved with them.
 """
 
 from __future__ import annotations
@@ -276,6 +282,84 @@ def logits_distance(entries: list[Entry], source: str, args) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------ --llamacpp (with --runtimes)
+
+LLAMACPP_KINDS = {"f16": 16, "4b": 4, "3b": 3}  # --target llamacpp --bits: the GGUFs llama.cpp decodes
+
+
+def gguf_files(source: str, work: str, args) -> dict[str, str]:
+    """GGUFs of ``source`` from ``compress --target llamacpp --bits N`` + ``export --format gguf``, made
+    once into ``work`` (reused); a width the model's rows cannot take is left out, saying why."""
+    from moepress.errors import MoepressError
+    from moepress.export.gguf import export_gguf
+
+    files = {}
+    for kind, bits in LLAMACPP_KINDS.items():
+        out = os.path.join(work, f"llamacpp-{kind}")
+        gguf = out + ".gguf"
+        try:
+            if not os.path.exists(gguf):
+                _compress(source, out, bits=bits, target="llamacpp", calib_samples=args.calib_samples, seq_len=128)
+                export_gguf(out, gguf)
+        except MoepressError as exc:
+            print(f"  {os.path.basename(source)} llama.cpp {kind}: left out ({exc})")
+            continue
+        files[kind] = gguf
+    return files
+
+
+def llamacpp_tokens_per_second(gguf: str, args) -> dict[int, list[float]]:
+    """llama-batched-bench's decode tokens/s (``speed_tg``: generation only, prompt excluded) of
+    ``gguf`` at batch 1 and ``args.batch`` parallel sequences, one run per repeat."""
+    from moepress.export import llamacpp_tools
+
+    tool = llamacpp_tools.tool("llama-batched-bench")
+    context = (args.prompt_tokens + args.new_tokens) * args.batch + 64
+    speeds: dict[int, list[float]] = {1: [], args.batch: []}
+    for _ in range(args.repeats):
+        done = subprocess.run([str(tool), "-m", gguf, "-c", str(context), "-npp", str(args.prompt_tokens),
+                               "-ntg", str(args.new_tokens), "-npl", f"1,{args.batch}", "-t", str(args.threads),
+                               "--output-format", "jsonl"], capture_output=True, text=True, check=True)
+        for line in done.stdout.splitlines():
+            if line.startswith("{") and '"speed_tg"' in line:
+                record = json.loads(line)
+                speeds[record["pl"]].append(record["speed_tg"])
+    return speeds
+
+
+def llamacpp_rows(name: str, source: str, work: str, rows: list[dict], args) -> list[dict]:
+    """llama.cpp's decode speed on moepress's GGUFs, as ratios to this run's fastest bf16 transformers
+    row (``vs_bf16``) and to llama.cpp's own f16 GGUF (``vs_llamacpp_f16``)."""
+    from moepress.export import llamacpp_tools
+
+    reason = llamacpp_tools.missing("llama-batched-bench")
+    if reason is not None:
+        print(f"  llama.cpp rows left out: {reason}")
+        return []
+    bf16 = {r["batch"]: r["tokens_per_second"] / r["vs_bf16"] for r in rows if r.get("vs_bf16") == 1.0}
+    speeds = {kind: llamacpp_tokens_per_second(path, args) for kind, path in gguf_files(source, work, args).items()}
+    out = []
+    for batch in (1, args.batch):
+        for kind, by_batch in speeds.items():
+            tps = statistics.median(by_batch[batch])
+            row = {"model": f"{name} llama.cpp {kind}", "batch": batch, "threads": args.threads,
+                   "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
+                   "tokens_per_second": round(tps, 1), "all_tokens_per_second": [round(t, 1) for t in by_batch[batch]],
+                   "vs_bf16": round(tps / bf16[batch], 3) if batch in bf16 else None}
+            if "f16" in speeds:
+                row["vs_llamacpp_f16"] = round(tps / statistics.median(speeds["f16"][batch]), 3)
+            out.append(row)
+    return out
+
+
+def llamacpp_table(rows: list[dict]) -> str:
+    lines = ["| model | batch | tokens/s | vs bf16 transformers | vs llama.cpp f16 |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['tokens_per_second']} | {r['vs_bf16']:.2f}x | "
+                     f"{r.get('vs_llamacpp_f16', float('nan')):.2f}x |")
+    return "\n".join(lines)
+
+
 def runtime_table(rows: list[dict], memories: dict[str, dict]) -> str:
     lines = ["| model | batch | tokens/s | vs bf16 | vs fp32 | tensors MiB | peak RSS MiB (decode +) | kernels |",
              "|---|---|---|---|---|---|---|---|"]
@@ -314,6 +398,10 @@ def run_runtimes(args) -> dict:
         print(f"\n{name} ({args.threads} thread(s); baseline 'vs bf16': the fastest bf16 expert implementation)")
         print(runtime_table(rows, memories))
         print(logits_table(distances))
+        if args.llamacpp:
+            engine = llamacpp_rows(name, source, os.path.join(work, name), rows, args)
+            results["models"][name]["llamacpp"] = engine
+            print(llamacpp_table(engine))
     return results
 
 
@@ -322,6 +410,8 @@ def main(argv=None) -> int:
     p.add_argument("--reference", help="the uncompressed model (a folder)")
     p.add_argument("--models", nargs="+", help="moepress checkpoints to compare with it")
     p.add_argument("--runtimes", action="store_true", help="bf16 transformers vs moepress's runtimes on the zoo")
+    p.add_argument("--llamacpp", action="store_true",
+                   help="with --runtimes: also llama.cpp (llama-batched-bench) on moepress's f16, 4- and 3-bit GGUFs")
     p.add_argument("--zoo", nargs="+", help=f"zoo models for --runtimes (default: those of {', '.join(ZOO)} present)")
     p.add_argument("--work", help="folder for --runtimes' checkpoints (default: a new temp folder; reused when given)")
     p.add_argument("--group-size", type=int, default=None,

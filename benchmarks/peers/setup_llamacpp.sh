@@ -18,7 +18,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 DEST="${MOEPRESS_LLAMACPP:-$ROOT/.venvs/llamacpp}"
 VERSION="0.3.36"
-TARGETS=(llama-quantize llama-perplexity llama-imatrix llama-bench llama-cli)
+TARGETS=(llama-quantize llama-perplexity llama-imatrix llama-bench llama-batched-bench llama-cli)
 JOBS="${MOEPRESS_BUILD_JOBS:-2}"
 
 started=$(date +%s)

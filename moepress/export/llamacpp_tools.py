@@ -13,7 +13,7 @@ from pathlib import Path
 
 ENV = "MOEPRESS_LLAMACPP"
 SETUP = "bash benchmarks/peers/setup_llamacpp.sh"
-TOOLS = ("llama-quantize", "llama-perplexity", "llama-imatrix", "llama-bench", "llama-cli")
+TOOLS = ("llama-quantize", "llama-perplexity", "llama-imatrix", "llama-bench", "llama-batched-bench", "llama-cli")
 
 
 def llamacpp_dir() -> Path:
