@@ -172,7 +172,7 @@ def test_select_picks_experts():
 
 # ---------------------------------------------------------------------- k-quants
 
-K_NAMES = ["q4_K", "q5_K", "q6_K"]
+K_NAMES = ["q2_K", "q3_K", "q4_K", "q5_K", "q6_K"]
 K_SHAPES = [(1, 256), (3, 512), (2, 4, 256)]
 
 
@@ -207,13 +207,14 @@ def test_k_arbitrary_parameters_round_trip(name):
     nb = in_f // fmt.block
     codes = torch.randint(fmt.qmin, fmt.qmax + 1, (rows, in_f), generator=g).float()
     d = (torch.rand(rows, nb, 1, generator=g) * 0.01).half().float()
-    if fmt.bits == 6:
-        sc = torch.randint(-128, 128, (rows, nb, fmt.n_sub), generator=g).float()
+    levels = 2**fmt.scale_bits  # of each integer scale: 4-bit (q2_K), 6-bit, 8-bit (q6_K)
+    if not fmt.has_min:  # signed scales (q3_K, q6_K)
+        sc = torch.randint(-levels // 2, levels // 2, (rows, nb, fmt.n_sub), generator=g).float()
         zero = torch.zeros(rows, nb, 1 + fmt.n_sub)
     else:
-        sc = torch.randint(0, 64, (rows, nb, fmt.n_sub), generator=g).float()
+        sc = torch.randint(0, levels, (rows, nb, fmt.n_sub), generator=g).float()
         zero = torch.cat([(torch.rand(rows, nb, 1, generator=g) * 0.01).half().float(),
-                          torch.randint(0, 64, (rows, nb, fmt.n_sub), generator=g).float()], -1)
+                          torch.randint(0, levels, (rows, nb, fmt.n_sub), generator=g).float()], -1)
     scale = torch.cat([d, sc], -1)
     weight = BlockQuantizedWeight.from_codes(codes, scale, zero, fmt)
     q2, s2, z2 = weight.unpack()
