@@ -157,11 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "one layer's Hessians do not fit (float32: E x (H^2 + I^2) x 4 bytes)")
     c.add_argument("--offload-activations", action="store_true",
                    help="keep the calibration activations in memory-mapped files beside --out instead of in memory")
-    c.add_argument("--target", choices=("llamacpp",), default=None,
+    c.add_argument("--target", choices=("llamacpp", "vllm"), default=None,
                    help="the engine that will serve the result: llamacpp quantizes every unit onto llama.cpp's own "
                         "block format (--bits 4: q4_K, or q4_1 where a row is not a multiple of 256; 5: q5_K/q5_1; "
                         "6: q6_K/q8_0; 8: q8_0; 16: f16) with GPTQ and refuses what a GGUF cannot hold (pruning, "
-                        "per-expert mixed types, unequal expert counts); then `moepress export --format gguf`")
+                        "per-expert mixed types, unequal expert counts); then `moepress export --format gguf`. "
+                        "vllm: symmetric 4- or 8-bit weights with --group-size (vLLM's W4A16/W8A16), one scheme per "
+                        "layer's experts and per fused q/k/v or gate/up, refusing what vLLM cannot load; then "
+                        "`moepress export --format compressed-tensors`")
     c.add_argument("--ggml-type", choices=("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K"),
                    default=None, help="with --target llamacpp: this llama.cpp type for every unit instead of "
                                       "--bits' choice")
@@ -298,7 +301,7 @@ def run_compress(args) -> None:
     what = (f"the options of {args.plan}" if args.plan else
             f"the options of the {'joint' if args.active is not None else args.strategy} plan within {args.budget}"
             f"{f' and {args.active:g} of the active parameters' if args.active is not None else ''} (plan.yaml in {args.out})" if args.budget else
-            (f"llama.cpp's {'/'.join(sorted({t.label for t in result.units.values()}))}" if config.target
+            (f"llama.cpp's {'/'.join(sorted({t.label for t in result.units.values()}))}" if config.target == "llamacpp"
              else f"{config.bits} bits") +
             (f", the {config.prune_scope} pruned to {config.prune} ({config.pruner})" if config.prune else ""))
     print("\nexpert coverage (calibration tokens routed per expert):", file=sys.stderr)

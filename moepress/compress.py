@@ -64,7 +64,7 @@ class CompressConfig:
     drop_criterion: str = "reap"  # frequency | mass | router | reap (moepress.trim.importance)
     expert_chunk: int | None = None  # experts whose Hessians are held at once (None: all of a layer)
     offload_activations: bool = False  # calibration activations in memory-mapped files beside --out
-    target: str | None = None  # "llamacpp": llama.cpp's block formats and rules (moepress.export.llamacpp_target)
+    target: str | None = None  # "llamacpp" or "vllm": that engine's formats and rules (moepress.export.targets)
     ggml_type: str | None = None  # with target llamacpp: the type instead of --bits' default (q4_0, q5_0, ...)
 
     def __post_init__(self):
@@ -74,10 +74,11 @@ class CompressConfig:
             raise MoepressError(str(exc)) from None
         if self.prune_scope not in ("experts", "all"):
             raise MoepressError(f"prune-scope must be 'experts' or 'all' (got {self.prune_scope!r})")
-        from .export import llamacpp_target
+        from .export import targets
 
-        llamacpp_target.check_target_name(self.target)
-        llamacpp_target.check_config(self)
+        targets.check_config(self)  # an unknown target, or flags it cannot express, fail here
+        if self.target == "vllm":
+            self.symmetric = True  # vLLM's MoE kernels read no zero points (moepress.export.vllm_target)
         self.treatment()  # a bad bit width, group size or damping fails here, in one line
         self.pruned_treatment()
         self._drop_amount()
@@ -720,14 +721,15 @@ def compress(
     else:
         _check_shapes(view, config)
     check_trimming(view, config)
-    if config.target == "llamacpp":  # what a GGUF cannot hold is refused here, before any work
-        from .export import llamacpp_target
+    if config.target is not None:  # what the engine cannot hold is refused here, before any work
+        from .export.targets import target_rules
 
-        if plan is None:  # --bits: llama.cpp's type for each unit's row width
-            treatments = llamacpp_target.resolve(view, config)
+        rules = target_rules(config.target)
+        if plan is None:  # --bits: the engine's own type for each unit
+            treatments = rules.resolve(view, config)
         trim = plan.trim if plan is not None else None
-        llamacpp_target.check_trimming(view, trim, config)
-        llamacpp_target.check_units(view, unit_treatments(config, treatments), trim)
+        rules.check_trimming(view, trim, config)
+        rules.check_units(view, unit_treatments(config, treatments), trim)
     text = load_text(config.calib)
     tokens = token_windows(
         text, tokenizer, config.seq_len, config.calib_samples, seed=config.seed, what="calibration"
