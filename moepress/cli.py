@@ -17,6 +17,8 @@ what that costs in quality and bytes.
   moepress eval --model OUT_DIR --reference PATH_OR_HUB_ID --text FILE.txt
   moepress compress --model PATH --target llamacpp --bits 4 --out OUT_DIR     # llama.cpp's q4_1, with GPTQ
   moepress export --model OUT_DIR --format gguf --out model.gguf               # then llama-cli -m model.gguf
+  moepress compress --model PATH --target vllm --bits 4 --out OUT_DIR         # vLLM's W4A16 (symmetric, g128)
+  moepress export --model OUT_DIR --format compressed-tensors --out OUT_CT     # then vllm serve OUT_CT
   moepress tiny --arch mixtral --out tiny-mixtral      # a tiny random model to try it offline
 """
 
@@ -213,13 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser(
         "export",
-        help="write a moepress checkpoint in a format another engine serves (GGUF for llama.cpp)",
+        help="write a moepress checkpoint in a format another engine serves (GGUF for llama.cpp, "
+             "compressed-tensors for vLLM)",
         description="--format gguf: a checkpoint made with `compress --target llamacpp` as one GGUF file, its "
-        "llama.cpp block-format weights written as they are (llama-cli, llama-server, llama-perplexity run it).",
+        "llama.cpp block-format weights written as they are (llama-cli, llama-server, llama-perplexity run it). "
+        "--format compressed-tensors: a checkpoint (e.g. from `compress --target vllm`) as a folder in "
+        "compressed-tensors' pack-quantized layout, the codes and scales moepress computed with "
+        "(vllm serve and transformers' from_pretrained load it).",
     )
     x.add_argument("--model", required=True, help="the moepress checkpoint folder (compress --out)")
-    x.add_argument("--format", required=True, choices=("gguf",), help="gguf (llama.cpp)")
-    x.add_argument("--out", required=True, help="the file to write (written to a temporary file, then renamed)")
+    x.add_argument("--format", required=True, choices=("gguf", "compressed-tensors"),
+                   help="gguf (llama.cpp) or compressed-tensors (vLLM)")
+    x.add_argument("--out", required=True, help="the file (gguf) or folder (compressed-tensors) to write (written "
+                                                "to a temporary path, then renamed)")
     x.add_argument("--tokenizer-pre", default=None, metavar="NAME",
                    help="llama.cpp's name of the tokenizer's BPE pre-tokenizer (default: gpt-2 for a byte-level BPE "
                         "with GPT-2's split regex; others must be named, e.g. llama-bpe, qwen2)")
@@ -354,6 +362,12 @@ def run_export(args) -> None:
     from .errors import MoepressError
     from .export.gguf import export_gguf
 
+    if args.format == "compressed-tensors":
+        from .export.compressed_tensors import export_compressed_tensors
+
+        out = export_compressed_tensors(args.model, args.out, overwrite=args.overwrite)
+        print(f"wrote {out} (compressed-tensors pack-quantized)")
+        return
     if os.path.exists(args.out) and not args.overwrite:
         raise MoepressError(f"{args.out} exists; pass --overwrite to replace it")
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
