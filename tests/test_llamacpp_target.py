@@ -122,8 +122,8 @@ def _plan(view, option, **overrides) -> dict:
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--bits", "3"], "3-bit needs Q2_K/Q3_K"),
-    (["--bits", "2"], "2-bit needs Q2_K/Q3_K"),
+    (["--bits", "7"], "q4_K/q4_1, q5_K/q5_1, q6_K, q8_0; q4_0 where a 2/3-bit row is not a multiple of 256) or 16 "
+                      "(f16), not 7-bit"),
     (["--ggml-type", "q4_K"], "q4_K stores blocks of 256 inputs; layers.0.attn.q_proj has 128 input features"),
     (["--prune", "50%"], "--target llamacpp: --prune 50%: llama.cpp stores no pruned weights"),
     (["--act-order", "dynamic"], "act-order dynamic"),
