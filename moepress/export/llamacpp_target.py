@@ -22,6 +22,8 @@ or in float. So under the target:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..errors import MoepressError
 from ..model.view import EXPERT_LINEARS, MoEView
 
@@ -42,6 +44,11 @@ def block_type(bits: int, ggml_type: str | None = None, in_features: int | None 
     from ..quantize.ggml_blocks import block_format
 
     if ggml_type is not None:
+        if is_preset(ggml_type):  # a llama-quantize mix: its default type (the fallback where rows are narrow)
+            from .llamacpp_presets import FILE_TYPES, fallback, file_type
+
+            default = FILE_TYPES[file_type(ggml_type)]
+            return fallback(in_features if in_features is not None else block_format("q4_0").block, default)
         try:
             return block_format(ggml_type).name
         except ValueError as exc:
@@ -54,16 +61,125 @@ def block_type(bits: int, ggml_type: str | None = None, in_features: int | None 
     return k_quant if in_features is not None and block_format(k_quant).fits(in_features) else legacy
 
 
+def is_preset(ggml_type: str | None) -> bool:
+    """Whether ``--ggml-type`` names one of llama-quantize's mixes (``q4_K_M``, ``q2_K``, ``q4_0``: its
+    file types, :data:`~moepress.export.llamacpp_presets.FILE_TYPES`) rather than one type for every
+    unit (``q3_K``, ``q4_K``, ``q5_K``: llama-quantize takes these only as aliases of the ``_M`` mixes)."""
+    from .llamacpp_presets import FILE_TYPES
+
+    return ggml_type is not None and any(ggml_type.lower() == f.lower() for f in FILE_TYPES) \
+        and ggml_type.lower() not in ("q3_k", "q4_k", "q5_k")
+
+
 def resolve(view: MoEView, config) -> dict:
     """Every unit's treatment under the target without a plan: ``--bits``' type for its row width
-    (one for all experts of a projection: they share it), kept at 16 bits."""
+    (one for all experts of a projection: they share it), kept at 16 bits; with a llama-quantize
+    mix (``--ggml-type q4_K_M``) the type llama-quantize gives the unit's tensor
+    (:func:`preset_treatments`)."""
     from ..treatment import KEEP, Treatment
 
+    settings = {"method": config.method, "act_order": config.act_order, "damp": config.damp}
+    if is_preset(config.ggml_type):
+        if config.drop_blocks:
+            raise MoepressError(f"--ggml-type {config.ggml_type}: llama-quantize's mixes give layers types by their "
+                                "position, which --drop-blocks changes after calibration; use --bits or a plain type")
+        drop = config.experts_to_drop
+        return preset_treatments(view, config.ggml_type, settings, experts_dropped=drop)
     if config.bits == KEEP.bits and config.ggml_type is None:
         return {name: KEEP for name in view.unit_shapes()}
-    settings = {"method": config.method, "act_order": config.act_order, "damp": config.damp}
-    return {name: Treatment.block_format(block_type(config.bits, config.ggml_type, in_features), **settings)
-            for name, (_, in_features) in view.unit_shapes().items()}
+    treatments = {}
+    for name, (out_features, in_features) in view.unit_shapes().items():
+        treatments[name] = Treatment.block_format(block_type(config.bits, config.ggml_type, in_features), **settings)
+        treatments[name].check_shape(out_features, in_features, name)
+    return treatments
+
+
+# ---------------------------------------------------------------------- the GGUF's tensors of a model
+
+# a unit's linear -> its GGUF tensor (llama.cpp's names do not depend on the architecture)
+_ATTENTION_TENSORS = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                      "q_a_proj": "attn_q_a", "q_b_proj": "attn_q_b", "kv_a_proj_with_mqa": "attn_kv_a_mqa"}
+_FFN = {"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+
+
+@dataclass
+class GGUFLayout:
+    """The GGUF tensors llama.cpp's converter writes for a model's weights, as llama-quantize's rules
+    see them: hyperparameters, every tensor's name and row width, and which tensor holds each unit.
+
+    ``units`` maps a unit to its tensor; DeepSeek's ``kv_b_proj`` is written as two (``attn_v_b``, its
+    value rows, and ``attn_k_b``, its key rows transposed), and takes the type of ``attn_v_b``, whose rows
+    are its own (the export writes ``attn_k_b`` from its values)."""
+
+    hparams: object  # llamacpp_presets.Hparams
+    tensors: list
+    units: dict[str, str]
+
+
+def gguf_layout(view: MoEView, experts_dropped=None) -> GGUFLayout:
+    """The :class:`GGUFLayout` of ``view``'s model (``experts_dropped``: a function of a layer's expert
+    count giving how many an expert drop removes, for the GGUF's expert count)."""
+    from .llamacpp_presets import Hparams, TensorInfo
+
+    model, config = view.model, view.model.config
+    hidden = model.get_input_embeddings().weight.shape[1]
+    tensors = [TensorInfo("token_embd.weight", hidden)]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not model.get_input_embeddings().weight:
+        tensors.append(TensorInfo("output.weight", hidden))
+    units, n_expert = {}, 0
+    for layer in range(view.num_layers):
+        blk = f"blk.{layer}."
+        for unit in view.attention_units(layer):
+            linear = unit.name.rsplit(".", 1)[1]
+            if linear == "kv_b_proj":  # [n_head, rank, nope] and [n_head, v, rank]: 3-D, as the converter splits it
+                tensors.append(TensorInfo(blk + "attn_k_b.weight", config.qk_nope_head_dim, 3))
+                tensors.append(TensorInfo(blk + "attn_v_b.weight", unit.in_features, 3))
+                units[unit.name] = blk + "attn_v_b.weight"
+                continue
+            units[unit.name] = blk + _ATTENTION_TENSORS[linear] + ".weight"
+            tensors.append(TensorInfo(units[unit.name], unit.in_features))
+        store = view.experts(layer)
+        if store is not None:
+            kept = store.num_experts - (experts_dropped(store.num_experts) if experts_dropped else 0)
+            n_expert = n_expert or kept
+            for linear in EXPERT_LINEARS:
+                name = blk + _FFN[linear] + "_exps.weight"
+                tensors.append(TensorInfo(name, store.shape(linear)[1], 3))
+                units.update({store.unit_name(e, linear): name for e in range(store.num_experts)})
+        for unit in view.mlp_units(layer):
+            linear = unit.name.rsplit(".", 1)[1]
+            name = blk + _FFN[linear] + ("_shexp" if unit.kind == "shared" else "") + ".weight"
+            tensors.append(TensorInfo(name, unit.in_features))
+            units[unit.name] = name
+    from .gguf import ARCHITECTURES
+
+    arch = ARCHITECTURES[view.model_type].gguf_arch.lower() if view.model_type in ARCHITECTURES else view.model_type
+    n_head = config.num_attention_heads
+    n_head_kv = getattr(config, "num_key_value_heads", None) or n_head
+    hparams = Hparams(arch, view.num_layers, n_head, n_head_kv, n_expert)
+    return GGUFLayout(hparams, tensors, units)
+
+
+def preset_types(view: MoEView, ggml_type: str, experts_dropped=None) -> dict[str, str]:
+    """GGUF tensor name -> the type llama-quantize gives it for the mix ``ggml_type`` (``q4_K_M``)."""
+    from .llamacpp_presets import tensor_types
+
+    layout = gguf_layout(view, experts_dropped)
+    return tensor_types(layout.hparams, layout.tensors, ggml_type)
+
+
+def preset_treatments(view: MoEView, ggml_type: str, settings: dict, experts_dropped=None) -> dict:
+    """Every unit's treatment under the mix ``ggml_type``: its GGUF tensor's type (kept where
+    llama-quantize falls back to F16), with the quantizer ``settings`` (method, act_order, damp)."""
+    from ..treatment import KEEP, Treatment
+
+    layout = gguf_layout(view, experts_dropped)
+    from .llamacpp_presets import tensor_types
+
+    types = tensor_types(layout.hparams, layout.tensors, ggml_type)
+    return {unit: KEEP if types[tensor] == "f16" else Treatment.block_format(types[tensor], **settings)
+            for unit, tensor in layout.units.items()}
 
 
 def check_config(config) -> None:

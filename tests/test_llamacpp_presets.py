@@ -1,0 +1,116 @@
+"""llama-quantize's mixes (``--ggml-type q4_K_M``): moepress gives every tensor the type llama-quantize
+gives it, checked against llama-quantize's own files (skipped when llama.cpp is not built)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+
+import pytest
+
+from moepress.errors import MoepressError
+from moepress.export import llamacpp_tools
+from moepress.export.llamacpp_presets import FILE_TYPES, Hparams, TensorInfo, file_type, tensor_types
+from moepress.model.view import MoEView
+
+
+def _mixtral_8x7b_shape() -> tuple[Hparams, list[TensorInfo]]:
+    """Mixtral-8x7B's GGUF as llama-quantize sees it: 32 layers, 8 experts, GQA 4, rows of 4096/14336."""
+    tensors = [TensorInfo("token_embd.weight", 4096), TensorInfo("output.weight", 4096)]
+    for i in range(32):
+        tensors += [TensorInfo(f"blk.{i}.attn_{p}.weight", 4096) for p in ("q", "k", "v", "output")]
+        tensors += [TensorInfo(f"blk.{i}.ffn_{p}_exps.weight", 14336 if p == "down" else 4096, 3)
+                    for p in ("gate", "up", "down")]
+        tensors += [TensorInfo(f"blk.{i}.attn_norm.weight", 4096, 1), TensorInfo(f"blk.{i}.ffn_gate_inp.weight", 4096)]
+    return Hparams("llama", 32, 32, 8, 8), tensors
+
+
+def test_q4_K_M_on_mixtral_8x7b():
+    """The published Q4_K_M of Mixtral-8x7B: attn_v/attn_k Q8_0 and attn_output Q5_K (8 experts),
+    ffn_down Q6_K in the first and last four layers and every third between, the head Q6_K."""
+    hparams, tensors = _mixtral_8x7b_shape()
+    types = tensor_types(hparams, tensors, "Q4_K_M")
+    more_bits = {i for i in range(32) if i < 4 or i >= 28 or (i - 4) % 3 == 2}
+    assert more_bits == {0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31}
+    for i in range(32):
+        assert types[f"blk.{i}.ffn_down_exps.weight"] == ("q6_K" if i in more_bits else "q4_K")
+        assert types[f"blk.{i}.attn_v.weight"] == types[f"blk.{i}.attn_k.weight"] == "q8_0"
+        assert types[f"blk.{i}.attn_output.weight"] == "q5_K"
+        assert types[f"blk.{i}.attn_q.weight"] == types[f"blk.{i}.ffn_gate_exps.weight"] == "q4_K"
+    assert types["output.weight"] == "q6_K" and types["token_embd.weight"] == "q4_K"
+    assert "blk.0.attn_norm.weight" not in types and "blk.0.ffn_gate_inp.weight" not in types  # copied as they are
+
+
+def test_position_rules_fallbacks_and_tied_heads():
+    """Without 8 experts attn_v follows its position (Q3_K_M: the first two Q5_K); rows that a
+    k-quant's 256-blocks do not divide fall back as llama.cpp does; a tied table is the head."""
+    hparams = Hparams("qwen3moe", 16, 4, 2, 4)
+    tensors = [TensorInfo("token_embd.weight", 576)] + [TensorInfo(f"blk.{i}.{n}.weight", w)
+                                                         for i in range(16) for n, w in
+                                                         (("attn_v", 512), ("ffn_down_exps", 768), ("attn_q", 576))]
+    types = tensor_types(hparams, tensors, "q3_K_M")
+    assert [types[f"blk.{i}.attn_v.weight"] for i in range(4)] == ["q5_K", "q5_K", "q4_K", "q4_K"]
+    assert types["blk.0.ffn_down_exps.weight"] == "q5_K" and types["blk.1.ffn_down_exps.weight"] == "q4_K"  # n/16
+    assert types["blk.3.attn_q.weight"] == "q4_0"  # q3_K on 576 inputs -> llama.cpp's Q4_0
+    assert types["token_embd.weight"] == "q8_0"  # tied (no output.weight): the head's rule, 576 % 256 -> Q8_0
+    assert tensor_types(hparams, tensors, "q6_K")["blk.3.attn_q.weight"] == "q8_0"
+    assert tensor_types(hparams, tensors, "q4_K_S")["blk.3.attn_q.weight"] == "q5_0"
+    assert tensor_types(hparams, [TensorInfo("blk.0.attn_q.weight", 48)], "q4_0")["blk.0.attn_q.weight"] == "f16"
+    assert file_type("Q4_K_M") == "q4_K_M"
+    with pytest.raises(MoepressError, match="unknown llama-quantize file type 'q4_K_X'"):
+        file_type("q4_K_X")
+
+
+def _llamacpp_missing() -> str | None:
+    reason = llamacpp_tools.missing("convert", "llama-quantize")
+    if reason is None and importlib.util.find_spec("sentencepiece") is None:
+        reason = "llama.cpp's converter imports sentencepiece: pip install sentencepiece"
+    if reason is None and importlib.util.find_spec("gguf") is None:
+        reason = "the gguf package is an optional extra: pip install moepress[gguf]"
+    return reason
+
+
+# tiny models llama.cpp's converter takes; 256-wide rows so the k-quants apply (one 128-wide Mixtral
+# with 8 experts and 16 layers for the fallbacks, the 8-expert rules and Q3_K_M's first-sixteenth rule).
+# (qwen3moe and olmoe, whose rules are these, were checked the same way by hand: the converter's
+# start is most of this test's time.)
+WIDE = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=8)
+MODELS = {
+    "mixtral": dict(WIDE),
+    "mixtral-8x": dict(num_local_experts=8, num_hidden_layers=16),
+    "qwen2_moe": dict(WIDE, moe_intermediate_size=256, shared_expert_intermediate_size=256, mlp_only_layers=[]),
+    "deepseek_v3": dict(WIDE, moe_intermediate_size=256, kv_lora_rank=256, q_lora_rank=256),
+}
+
+
+@pytest.mark.skipif(_llamacpp_missing() is not None, reason=str(_llamacpp_missing()))
+@pytest.mark.parametrize("model", list(MODELS))
+def test_types_equal_llama_quantizes(model, tokenizer, tmp_path):
+    """For every mix (Q2_K_S aside: llama-quantize refuses it without an importance matrix), the
+    types moepress derives from the model equal those of ``llama-quantize f16.gguf out.gguf MIX``,
+    tensor by tensor, and moepress leaves out exactly the tensors llama-quantize does not quantize."""
+    import gguf
+
+    from moepress.export.llamacpp_target import preset_types
+    from moepress.model.tiny import build_tiny_model
+
+    arch = model.split("-")[0]
+    source = tmp_path / model
+    built = build_tiny_model(arch, vocab_size=len(tokenizer), **MODELS[model])
+    built.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    f16 = llamacpp_tools.convert_reference(str(source), str(tmp_path / "f16.gguf"))
+    view = MoEView(built)
+    for mix in FILE_TYPES:
+        if mix == "q2_K_S":
+            continue
+        out = tmp_path / f"{mix}.gguf"
+        done = subprocess.run([str(llamacpp_tools.tool("llama-quantize")), f16, str(out), mix.upper(), "1"],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-1000:]
+        theirs = {t.name: t.tensor_type.name.lower() for t in gguf.GGUFReader(str(out)).tensors
+                  if t.tensor_type != gguf.GGMLQuantizationType.F32}
+        ours = {name: t.lower() for name, t in preset_types(view, mix).items()}
+        assert ours == theirs, (mix, {k: (ours.get(k), theirs.get(k)) for k in set(ours) | set(theirs)
+                                      if ours.get(k) != theirs.get(k)})
+        out.unlink()
