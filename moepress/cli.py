@@ -167,9 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "vllm: symmetric 4- or 8-bit weights with --group-size (vLLM's W4A16/W8A16), one scheme per "
                         "layer's experts and per fused q/k/v or gate/up, refusing what vLLM cannot load; then "
                         "`moepress export --format compressed-tensors`")
-    c.add_argument("--ggml-type", choices=("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K"),
-                   default=None, help="with --target llamacpp: this llama.cpp type for every unit instead of "
-                                      "--bits' choice")
+    c.add_argument("--ggml-type", choices=("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q2_K_S", "q3_K_S", "q3_K_M",
+                                           "q3_K_L", "q4_K_S", "q4_K_M", "q5_K_S", "q5_K_M", "q6_K", "q3_K", "q4_K",
+                                           "q5_K"),
+                   default=None, help="with --target llamacpp, instead of --bits' choice: llama-quantize's file type "
+                                      "(q4_K_M, q3_K_M, q2_K, q6_K, q4_0, ...: every tensor gets the type "
+                                      "llama-quantize's rules give it in that mix), or q3_K, q4_K, q5_K: that one "
+                                      "type for every unit")
     _add_common(c)
 
     e = sub.add_parser(
