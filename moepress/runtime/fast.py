@@ -295,11 +295,15 @@ def _on_cpu(module: nn.Module) -> bool:
 def prepare(model: nn.Module, options: FastOptions | None = None) -> nn.Module:
     """Convert ``model``'s packed modules (a loaded moepress checkpoint) for the fast CPU kernels,
     in place, once; returns ``model``. Activations are taken in the model's float dtype (bf16 or
-    fp16 reach the int4/int8 kernels; float32 the exact dequantize kernel). A model not on the CPU,
-    or already prepared, is left as it is. Pruned (sparse) linears keep the reference runtime."""
+    fp16 reach the int4/int8 kernels; float32 the exact dequantize kernel). A model on a CUDA device
+    gets the Triton kernel for its routed experts where triton is installed
+    (:func:`moepress.runtime.triton_moe.prepare_cuda`), everything else as loaded; a model already
+    prepared is left as it is. Pruned (sparse) linears keep the reference runtime."""
     options = options or FastOptions()
     if not _on_cpu(model):
-        return model
+        from .triton_moe import prepare_cuda
+
+        return prepare_cuda(model, options)
     dtype = _float_dtype(model)
     routed = _routed_expert_linears(model)
     swapped: list[str] = []
