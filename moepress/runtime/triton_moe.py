@@ -190,6 +190,7 @@ class ExpertMatrices(nn.Module):
                 q = q[:, perm]
             row = [w.bits, offsets["codes"], offsets["scales"], -1, w.group_size or w.in_features, -1]
             packed = pack_codes(q, w.bits, unit).reshape(-1)
+            assert packed.numel() % 16 == 0  # row_bytes is a multiple of 16: the kernel relies on it
             codes.append(packed)
             offsets["codes"] += packed.numel()
             scales.append(w.scales.to(device).T.contiguous().reshape(-1))
@@ -212,6 +213,13 @@ class ExpertMatrices(nn.Module):
         self.register_buffer("perms", torch.cat(perms) if perms else torch.zeros(1, dtype=torch.int32, device=device))
         self.has_zeros, self.has_perm = bool(zeros), bool(perms)
         self.register_buffer("meta", torch.tensor(meta, dtype=torch.int64, device=device))
+
+    def _apply(self, fn, recurse=True):
+        """Device moves apply, dtype casts do not: ``model.to(torch.bfloat16)`` must not round the
+        stored fp16 scales (as :class:`PackedWeight` guards its buffers)."""
+        for name, buf in list(self._buffers.items()):
+            self._buffers[name] = buf.to(fn(torch.empty(0, dtype=buf.dtype, device=buf.device)).device)
+        return self
 
     def matrix(self, i: int) -> QuantizedWeight:
         """Matrix ``i`` as a :class:`QuantizedWeight` in its stored format (the repacking undone)."""
@@ -332,7 +340,9 @@ if triton is not None:
         """x[rows] @ W_mat[n_offs].T over split units [u_lo, u_hi), W_mat at the width its metadata says."""
         row = meta_ptr + mat * 6
         bits = tl.load(row + 0)
-        code_off = tl.multiple_of(tl.load(row + 1), 16)  # every matrix's codes take a multiple of 16 bytes
+        # every matrix's codes take a multiple of 16 bytes: saying so (x // 16 * 16 is exact) lets the
+        # compiler prove 16-byte alignment and load a tile's rows with vector loads
+        code_off = tl.load(row + 1) // 16 * 16
         scale_off = tl.load(row + 2)
         zero_off = tl.load(row + 3)
         group_size = tl.load(row + 4)
