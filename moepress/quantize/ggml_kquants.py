@@ -89,9 +89,8 @@ class KQuantFormat(BlockFormat):
             d = _fp16(top / -half)
             sc = torch.where(d == 0, torch.zeros_like(scale), torch.round(scale / torch.where(d == 0, 1, d)))
             sc = sc.clamp(-half, half - 1)
-            zero = torch.zeros_like(sc)
             if self.search:
-                sc, zero = self._refine(subs, d, sc, None, zero, (-half, half - 1))
+                sc, _ = self._refine(subs, d, sc, None, torch.zeros_like(sc), (-half, half - 1))
             return torch.cat([d, sc], -1), torch.zeros(*sc.shape[:-1], 1 + self.n_sub, device=x.device)
         top = 2**self.scale_bits - 1  # 63, 15 for q2_K
         d = _fp16(scale.amax(dim=-1, keepdim=True) / top)
@@ -105,9 +104,10 @@ class KQuantFormat(BlockFormat):
     def _sub_grids(self, subs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sub-block's float (scale, minimum) [..., n_sub]: min/max (the extreme weight on the
         end code, as the ``_0``/``_1`` types do), or with ``search`` the best of that and the grids
-        llama.cpp's ``make_qkx2_quants``/``make_qx_quants`` try (scales stretched by -0.9..+0.9 of
-        a code step, each refitted by least squares to the codes it rounds to), judged by the
-        squared error of rounding the sub-block onto it."""
+        llama.cpp's ``make_qkx2_quants``/``make_qx_quants`` try (the extreme weight put up to one
+        code step inside or outside the end code, each grid refitted by least squares to the codes
+        it rounds to), judged by the squared error of rounding the sub-block onto it. The
+        candidates are evaluated one at a time: memory stays a few times the weights'."""
         if not self.has_min:
             peak = subs.gather(-1, subs.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
             best = peak / -self.offset
