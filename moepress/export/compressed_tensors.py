@@ -18,7 +18,8 @@ unchanged and the integers are exact. The one change of value is the scale's dty
 moepress keeps float16 scales; compressed-tensors stores them in the model's dtype, as
 llm-compressor writes them and as vLLM holds them (its scale parameters are the model's dtype):
 exact for a float32 or float16 model, rounded to bfloat16 for a bfloat16 one (a relative change
-of at most 2**-9 per scale; ``tests/test_compressed_tensors_export.py`` measures it).
+of at most 2**-8 per scale, bf16 keeping 8 significant bits; ``tests/test_compressed_tensors_export.py``
+measures it).
 
 Names are the hub's, as transformers' own ``save_pretrained`` writes them (its
 ``revert_weight_conversion``, asked once with tagged stand-in tensors): routed experts one linear
