@@ -674,8 +674,10 @@ def compress(
     if budget is not None and plan is not None:
         raise MoepressError("--budget makes a plan, so it does not combine with --plan; give one of them")
     if budget is not None and (options.get("target") or getattr(config, "target", None)):
-        raise MoepressError("--budget does not combine with --target llamacpp yet (the allocator has no llama.cpp "
-                            "types); use --bits, or write a plan with q4_0/q4_1/q5_0/q5_1/q8_0/16b labels")
+        from .allocate.command import PlanOptions  # the plan in the target's types, ties and refusals
+
+        planning = planning if isinstance(planning, PlanOptions) else PlanOptions(**(planning or {}))
+        planning.target = options.get("target") or config.target
     costs_work = None
     if budget is not None:
         if not isinstance(model, str):

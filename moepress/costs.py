@@ -357,6 +357,9 @@ def _damage(weight, hessian, option: Treatment, name: str, neuron_axis: int | No
         stored, _ = treat_batch(weight, hessian, option, name)
         mask = magnitude_mask(w, **pruning_pattern(option), name=name)
         r = sparsify(w, mask, option.spec(), name=name).dequantize(torch.float32)
+    elif option.format is not None:  # a llama.cpp block format: GPTQ and RTN onto its own grid
+        stored, _ = treat_batch(w, hessian, option, name)
+        r = treat_batch(w, hessian, option.with_settings(method="rtn"), name)[0].dequantize(torch.float32)
     else:
         stored = gptq_quantize(w, hessian, option.spec(), name=name).weight
         r = rtn_quantize(w, option.with_settings(method="rtn").spec(), name=name).dequantize(torch.float32)
@@ -387,6 +390,7 @@ def build_cost_table(
     keep_variants: bool = False,
     work=None,
     trust_remote_code: bool = False,
+    fits=None,
 ) -> CostTable:
     """One calibration pass over the uncompressed model, layer by layer; per layer, every unit is
     quantized (or pruned) with every option (GPTQ or SparseGPT for the loss, RTN or magnitude for
@@ -402,7 +406,11 @@ def build_cost_table(
     store) in ``table.variants[(row, option)]``: the evolutionary search evaluates plans end to end
     by swapping these in instead of quantizing again. It also keeps the routed down projections'
     Hessians (``table.hessians``), so channel plans, whose down columns are quantized in one GPTQ
-    pass across groups of different widths, can be scored the same way."""
+    pass across groups of different widths, can be scored the same way.
+
+    ``fits(row, option)`` (a target's rules: whether the engine can store ``option`` for ``row``)
+    leaves the cells it refuses unmeasured, at 0 bytes and 0 damage; the planner never gives a unit
+    such an option (:attr:`~moepress.allocate.solvers.Problem.mask`)."""
     from .pipeline.runner import LayerLoop
     from .pipeline.source import open_source
 
@@ -416,16 +424,19 @@ def build_cost_table(
     source = open_source(model, trust_remote_code=trust_remote_code)
     view = MoEView(source.model)
     rows = model_rows(view)
+    fits = fits or (lambda row, option: True)
     for row in rows:
         for option in options:
-            option.check_shape(row.out_features, row.in_features, row.name)
+            if fits(row, option):
+                option.check_shape(row.out_features, row.in_features, row.name)
     if keep_variants and work is not None:
         raise MoepressError("a cost table that keeps its quantized variants (evolution, kl_scaled) is built in memory "
                             "and cannot resume")
     index = {r.name: i for i, r in enumerate(rows)}
     R, O = len(rows), len(options)
     keep_size = next(source.model.parameters()).element_size()
-    bytes_ = np.array([[o.nbytes(r.out_features, r.in_features, keep_size) for o in options] for r in rows])
+    bytes_ = np.array([[o.nbytes(r.out_features, r.in_features, keep_size) if fits(r, o) else 0 for o in options]
+                       for r in rows])
     variants: dict[tuple[int, int], object] = {}
     hessians: dict[int, torch.Tensor] = {}  # down rows -> their Hessian, with keep_variants
     n_tokens = int(tokens.numel())
@@ -451,6 +462,8 @@ def build_cost_table(
             hessian = s.hessian()
             g_row, p_row = np.zeros(O), np.zeros(O)
             for o, option in enumerate(options):
+                if not fits(rows[i], option):
+                    continue
                 g, p, packed, _, _ = _damage(weight, hessian, option, unit.name)
                 g_row[o], p_row[o] = float(g[0]), float(p[0])
                 if keep_variants and packed is not None:
@@ -474,6 +487,8 @@ def build_cost_table(
                 ng = np.zeros((len(lin_ids), O, n_neurons))
                 npert = np.zeros((len(lin_ids), O, n_neurons))
                 for o, option in enumerate(options):
+                    if not fits(rows[lin_ids[0]], option):  # (a layer's experts of one linear share a shape)
+                        continue
                     g, p, packed, gn, pn = _damage(weight, hessian, option, f"layers.{layer}.experts.{linear}",
                                                    neuron_axis=axis)
                     g_rows[:, o], p_rows[:, o] = g.numpy(), p.numpy()
@@ -572,7 +587,15 @@ def synthetic_table(layers: int, experts: int, hidden: int, intermediate: int,
                 shape = (hidden, intermediate) if linear == "down_proj" else (intermediate, hidden)
                 rows.append(Row(f"layers.{layer}.experts.{e}.{linear}", "expert", layer, e, linear, *shape))
     options = sorted(set(options), key=Treatment.sort_key)
-    bytes_ = np.array([[o.nbytes(r.out_features, r.in_features) for o in options] for r in rows])
+
+    def nbytes(option: Treatment, row: Row) -> int:  # 0 where a block format does not divide the row
+        try:
+            option.check_shape(row.out_features, row.in_features, row.name)
+        except MoepressError:
+            return 0
+        return option.nbytes(row.out_features, row.in_features)
+
+    bytes_ = np.array([[nbytes(o, r) for o in options] for r in rows])
     scale = rng.lognormal(0.0, 1.0, size=len(rows))
     bits = np.array([o.bits for o in options], dtype=float)
     damage = scale[:, None] * np.where(bits >= KEEP_BITS, 0.0, 4.0 ** (-bits))[None, :]

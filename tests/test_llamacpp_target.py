@@ -129,7 +129,7 @@ def _plan(view, option, **overrides) -> dict:
     (["--act-order", "dynamic"], "act-order dynamic"),
     (["--dynamic-pruning", "0.3"], "--dynamic-pruning"),
     (["--drop-moe-layers", "1"], "--drop-moe-layers"),
-    (["--budget", "4bits"], "--budget does not combine with --target llamacpp"),
+    (["--budget", "4bits"], "--others 4b-g128: layers.0.attn.q_proj is 4b-g128, which llama.cpp cannot store"),
 ])
 def test_what_llamacpp_cannot_hold_is_refused_in_one_line(tiny_model_dir, calib_file, tmp_path, capsys, flags,
                                                           message):

@@ -51,6 +51,8 @@ class PlanOptions:
     trim: str = "experts,top_k,moe_layers,blocks"  # removals the joint ILP may choose
     drop_criterion: str = "reap"  # the order an expert-drop candidate removes experts in
     rounds: int = 2  # joint ILP: correction rounds by measurement
+    target: str | None = None  # an engine (llamacpp, vllm): its types, tied units and refusals constrain the plan
+    project: bool = False  # a plan the target cannot express is turned into the nearest one it can (allocate.project)
 
     @classmethod
     def from_args(cls, args) -> "PlanOptions":
@@ -82,27 +84,38 @@ def plan_model(model: str, options: PlanOptions | None = None, *, progress: bool
     joint = args.active is not None
     if joint:
         _check_joint(args)
-    bits = [int(b) for b in str(args.options).replace(" ", "").split(",") if b]
+    rules = _check_target(args)
+    labels = [b for b in str(args.options).replace(" ", "").split(",") if b]
     # The options the table measures, with the settings it is built with (GPTQ, static act-order).
     settings = {"symmetric": args.symmetric, "damp": args.damp, "act_order": "static", "method": "gptq"}
-    option_list = [Treatment.parse(b, args.group_size, settings) for b in bits]
+    option_list = [Treatment.parse(int(b) if b.isdigit() else b, args.group_size, settings) for b in labels]
     option_list += parse_prune_options(args.prune_options, args.group_size, settings)
     others = Treatment.parse(args.others, args.group_size, settings)
-    rules = tuple(r for r in args.rules.split(",") if r)
-    unknown = [r for r in rules if r not in RULES]
+    heuristic_rules = tuple(r for r in args.rules.split(",") if r)
+    unknown = [r for r in heuristic_rules if r not in RULES]
     if unknown:
         raise MoepressError(f"unknown heuristic rule(s) {unknown}; choose from {', '.join(RULES)}")
 
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     source = open_source(source or model, trust_remote_code=trust_remote_code)
-    rows = model_rows(MoEView(source.model))
+    view = MoEView(source.model)
+    rows = model_rows(view)
     keep = next(source.model.parameters()).element_size()
+
+    def fits(row, option) -> bool:  # under a target, a cell the engine cannot store is never measured nor chosen
+        return rules is None or rules.refusal(row.name, option, row.in_features) is None
+
+    for row in rows:  # the units outside the budget's scope take --others: the target must hold it
+        if row.kind not in budget.kinds and not fits(row, others):
+            why = rules.refusal(row.name, others, row.in_features)
+            raise MoepressError(f"--others {others}: {why}; give --others a type the target stores, or --scope all")
     for row in rows:  # an option that cannot store a unit (2:3 of 128 inputs) is refused before calibrating
         for option in option_list:
-            option.check_shape(row.out_features, row.in_features, row.name)
+            if fits(row, option):
+                option.check_shape(row.out_features, row.in_features, row.name)
     if budget.bytes is not None:  # refuse before the long calibration pass; bytes need no calibration
-        smallest = sum(min(o.nbytes(r.out_features, r.in_features, keep) for o in option_list)
-                       for r in rows if r.kind in budget.kinds)
+        smallest = sum(min(o.nbytes(r.out_features, r.in_features, keep) for o in option_list
+                           if fits(r, o)) for r in rows if r.kind in budget.kinds)
         if smallest > budget.bytes:
             raise MoepressError(f"budget of {budget.bytes:,} bytes is below the smallest option: the {budget.scope} "
                                 f"take at least {smallest:,} bytes; raise the budget")
@@ -143,7 +156,8 @@ def plan_model(model: str, options: PlanOptions | None = None, *, progress: bool
         table = build_cost_table(resident if resident is not None else source, tokens, all_options,
                                  symmetric=args.symmetric, damp=args.damp, device=args.device,
                                  batch_size=args.batch_size, progress=progress, keep_variants=in_memory,
-                                 work=None if in_memory else work, trust_remote_code=trust_remote_code)
+                                 work=None if in_memory else work, trust_remote_code=trust_remote_code,
+                                 fits=fits)
         table.meta["calibration"] = {"source": args.calib, "samples": args.calib_samples, "seq_len": args.seq_len,
                                      "seed": args.seed}
     evaluator = None
@@ -187,10 +201,35 @@ def plan_model(model: str, options: PlanOptions | None = None, *, progress: bool
         evolution = {"evaluate": evaluator, "population": args.population, "generations": args.generations}
     plan = allocate(table, budget, args.strategy, estimator=args.estimator, granularity=args.granularity,
                     channel_group=args.channel_group, options=option_list, others=others,
-                    group_size=args.group_size, rules=rules, first_k=args.first_k, per_layer=args.per_layer,
-                    seed=args.seed, evolution=evolution)
+                    group_size=args.group_size, rules=heuristic_rules, first_k=args.first_k,
+                    per_layer=args.per_layer, seed=args.seed, evolution=evolution, target=args.target,
+                    tied=rules.tied_units(view) if rules is not None else None)
     plan.info["model"] = model
     return plan, table
+
+
+def _check_target(args):
+    """The rules module of ``args.target`` (None without one), with the options and granularity it
+    plans with: its own types by default (``PLAN_OPTIONS``), per linear (its tied units then join
+    what must share a treatment); what does not combine with a target is refused before any work."""
+    if args.target is None:
+        return None
+    from ..export.targets import target_rules
+
+    rules = target_rules(args.target)
+    if args.strategy not in ("ilp", "greedy"):
+        raise MoepressError(f"--target plans with --strategy ilp or greedy (got {args.strategy})")
+    for bad, what in ((args.active is not None, "--active"), (args.granularity == "channel", "--granularity channel"),
+                      (args.estimator == "kl_scaled", "--estimator kl_scaled"), (bool(args.prune_options),
+                                                                                 "--prune-options")):
+        if bad:
+            raise MoepressError(f"{what} does not combine with --target yet; plan without it, or give a plan "
+                                "with --project")
+    if args.options == PlanOptions.options and getattr(rules, "PLAN_OPTIONS", None):
+        args.options = rules.PLAN_OPTIONS
+    if args.granularity == "expert":
+        args.granularity = "linear"
+    return rules
 
 
 def _check_joint(args) -> None:

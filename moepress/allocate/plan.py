@@ -286,19 +286,35 @@ def allocate(
     per_layer: bool = False,
     seed: int = 0,
     evolution: dict | None = None,
+    target: str | None = None,
+    tied: list[tuple[str, ...]] | None = None,
 ) -> Plan:
     """Choose an option for every unit of ``table`` within ``budget`` with ``strategy``.
 
     Units outside the budget's scope (with scope "experts": attention, shared experts, dense MLPs)
     take ``others``. ``options`` restricts what units in scope may take (default: every option of
     the table except 16-bit keep for scope "experts").
+
+    With a ``target`` (an engine: :mod:`moepress.export.targets`), the units the engine stores as
+    one tensor or one scheme (``tied``: its ``tied_units`` of the model) are one unit of the problem, their bytes and
+    damage summed, and a unit never takes an option the engine refuses for it (its ``refusal``); a
+    budget in bits is then bits per weight, as the engines count them (``3.5bits``: 3.5 / 8 bytes
+    per parameter in scope, the blocks' scales included), since their types have no group size.
     """
     started = time.time()
     if options is None:
         options = [o for o in table.options if not (o.keep and budget.scope == "experts")]
     allowed = sorted({table.option_index(o) for o in options})
     groups = table.groups(granularity, estimator, budget.kinds, channel_group=channel_group)
-    problem = Problem(groups, allowed, budget.to_bytes(table, group_size), table)
+    members, mask = None, None
+    if target is not None:
+        groups, members, mask = target_groups(table, groups, allowed, target, tied or [])
+        budget_bytes = budget.bytes if budget.bytes is not None else int(budget.bits * int(groups.params.sum()) / 8)
+        if strategy not in ("ilp", "greedy"):
+            raise MoepressError(f"--target plans with --strategy ilp or greedy (got {strategy})")
+    else:
+        budget_bytes = budget.to_bytes(table, group_size)
+    problem = Problem(groups, allowed, budget_bytes, table, mask=mask)
     problem.check_feasible()
     info: dict = {}
     if strategy == "uniform":
@@ -327,6 +343,8 @@ def allocate(
         raise MoepressError(f"unknown strategy {strategy!r}; choose uniform, greedy, heuristic, ilp or evolution")
 
     chosen = {name: table.options[allowed[c]] for name, c in zip(groups.names, choice)}
+    if members is not None:  # a tied group's choice is each of its units'
+        chosen = {key: option for name, option in chosen.items() for key in members[name]}
     units: dict[str, Treatment] = {}  # in model order, as a person reads the file
     for row in table.rows:
         if granularity == "channel" and row.kind == "expert":
@@ -345,7 +363,8 @@ def allocate(
         channel_group=channel_group if granularity == "channel" else None,
         budget={"spec": str(budget).split(" over ")[0], "scope": budget.scope, "bytes": problem.budget_bytes},
         quantization={k: table.settings[k] for k in ("method", "symmetric", "act_order", "damp")},
-        info={**info, "seed": seed, "planning_seconds": round(time.time() - started, 3),
+        info={**info, **({"target": target} if target else {}), "seed": seed,
+              "planning_seconds": round(time.time() - started, 3),
               "keep_element_size": int(table.meta.get("keep_element_size", 2)),
               "others": others.label if budget.scope == "experts" else None},
     )
@@ -353,6 +372,50 @@ def allocate(
     plan.totals["budget_scope_bytes"] = problem.total_bytes(choice)
     plan.totals["predicted_damage"] = {"estimator": estimator, "value": problem.total_damage(choice)}
     return plan
+
+
+def target_groups(table: CostTable, groups, allowed: list[int], target: str, tied: list[tuple[str, ...]]):
+    """``groups`` as ``target`` constrains them: units ``tied`` (its ``tied_units``) ties merged into one (their
+    rows, bytes and damage summed; named by their first unit), and a mask [G, A] of the columns the
+    target can store for every row of a unit (its ``refusal``). Returns (groups, members: merged
+    name -> the groups' names it stands for, mask)."""
+    from ..costs import Groups
+    from ..export.targets import target_rules
+
+    rules = target_rules(target)
+    # union-find over the groups: two groups are one when a tied set holds rows of both
+    group_of_row = {r: g for g, rows in enumerate(groups.rows) for r in rows}
+    parent = list(range(len(groups.names)))
+
+    def find(g):
+        while parent[g] != g:
+            parent[g] = parent[parent[g]]
+            g = parent[g]
+        return g
+
+    for names in tied:
+        gs = [group_of_row[table.index[name]] for name in names if table.index.get(name) in group_of_row]
+        for g in gs[1:]:
+            parent[find(g)] = find(gs[0])
+    order: dict[int, list[int]] = {}
+    for g in range(len(groups.names)):
+        order.setdefault(find(g), []).append(g)
+    merged = list(order.values())
+    names = [groups.names[gs[0]] for gs in merged]
+    members = {groups.names[gs[0]]: [groups.names[g] for g in gs] for gs in merged}
+    out = Groups(
+        names=names,
+        rows=[[r for g in gs for r in groups.rows[g]] for gs in merged],
+        kinds=[groups.kinds[gs[0]] for gs in merged],
+        layers=np.array([groups.layers[gs[0]] for gs in merged], dtype=np.int64),
+        params=np.array([groups.params[gs].sum() for gs in merged], dtype=np.int64),
+        bytes=np.stack([groups.bytes[gs].sum(0) for gs in merged]),
+        damage=np.stack([groups.damage[gs].sum(0) for gs in merged]),
+        kept=np.stack([groups.kept[gs].sum(0) for gs in merged]),
+    )
+    mask = np.array([[all(rules.refusal(table.rows[r].name, table.options[o], table.rows[r].in_features) is None
+                          for r in rows) for o in allowed] for rows in out.rows], dtype=bool)
+    return out, members, mask
 
 
 def _largest_uniform(problem: Problem) -> int:

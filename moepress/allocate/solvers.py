@@ -23,10 +23,17 @@ class Problem:
     allowed: list[int]  # column -> option index in the table
     budget_bytes: int
     table: CostTable
+    # [G, A]: whether a unit may take a column (a target's rules: False where the engine cannot
+    # store the option for that unit); None: every column
+    mask: np.ndarray | None = None
 
     @property
     def bytes(self) -> np.ndarray:  # [G, A]
         return self.groups.bytes[:, self.allowed]
+
+    @property
+    def usable(self) -> np.ndarray:  # [G, A] bool
+        return np.ones(self.bytes.shape, dtype=bool) if self.mask is None else self.mask
 
     @property
     def damage(self) -> np.ndarray:  # [G, A]
@@ -39,7 +46,12 @@ class Problem:
         return float(self.damage[np.arange(len(choice)), choice].sum())
 
     def check_feasible(self) -> None:
-        smallest = int(self.bytes.min(axis=1).sum())
+        usable = self.usable
+        if not usable.any(axis=1).all():
+            g = int(np.argmin(usable.any(axis=1)))
+            raise MoepressError(f"no allowed option can store {self.groups.names[g]} under the target; allow one "
+                                "that can (16b always can)")
+        smallest = int(np.where(usable, self.bytes, np.iinfo(np.int64).max).min(axis=1).sum())
         if smallest > self.budget_bytes:
             cheapest = self.table.options[self.allowed[int(np.argmin(self.bytes.sum(0)))]]
             raise MoepressError(
@@ -99,7 +111,7 @@ def upgrade_in_order(problem: Problem, choice: np.ndarray, order) -> np.ndarray:
 
 
 def cheapest(problem: Problem) -> np.ndarray:
-    return problem.bytes.argmin(axis=1)
+    return np.where(problem.usable, problem.bytes, np.iinfo(np.int64).max).argmin(axis=1)
 
 
 def greedy(problem: Problem) -> np.ndarray:
@@ -113,7 +125,7 @@ def greedy(problem: Problem) -> np.ndarray:
     while True:
         extra = B - B[rows, choice][:, None]
         gain = D[rows, choice][:, None] - D
-        ok = (extra > 0) & (gain > 0) & (spent + extra <= problem.budget_bytes)
+        ok = (extra > 0) & (gain > 0) & (spent + extra <= problem.budget_bytes) & problem.usable
         if not ok.any():
             break
         ratio = np.where(ok, gain / np.where(extra > 0, extra, 1), -np.inf)
@@ -151,7 +163,8 @@ def ilp(problem: Problem, per_layer: bool = False, time_limit: float = 60.0) -> 
             constraints.append(LinearConstraint(row[None, :], -np.inf, share))
     else:
         constraints.append(LinearConstraint(problem.bytes.reshape(1, -1).astype(float), -np.inf, problem.budget_bytes))
-    result = milp(cost / scale, constraints=constraints, integrality=np.ones(G * A), bounds=Bounds(0, 1),
+    upper = problem.usable.reshape(-1).astype(float)  # a column the target cannot store is never taken
+    result = milp(cost / scale, constraints=constraints, integrality=np.ones(G * A), bounds=Bounds(0, upper),
                   options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
     if result.x is None:
         raise MoepressError(f"the ILP found no plan within the budget ({result.message})")

@@ -234,6 +234,38 @@ def _check_unit(name: str, treatment) -> None:
                         "q4_0, q4_1, q5_0, q5_1, q8_0 or 16b")
 
 
+# What `moepress plan --target llamacpp` measures and chooses from by default: every type moepress writes.
+PLAN_OPTIONS = "q2_K,q3_K,q4_K,q5_K,q6_K,q4_0,q4_1,q5_0,q5_1,q8_0,16"
+
+
+def tied_units(view: MoEView) -> list[tuple[str, ...]]:
+    """Groups of unit names that must share one treatment: each projection of a layer's routed
+    experts (one ``blk.N.ffn_{gate,up,down}_exps`` tensor of one type); every other unit is a GGUF
+    tensor of its own."""
+    groups = []
+    for layer in range(view.num_layers):
+        store = view.experts(layer)
+        if store is not None:
+            groups += [tuple(store.unit_name(e, linear) for e in range(store.num_experts)) for linear in EXPERT_LINEARS]
+    return groups
+
+
+def refusal(name: str, treatment, in_features: int) -> str | None:
+    """Why a GGUF cannot hold ``treatment`` for unit ``name`` of ``in_features`` inputs (a sentence
+    naming the unit), or None; :func:`tied_units` says which units must agree."""
+    if treatment.keep:
+        return None
+    if treatment.kind != "quantize" or treatment.format is None:
+        return (f"{name} is {treatment.label}, which llama.cpp cannot store; write one of its types (q2_K..q6_K, "
+                "q4_0, q4_1, q5_0, q5_1, q8_0) or 16b")
+    from ..quantize.ggml_blocks import block_format
+
+    fmt = block_format(treatment.format)
+    if not fmt.fits(in_features):
+        return f"{name} is {treatment.label}, whose blocks of {fmt.block} inputs do not divide its {in_features} inputs"
+    return None
+
+
 def check_trimming(view: MoEView, trimming, config=None) -> None:
     """Every MoE layer keeps the same number of experts and the same top-k (GGUF has one of each),
     and no MoE sublayer is dropped alone."""
@@ -265,5 +297,6 @@ def check_trimming(view: MoEView, trimming, config=None) -> None:
                             f"layers.{layer}; a GGUF has one top-k for every layer")
 
 
-__all__ = ["TARGETS", "TYPES_BY_BITS", "block_type", "check_config", "check_target_name", "check_trimming",
-           "check_units"]
+__all__ = ["PLAN_OPTIONS", "TARGETS", "TYPES_BY_BITS", "GGUFLayout", "block_type", "check_config", "check_target_name",
+           "check_trimming", "check_units", "gguf_layout", "is_preset", "preset_treatments", "preset_types", "refusal",
+           "resolve", "tied_units"]

@@ -1,0 +1,128 @@
+"""Budgets under a target (``plan/compress --target llamacpp --budget 4.5bits``): the allocator chooses
+among the engine's own types, ties what the engine stores as one tensor, never gives a unit a type
+the engine refuses for it, and the plan's bytes are the checkpoint's."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import moepress
+from moepress.allocate import Budget, allocate, load_plan
+from moepress.costs import synthetic_table
+from moepress.errors import MoepressError
+from moepress.export import llamacpp_target
+from moepress.model.view import EXPERT_LINEARS, MoEView
+from moepress.treatment import KEEP, Treatment
+
+from .helpers import run_cli
+
+TYPES = [Treatment.block_format(t) for t in ("q2_K", "q4_K", "q6_K", "q4_0", "q8_0")] + [KEEP]
+
+
+def _one_layer_table():
+    """One layer, 4 experts; attention and gate/up take 256 inputs (any type), down 128 (no k-quant)."""
+    table = synthetic_table(layers=1, experts=4, hidden=256, intermediate=128, options=TYPES, seed=3)
+    tied = [tuple(f"layers.0.experts.{e}.{linear}" for e in range(4)) for linear in EXPERT_LINEARS]
+    return table, tied
+
+
+def test_the_ilp_is_optimal_among_what_llamacpp_holds():
+    """Against every assignment of a type to each attention projection and each tied projection of
+    the experts that llama.cpp can store: the ILP's plan has the least damage within the budget."""
+    table, tied = _one_layer_table()
+    budget = Budget.parse("4.5bits", scope="all")
+    plan = allocate(table, budget, "ilp", granularity="linear", target="llamacpp", tied=tied)
+    rows = {r.name: r for r in table.rows}
+    labels = {name: t.label for name, t in plan.units.items()}
+    for names in tied:  # one type per projection of the layer's experts
+        assert len({labels[n] for n in names}) == 1
+    for name, label in labels.items():  # down_proj's 128 inputs hold no k-quant
+        assert llamacpp_target.refusal(name, plan.units[name], rows[name].in_features) is None
+    params = sum(r.params for r in table.rows)
+    assert plan.totals["bytes"] <= 4.5 * params / 8 == plan.budget["bytes"]
+    # brute force over the 4 attention units and the 3 tied projections
+    units = [[table.index[f"layers.0.attn.{p}"]] for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    units += [[table.index[n] for n in names] for names in tied]
+    cost = np.array([table.bytes[u].sum(0) for u in units])
+    damage = np.array([table.damage["gptq_routed"][u].sum(0) for u in units])
+    ok = np.array([[all(llamacpp_target.refusal(table.rows[r].name, o, table.rows[r].in_features) is None for r in u)
+                    for o in table.options] for u in units])
+    best = min(sum(damage[g, c] for g, c in enumerate(choice)) for choice in
+               itertools.product(range(len(table.options)), repeat=len(units))
+               if all(ok[g, c] for g, c in enumerate(choice)) and
+               sum(cost[g, c] for g, c in enumerate(choice)) <= plan.budget["bytes"])
+    assert plan.totals["predicted_damage"]["value"] == pytest.approx(best, rel=1e-9)
+    greedy = allocate(table, budget, "greedy", granularity="linear", target="llamacpp", tied=tied)
+    assert greedy.totals["bytes"] <= plan.budget["bytes"]
+    assert greedy.totals["predicted_damage"]["value"] >= best - 1e-12
+    assert all(len({greedy.units[n].label for n in names}) == 1 for names in tied)
+
+
+def test_a_unit_no_allowed_type_can_hold_is_refused():
+    table, tied = _one_layer_table()
+    only_k = [table.option_index(t) for t in TYPES[:3]]  # k-quants only: down_proj cannot take any of them
+    with pytest.raises(MoepressError, match="no allowed option can store layers.0.experts.0.down_proj"):
+        allocate(table, Budget.parse("5bits", scope="all"), "ilp", granularity="linear",
+                 options=[table.options[i] for i in only_k], target="llamacpp", tied=tied)
+    with pytest.raises(MoepressError, match="--target plans with --strategy ilp or greedy"):
+        allocate(table, Budget.parse("5bits", scope="all"), "heuristic", granularity="linear", target="llamacpp",
+                 tied=tied)
+
+
+def test_tied_units_and_refusals_of_a_model():
+    from moepress.model.tiny import build_tiny_model
+
+    view = MoEView(build_tiny_model("mixtral"))
+    tied = llamacpp_target.tied_units(view)
+    assert len(tied) == view.num_layers * 3
+    assert tied[0] == tuple(f"layers.0.experts.{e}.gate_proj" for e in range(4))
+    assert llamacpp_target.refusal("x", Treatment.block_format("q4_K"), 128) is not None
+    assert llamacpp_target.refusal("x", Treatment.block_format("q4_K"), 256) is None
+    assert "cannot store" in llamacpp_target.refusal("x", Treatment.quantize(4), 256)
+    assert llamacpp_target.refusal("x", KEEP, 100) is None
+
+
+@pytest.fixture(scope="module")
+def wide(tokenizer, tmp_path_factory):
+    """A tiny Mixtral whose rows are 256 wide (k-quants apply), two layers."""
+    from moepress.model.tiny import build_tiny_model
+
+    path = tmp_path_factory.mktemp("wide")
+    build_tiny_model("mixtral", vocab_size=len(tokenizer), hidden_size=256, intermediate_size=256,
+                     num_hidden_layers=2).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_compress_with_a_budget_under_the_target(wide, calib_file, tmp_path):
+    """compress --budget --target llamacpp: llama.cpp types only, one per projection of a layer's
+    experts, within the budget; the plan's bytes are the saved checkpoint's linear bytes."""
+    from moepress.evaluate.footprint import measure_footprint
+    from moepress.loading import load_model
+
+    out = str(tmp_path / "out")
+    small = {"calib_samples": 4, "seq_len": 64}
+    moepress.compress(wide, budget="5bits", target="llamacpp", calib=calib_file, out=out, progress=False,
+                      planning={"scope": "all", "options": "q2_K,q4_K,q6_K,q8_0,16", "calib": calib_file, **small},
+                      **small)
+    plan = load_plan(f"{out}/plan.yaml")
+    assert plan.info["target"] == "llamacpp"
+    assert {t.label for t in plan.units.values()} <= {"q2_K", "q4_K", "q6_K", "q8_0", "16b"}
+    assert len({t.label for t in plan.units.values()}) > 1  # a mix, not one type
+    for layer in range(2):
+        for linear in EXPERT_LINEARS:
+            assert len({plan.units[f"layers.{layer}.experts.{e}.{linear}"].label for e in range(4)}) == 1
+    model = load_model(out)
+    params = sum(u.in_features * u.out_features for layer in range(2) for u in MoEView(model).linear_units(layer))
+    params += 2 * 4 * 3 * 256 * 256
+    assert plan.totals["bytes"] <= 5 * params / 8
+    assert plan.totals["bytes"] == measure_footprint(model).linear_bytes
+
+
+def test_budget_under_the_target_needs_others_it_can_hold(wide, calib_file, tmp_path, capsys):
+    line = run_cli(capsys, "compress", "--model", wide, "--calib", calib_file, "--out", str(tmp_path / "out"),
+                   "--target", "llamacpp", "--budget", "4bits", "--quiet")
+    assert "--others 4b-g128: layers.0.attn.q_proj is 4b-g128, which llama.cpp cannot store" in line
