@@ -260,12 +260,15 @@ class ExpertMatrices(nn.Module):
 if triton is not None:
 
     @triton.jit
-    def _unit(acc, q, col0, x_ptr, x_rows, row_mask, x_stride, K, N, n_offs, n_mask,
+    def _unit(acc, part, q, col0, x_ptr, x_rows, row_mask, x_stride, K, N, n_offs, n_mask,
               scales_ptr, scale_off, zeros_ptr, zero_off, perm_ptr, perm_off, group_size,
               BITS: tl.constexpr, UNIT: tl.constexpr, BLOCK_M: tl.constexpr, HAS_PERM: tl.constexpr,
               ACT: tl.constexpr, IEEE: tl.constexpr):
         """acc [BLOCK_M, BLOCK_N] += x[rows, col0:col0+UNIT] @ W[n, col0:col0+UNIT].T, W from codes q
-        [BLOCK_N, UNIT] of one group (UNIT divides the group size)."""
+        [BLOCK_N, UNIT] of one group (UNIT divides the group size). One row (BLOCK_M == 1): the products
+        go into ``part`` [BLOCK_N, UNIT] instead, summed across columns once per matrix (a sum per unit
+        would cost a cross-thread reduction each), and W stays float32 (the reference's value before
+        it rounds it to the activation dtype)."""
         j = tl.arange(0, UNIT)
         cols = col0 + j
         col_mask = cols < K
@@ -276,7 +279,7 @@ if triton is not None:
         z = tl.load(zeros_ptr + tl.maximum(zero_off, 0) + g * N + n_offs, mask=n_mask & live & asym,
                     other=0).to(tl.float32)
         z = tl.where(asym, z, 1 << (BITS - 1))  # the symmetric grid's implicit zero, (maxq + 1) / 2
-        w = (s[:, None] * (q.to(tl.float32) - z[:, None])).to(ACT)  # the reference's dequantize
+        w = s[:, None] * (q.to(tl.float32) - z[:, None])  # the reference's dequantize
         if HAS_PERM:
             permuted = perm_off >= 0
             source = tl.load(perm_ptr + tl.maximum(perm_off, 0) + cols, mask=col_mask & permuted, other=0)
@@ -286,20 +289,21 @@ if triton is not None:
         x = tl.load(x_ptr + x_rows[:, None] * x_stride + xcols[None, :],
                     mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         if BLOCK_M == 1:
-            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+            part += w * x.to(tl.float32)
         elif IEEE:
-            acc = tl.dot(x.to(ACT), tl.trans(w), acc, input_precision="ieee")
+            acc = tl.dot(x.to(ACT), tl.trans(w.to(ACT)), acc, input_precision="ieee")
         else:
-            acc = tl.dot(x.to(ACT), tl.trans(w), acc)
-        return acc
+            acc = tl.dot(x.to(ACT), tl.trans(w.to(ACT)), acc)
+        return acc, part
 
     @triton.jit
     def _width(acc, x_ptr, x_rows, row_mask, x_stride, K, N, n_offs, n_mask, codes_ptr, code_off,
                scales_ptr, scale_off, zeros_ptr, zero_off, perm_ptr, perm_off, group_size, u_lo, u_hi,
-               BITS: tl.constexpr, S: tl.constexpr, BLOCK_M: tl.constexpr, HAS_PERM: tl.constexpr,
-               ACT: tl.constexpr, IEEE: tl.constexpr):
+               BITS: tl.constexpr, S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_PERM: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr):
         """One matrix of width BITS over split units [u_lo, u_hi) (a unit: 4S columns)."""
         if BITS == 3:
+            part = tl.zeros([BLOCK_N, S // 2], dtype=tl.float32)
             j = tl.arange(0, S // 2)
             for c in range(u_lo, tl.minimum(u_hi, tl.cdiv(K, 4 * S))):
                 base = codes_ptr + code_off + (c * N + n_offs[:, None]) * (3 * S // 2) + j[None, :]
@@ -312,11 +316,12 @@ if triton is not None:
                     else:
                         low = (low1 >> (2 * (u - 4))) & 3
                     q = low | (((high >> u) & 1) << 2)
-                    acc = _unit(acc, q, c * (4 * S) + u * (S // 2), x_ptr, x_rows, row_mask, x_stride, K, N,
+                    acc, part = _unit(acc, part, q, c * (4 * S) + u * (S // 2), x_ptr, x_rows, row_mask, x_stride, K, N,
                                 n_offs, n_mask, scales_ptr, scale_off, zeros_ptr, zero_off, perm_ptr, perm_off,
                                 group_size, BITS, S // 2, BLOCK_M, HAS_PERM, ACT, IEEE)
         else:
             fields: tl.constexpr = 8 // BITS
+            part = tl.zeros([BLOCK_N, S], dtype=tl.float32)
             j = tl.arange(0, S)
             per_unit: tl.constexpr = 4 // fields  # chunks in one split unit of 4S columns
             for c in range(u_lo * per_unit, tl.minimum(u_hi * per_unit, tl.cdiv(K, fields * S))):
@@ -327,9 +332,11 @@ if triton is not None:
                         q = byte
                     else:
                         q = (byte >> (BITS * f)) & ((1 << BITS) - 1)
-                    acc = _unit(acc, q, c * (fields * S) + f * S, x_ptr, x_rows, row_mask, x_stride, K, N,
+                    acc, part = _unit(acc, part, q, c * (fields * S) + f * S, x_ptr, x_rows, row_mask, x_stride, K, N,
                                 n_offs, n_mask, scales_ptr, scale_off, zeros_ptr, zero_off, perm_ptr, perm_off,
                                 group_size, BITS, S, BLOCK_M, HAS_PERM, ACT, IEEE)
+        if BLOCK_M == 1:
+            acc += tl.sum(part, axis=1)[None, :]
         return acc
 
     @triton.jit
@@ -352,22 +359,22 @@ if triton is not None:
             if bits == 4:
                 acc = _width(acc, x_ptr, x_rows, row_mask, x_stride, K, N, n_offs, n_mask, codes_ptr, code_off,
                              scales_ptr, scale_off, zeros_ptr, zero_off, perm_ptr, perm_off, group_size, u_lo, u_hi,
-                             4, S, BLOCK_M, HAS_PERM, ACT, IEEE)
+                             4, S, BLOCK_M, BLOCK_N, HAS_PERM, ACT, IEEE)
         if HAS3:
             if bits == 3:
                 acc = _width(acc, x_ptr, x_rows, row_mask, x_stride, K, N, n_offs, n_mask, codes_ptr, code_off,
                              scales_ptr, scale_off, zeros_ptr, zero_off, perm_ptr, perm_off, group_size, u_lo, u_hi,
-                             3, S, BLOCK_M, HAS_PERM, ACT, IEEE)
+                             3, S, BLOCK_M, BLOCK_N, HAS_PERM, ACT, IEEE)
         if HAS2:
             if bits == 2:
                 acc = _width(acc, x_ptr, x_rows, row_mask, x_stride, K, N, n_offs, n_mask, codes_ptr, code_off,
                              scales_ptr, scale_off, zeros_ptr, zero_off, perm_ptr, perm_off, group_size, u_lo, u_hi,
-                             2, S, BLOCK_M, HAS_PERM, ACT, IEEE)
+                             2, S, BLOCK_M, BLOCK_N, HAS_PERM, ACT, IEEE)
         if HAS8:
             if bits == 8:
                 acc = _width(acc, x_ptr, x_rows, row_mask, x_stride, K, N, n_offs, n_mask, codes_ptr, code_off,
                              scales_ptr, scale_off, zeros_ptr, zero_off, perm_ptr, perm_off, group_size, u_lo, u_hi,
-                             8, S, BLOCK_M, HAS_PERM, ACT, IEEE)
+                             8, S, BLOCK_M, BLOCK_N, HAS_PERM, ACT, IEEE)
         return acc
 
     @triton.jit
