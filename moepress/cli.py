@@ -41,6 +41,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _add_allocation(p: argparse.ArgumentParser) -> None:
     """The allocation flags shared by ``plan`` and ``compress --budget``."""
+    p.add_argument("--project", action="store_true",
+                   help="with --target: turn a plan the engine cannot express (per-expert widths, moepress's grids) "
+                        "into the nearest one it can: each group of units the engine stores as one tensor gets its "
+                        "type whose bytes are closest to the group's planned bytes without exceeding them; the "
+                        "changes are listed (without it such a plan is refused, naming the unit and the rule)")
     p.add_argument("--scope", choices=("experts", "all"), default="experts",
                     help="what the budget covers: routed experts (others at --others; default) or all linear weights")
     p.add_argument("--strategy", choices=("uniform", "greedy", "heuristic", "ilp", "evolution"), default="ilp")
@@ -204,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--budget", required=True,
                     help="average code bits (2.5bits: the bytes of half 2-bit, half 3-bit) or bytes (11GB, 800MiB)")
     _add_allocation(pl)
+    pl.add_argument("--target", choices=("llamacpp", "vllm"), default=None,
+                    help="plan for an engine: its own types (llamacpp: q2_K..q8_0, 16; --options to choose), one "
+                         "treatment per group it stores as one tensor or scheme, never a type it refuses for a unit; "
+                         "a bits budget is bits per weight")
     pl.add_argument("--group-size", type=_group_size, default=128, help="group size of every option (default 128; 0 = per-channel)")
     pl.add_argument("--symmetric", action="store_true", help="symmetric grids without stored zero points")
     pl.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening (default 0.01)")
@@ -302,7 +311,7 @@ def run_compress(args) -> None:
         config.__post_init__()
     result = compress(args.model, config=config, out=args.out, overwrite=args.overwrite, restart=args.restart,
                       progress=not args.quiet, trust_remote_code=args.trust_remote_code, plan=plan,
-                      budget=args.budget, planning=planning)
+                      budget=args.budget, planning=planning, project=args.project)
     from .pipeline.distributed import is_main
 
     if not is_main():  # torchrun: rank 0 reports (and saves --save-profile) for all

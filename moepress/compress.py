@@ -633,6 +633,7 @@ def compress(
     plan=None,
     budget: str | None = None,
     planning=None,
+    project: bool = False,
     **options,
 ) -> CompressResult:
     """Quantize an MoE model with GPTQ (or RTN) into packed weights; optionally save it to ``out``.
@@ -678,6 +679,7 @@ def compress(
 
         planning = planning if isinstance(planning, PlanOptions) else PlanOptions(**(planning or {}))
         planning.target = options.get("target") or config.target
+        planning.project = planning.project or project
     costs_work = None
     if budget is not None:
         if not isinstance(model, str):
@@ -719,6 +721,13 @@ def compress(
         from .costs import model_rows
 
         plan.trim.check(view.model)
+        if project:  # --project: the nearest plan the target can express (moepress.allocate.project)
+            from .allocate.command import project_onto
+
+            if config.target is None:
+                raise MoepressError("--project turns a plan into one a target can express; give --target")
+            if budget is None:  # (a budget's plan was projected when it was made)
+                plan = project_onto(plan, model_rows(view), config.target, view)
         treatments = plan.resolve(model_rows(view))
     else:
         _check_shapes(view, config)

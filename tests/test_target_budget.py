@@ -126,3 +126,67 @@ def test_budget_under_the_target_needs_others_it_can_hold(wide, calib_file, tmp_
     line = run_cli(capsys, "compress", "--model", wide, "--calib", calib_file, "--out", str(tmp_path / "out"),
                    "--target", "llamacpp", "--budget", "4bits", "--quiet")
     assert "--others 4b-g128: layers.0.attn.q_proj is 4b-g128, which llama.cpp cannot store" in line
+
+
+def _moepress_plan(view):
+    """A plan llama.cpp cannot express: experts alternating 3- and 4-bit groups of 128, attention 4b-g128."""
+    from moepress.allocate import Plan
+
+    units = {}
+    for layer in range(view.num_layers):
+        for unit in view.linear_units(layer):
+            units[unit.name] = Treatment.parse("4b-g128")
+        for e in range(view.experts(layer).num_experts):
+            units[f"layers.{layer}.experts.{e}"] = Treatment.parse("3b-g128" if e % 2 else "4b-g128")
+    return Plan(units=units, info={"keep_element_size": 4})
+
+
+def test_project_gives_each_tied_group_the_nearest_type_within_its_bytes(wide):
+    from moepress.allocate.project import project
+    from moepress.costs import model_rows
+    from moepress.loading import load_model
+
+    view = MoEView(load_model(wide))
+    rows = model_rows(view)
+    plan = _moepress_plan(view)
+    projected, changes = project(plan, rows, "llamacpp", llamacpp_target.tied_units(view))
+    resolved, planned = projected.resolve(rows), plan.resolve(rows)
+    llamacpp_target.check_units(view, resolved.__getitem__)  # expressible: one type per tied group, all held
+    types = [Treatment.parse(int(t) if t.isdigit() else t) for t in llamacpp_target.PLAN_OPTIONS.split(",")]
+    by_name = {r.name: r for r in rows}
+    for names in llamacpp_target.tied_units(view) + [(u.name,) for layer in range(2) for u in view.linear_units(layer)]:
+        group = [by_name[n] for n in names]
+        budget = sum(planned[r.name].nbytes(r.out_features, r.in_features, 4) for r in group)
+        spent = sum(resolved[r.name].nbytes(r.out_features, r.in_features, 4) for r in group)
+        best = max(sum(t.nbytes(r.out_features, r.in_features, 4) for r in group) for t in types
+                   if all(llamacpp_target.refusal(r.name, t, r.in_features) is None for r in group)
+                   and sum(t.nbytes(r.out_features, r.in_features, 4) for r in group) <= budget)
+        assert spent == best
+    assert projected.totals["bytes"] <= plan.accounting(rows, 4)["bytes"]
+    assert len(changes) == 2 * 3 + 2 * 4  # every tied projection and every attention unit changed
+    assert changes[0].startswith("layers.0.experts.0.gate_proj and 3 tied: 3b-g128/4b-g128")
+
+
+def test_compress_projects_a_plan_or_refuses_it(wide, calib_file, tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from moepress.loading import load_model
+
+    view = MoEView(load_model(wide))
+    plan = _moepress_plan(view)
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan.to_dict()))
+    args = ["compress", "--model", wide, "--calib", calib_file, "--target", "llamacpp", "--plan",
+            str(tmp_path / "plan.yaml"), "--calib-samples", "4", "--seq-len", "64", "--quiet"]
+    line = run_cli(capsys, *args, "--out", str(tmp_path / "refused"))
+    assert "layers.0.attn.q_proj is 4b-g128, which llama.cpp cannot store" in line
+    from moepress.cli import main
+
+    assert main(args + ["--out", str(tmp_path / "out"), "--project"]) == 0
+    err = capsys.readouterr().err
+    assert "--project onto llamacpp: 14 group(s) changed" in err and "layers.1.experts.0.down_proj and 3 tied" in err
+    record = json.load(open(tmp_path / "out" / "moepress.json"))
+    labels = {name: Treatment.from_unit_map(u).label for name, u in record["units"].items()}
+    assert set(labels.values()) <= set(llamacpp_target.PLAN_OPTIONS.replace("16", "16b").split(","))
+    assert len({labels[f"layers.1.experts.{e}.down_proj"] for e in range(4)}) == 1

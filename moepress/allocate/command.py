@@ -84,7 +84,9 @@ def plan_model(model: str, options: PlanOptions | None = None, *, progress: bool
     joint = args.active is not None
     if joint:
         _check_joint(args)
-    rules = _check_target(args)
+    if args.project and args.target is None:
+        raise MoepressError("--project turns a plan into one a target can express; give --target")
+    rules = None if args.project else _check_target(args)  # --project: plan freely, then project (below)
     labels = [b for b in str(args.options).replace(" ", "").split(",") if b]
     # The options the table measures, with the settings it is built with (GPTQ, static act-order).
     settings = {"symmetric": args.symmetric, "damp": args.damp, "act_order": "static", "method": "gptq"}
@@ -202,10 +204,25 @@ def plan_model(model: str, options: PlanOptions | None = None, *, progress: bool
     plan = allocate(table, budget, args.strategy, estimator=args.estimator, granularity=args.granularity,
                     channel_group=args.channel_group, options=option_list, others=others,
                     group_size=args.group_size, rules=heuristic_rules, first_k=args.first_k,
-                    per_layer=args.per_layer, seed=args.seed, evolution=evolution, target=args.target,
+                    per_layer=args.per_layer, seed=args.seed, evolution=evolution,
+                    target=None if rules is None else args.target,
                     tied=rules.tied_units(view) if rules is not None else None)
     plan.info["model"] = model
+    if args.project:
+        plan = project_onto(plan, rows, args.target, view)
     return plan, table
+
+
+def project_onto(plan, rows, target: str, view):
+    """``plan`` projected onto ``target`` (:func:`moepress.allocate.project.project`), its changes
+    printed one per line."""
+    from ..export.targets import target_rules
+    from .project import project
+
+    projected, changes = project(plan, rows, target, target_rules(target).tied_units(view))
+    print(f"--project onto {target}: {len(changes)} group(s) changed" + "".join(f"\n  {c}" for c in changes),
+          file=sys.stderr)
+    return projected
 
 
 def _check_target(args):
