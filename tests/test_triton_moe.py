@@ -178,3 +178,41 @@ def test_ineligible_experts_are_refused_in_one_line():
 def test_prepare_cuda_leaves_a_cpu_model_unchanged():
     model = torch.nn.Sequential(_experts([4]))
     assert type(prepare_cuda(model)[0]) is PackedExperts
+
+
+_COMPILE_FOR_H100 = r'''
+import collections, re, triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from moepress.runtime import triton_moe as m
+names = list(m._moe_matmul_kernel.arg_names)
+types = dict(x_ptr="*bf16", x_stride="i32", out_ptr="*bf16", out_stride="i32", split_stride="i32", ids_ptr="*i64",
+             gates_ptr="*bf16", P="i32", TOP_K="i32", meta_ptr="*i64", codes_ptr="*u8", scales_ptr="*fp16",
+             zeros_ptr="*u8", perm_ptr="*i32", N="i32", K="i32")
+aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in types if n not in ("P", "TOP_K")}  # as the JIT sees them
+for block_m, gated, widths in ((1, True, (4,)), (16, False, (2, 3, 4, 8))):
+    const = dict(S=64, BLOCK_M=block_m, BLOCK_N=64, P_BLOCK=32, SPLIT_K=1, GATED=gated, X_BY_TOKEN=gated,
+                 HAS2=2 in widths, HAS3=3 in widths, HAS4=4 in widths, HAS8=8 in widths, HAS_PERM=False,
+                 ACT=tl.bfloat16, IEEE=False)
+    signature = {n: types.get(n, "constexpr") for n in names}
+    kernel = triton.compile(ASTSource(m._moe_matmul_kernel, signature, const, aligned),
+                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
+    loads = collections.Counter(re.findall(r"ld\.global[\w.]*", kernel.asm["ptx"]))
+    print(block_m, dict(loads))
+'''
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU the tests above run the compiled kernel itself")
+def test_compiles_for_an_h100_without_a_gpu():
+    """The interpreter does not compile: build the PTX for sm_90 (triton's own LLVM and ptxas need no
+    GPU), decode at batch 1 and a mixed-width layer at batch 16, in a process without
+    TRITON_INTERPRET; at batch 1 a tile's codes are read with 16-byte vector loads."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    batch_one = run.stdout.splitlines()[0]
+    assert "ld.global.v4" in batch_one, run.stdout
