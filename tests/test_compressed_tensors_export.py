@@ -185,28 +185,80 @@ def test_bfloat16_scales_change_weights_within_their_rounding(exported):
     assert (got_logits - exact).abs().mean().item() <= 2 * own
 
 
+def _decompressed(out: str) -> dict[str, torch.Tensor]:
+    """Every quantized module of an export decompressed by compressed-tensors' own compressor with
+    its config group's scheme (by hub module name)."""
+    config = QuantizationConfig.model_validate(_quantization_config(out))
+    tensors = {}
+    for name in (n for n in os.listdir(out) if n.endswith(".safetensors")):
+        with safe_open(os.path.join(out, name), "pt") as f:
+            tensors.update({key: f.get_tensor(key) for key in f.keys()})
+    modules = {}
+    for key, tensor in tensors.items():
+        module, _, leaf = key.rpartition(".")
+        modules.setdefault(module, {})[leaf] = tensor
+    weights = {}
+    for module, local in modules.items():
+        if "weight_packed" not in local:
+            continue
+        (scheme,) = [g for g in config.config_groups.values() if g.targets == ["Linear"] or module in g.targets]
+        compressor = BaseCompressor.get_value_from_registry(scheme.format or config.format)
+        weights[module] = compressor.decompress({k: v for k, v in local.items() if k != "bias"}, scheme)["weight"]
+    return weights
+
+
+def _mixtral_hub_names(view) -> dict[str, str]:
+    """Canonical unit name -> hub module name of a Mixtral (experts as w1/w3/w2 under block_sparse_moe)."""
+    names = {u.name: u.module_path for layer in range(view.num_layers) for u in view.linear_units(layer)}
+    names.update({f"layers.{layer}.experts.{e}.{lin}": f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}"
+                  for layer in range(view.num_layers) for e in range(view.experts(layer).num_experts)
+                  for lin, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))})
+    return names
+
+
 def test_zero_points_decompress_exactly_through_compressed_tensors(exported):
     """Asymmetric (W4A16_ASYM) zero points packed along the output dimension: compressed-tensors' own
     pack-quantized decompressor gives exactly moepress's weights (transformers 5.24 cannot load
     asymmetric experts: its fused-expert decompression drops zero points; vLLM's MoE is symmetric)."""
     checkpoint, out = exported("mixtral", "W4A16_ASYM", torch.float32)
-    config = QuantizationConfig.model_validate(_quantization_config(out))
-    (scheme,) = config.config_groups.values()
-    compressor = BaseCompressor.get_value_from_registry(config.format)
-    tensors = {}
-    for name in (n for n in os.listdir(out) if n.endswith(".safetensors")):
-        with safe_open(os.path.join(out, name), "pt") as f:
-            tensors.update({key: f.get_tensor(key) for key in f.keys()})
     ours = load_model(checkpoint)
-    expected, view = _linear_weights(ours), MoEView(ours)
-    hub = {**{u.name: u.module_path for layer in range(view.num_layers) for u in view.linear_units(layer)},
-           **{f"layers.{layer}.experts.{e}.{lin}": f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}"
-              for layer in range(view.num_layers) for e in range(view.experts(layer).num_experts)
-              for lin, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))}}
+    expected, hub = _linear_weights(ours), _mixtral_hub_names(MoEView(ours))
+    got = _decompressed(out)
+    assert sorted(got) == sorted(hub.values())
     for name, weight in expected.items():
-        local = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == hub[name]}
-        assert "weight_zero_point" in local, name
-        assert torch.equal(compressor.decompress(local, scheme)["weight"].float(), weight), name
+        assert torch.equal(got[hub[name]].float(), weight), name
+
+
+def test_a_plan_mixing_layers_is_one_config_group_per_scheme(tiny_model_dir, calib_file, tmp_path):
+    """--target vllm allows per-layer mixing: the export writes a group per scheme naming its modules
+    (and vLLM's expert-0 gate/up/down probe names of each MoE layer), kept units in ignore; each
+    module decompresses with its group's scheme to exactly moepress's weights."""
+    source = tiny_model_dir("mixtral")
+    view = MoEView(load_model(source))
+    units = _plan(view, "4b-g128", **{f"layers.0.experts.{e}": "8b-ch" for e in range(view.experts(0).num_experts)},
+                  **{"layers.0.attn.o_proj": "16b"})
+    plan = {"moepress_plan": 1, "quantization": {"method": "rtn", "symmetric": True}, "units": units}
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    checkpoint, out = str(tmp_path / "q"), str(tmp_path / "ct")
+    compress(source, out=checkpoint, plan=str(tmp_path / "plan.yaml"), target="vllm", calib=calib_file,
+             calib_samples=2, seq_len=32, progress=False)
+    with pytest.warns(UserWarning, match="transformers 5 decompresses every layer's experts with one scheme"):
+        export_compressed_tensors(checkpoint, out)
+    config = _quantization_config(out)
+    groups = {(g["weights"]["num_bits"], g["weights"]["strategy"]): g["targets"] for g in config["config_groups"].values()}
+    assert sorted(groups) == [(4, "group"), (8, "channel")]
+    assert "model.layers.0.block_sparse_moe.experts.3.w2" in groups[(8, "channel")]
+    assert "model.layers.0.block_sparse_moe.experts.0.gate_proj" in groups[(8, "channel")]  # vLLM's probe name
+    assert "model.layers.1.block_sparse_moe.experts.0.w1" in groups[(4, "group")]
+    assert "model.layers.0.self_attn.o_proj" in config["ignore"]
+    ours = load_model(checkpoint)
+    expected, hub = _linear_weights(ours), _mixtral_hub_names(MoEView(ours))
+    got = _decompressed(out)
+    for name, weight in expected.items():
+        if name == "layers.0.attn.o_proj":
+            assert hub[name] not in got
+            continue
+        assert torch.equal(got[hub[name]].float(), weight), name
 
 
 def test_tied_units_and_refusals():
