@@ -186,15 +186,16 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from moepress.runtime import triton_moe as m
 names = list(m._moe_matmul_kernel.arg_names)
-types = dict(x_ptr="*bf16", x_stride="i32", out_ptr="*bf16", out_stride="i32", split_stride="i32", ids_ptr="*i64",
+types = dict(x_stride="i32", out_ptr="*fp32", out_stride="i32", split_stride="i32", ids_ptr="*i64",
              gates_ptr="*bf16", P="i32", TOP_K="i32", meta_ptr="*i64", codes_ptr="*u8", scales_ptr="*fp16",
              zeros_ptr="*u8", perm_ptr="*i32", N="i32", K="i32")
-aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in types if n not in ("P", "TOP_K")}  # as the JIT sees them
+aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in list(types) + ["x_ptr"] if n not in ("P", "TOP_K")}  # as the JIT sees them
 for block_m, gated, widths in ((1, True, (4,)), (16, False, (2, 3, 4, 8))):
     const = dict(S=64, BLOCK_M=block_m, BLOCK_N=64, P_BLOCK=32, SPLIT_K=1, GATED=gated, X_BY_TOKEN=gated,
                  HAS2=2 in widths, HAS3=3 in widths, HAS4=4 in widths, HAS8=8 in widths, HAS_PERM=False,
                  ACT=tl.bfloat16, IEEE=False)
     signature = {n: types.get(n, "constexpr") for n in names}
+    signature["x_ptr"] = "*bf16" if gated else "*fp32"  # gate_up reads the model's activations, down float32
     kernel = triton.compile(ASTSource(m._moe_matmul_kernel, signature, const, aligned),
                             target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
     loads = collections.Counter(re.findall(r"ld\.global[\w.]*", kernel.asm["ptx"]))

@@ -279,7 +279,11 @@ if triton is not None:
         z = tl.load(zeros_ptr + tl.maximum(zero_off, 0) + g * N + n_offs, mask=n_mask & live & asym,
                     other=0).to(tl.float32)
         z = tl.where(asym, z, 1 << (BITS - 1))  # the symmetric grid's implicit zero, (maxq + 1) / 2
-        w = s[:, None] * (q.to(tl.float32) - z[:, None])  # the reference's dequantize
+        # q as a float without an int-to-float conversion (a quarter-rate instruction, the bottleneck
+        # at decode): the bits 0x4B000000 | q are the float 2^23 + q, and (2^23 + q) - (2^23 + z) is
+        # q - z exactly (integers below 2^24), so w is the reference's scale * (q - zero) bit for bit
+        q_plus = (q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)
+        w = s[:, None] * (q_plus - (z + 8388608.0)[:, None])
         if HAS_PERM:
             permuted = perm_off >= 0
             source = tl.load(perm_ptr + tl.maximum(perm_off, 0) + cols, mask=col_mask & permuted, other=0)
@@ -511,7 +515,8 @@ class TritonExperts(nn.Module):
         return self.gate_up.matrix(2 * expert + (linear == "up_proj"))
 
     def _launch(self, matrices: ExpertMatrices, x, out, ids, gates, top_k, block_m, block_n, split_k, gated,
-                by_token):
+                by_token, dtype):
+        """One matmul launch; ``dtype``: the activations' (what tl.dot multiplies in), whatever x's storage."""
         config = self.config
         pairs = ids.numel()
         widths = matrices.widths
@@ -522,8 +527,8 @@ class TritonExperts(nn.Module):
             matrices.out_features, matrices.in_features,
             S=matrices.unit, BLOCK_M=block_m, BLOCK_N=block_n, P_BLOCK=max(16, triton.next_power_of_2(pairs)),
             SPLIT_K=split_k, GATED=gated, X_BY_TOKEN=by_token, HAS2=2 in widths, HAS3=3 in widths,
-            HAS4=4 in widths, HAS8=8 in widths, HAS_PERM=matrices.has_perm, ACT=getattr(tl, _ACT[x.dtype]),
-            IEEE=x.dtype == torch.float32, num_warps=config.num_warps, num_stages=config.num_stages)
+            HAS4=4 in widths, HAS8=8 in widths, HAS_PERM=matrices.has_perm, ACT=getattr(tl, _ACT[dtype]),
+            IEEE=dtype == torch.float32, num_warps=config.num_warps, num_stages=config.num_stages)
 
     def split_k(self, tokens: int, top_k: int) -> int:
         config = self.config
@@ -542,11 +547,12 @@ class TritonExperts(nn.Module):
         gates = top_k_weights.reshape(-1).contiguous()
         block_m = 1 if tokens == 1 else 16
         config = self.config
-        hidden = torch.empty(tokens * top_k, self.intermediate_size, dtype=x.dtype, device=x.device)
-        self._launch(self.gate_up, x, hidden, ids, gates, top_k, block_m, config.block_n_gate_up, 1, True, True)
+        # float32 between the launches: no rounding, and the down projection's loads need no conversion
+        hidden = torch.empty(tokens * top_k, self.intermediate_size, dtype=torch.float32, device=x.device)
+        self._launch(self.gate_up, x, hidden, ids, gates, top_k, block_m, config.block_n_gate_up, 1, True, True, x.dtype)
         split = self.split_k(tokens, top_k)
         parts = torch.empty(split, tokens * top_k, self.hidden_size, dtype=torch.float32, device=x.device)
-        self._launch(self.down, hidden, parts, ids, gates, top_k, block_m, config.block_n_down, split, False, False)
+        self._launch(self.down, hidden, parts, ids, gates, top_k, block_m, config.block_n_down, split, False, False, x.dtype)
         out = torch.empty_like(x)
         block = 256
         _combine_kernel[(tokens, triton.cdiv(self.hidden_size, block))](
