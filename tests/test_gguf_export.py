@@ -198,11 +198,17 @@ def test_what_the_export_refuses(checkpoints, tiny_model_dir, calib_file, tmp_pa
     line = run_cli(capsys, "export", "--model", own, "--format", "gguf", "--out", str(tmp_path / "x.gguf"))
     assert "is 4b-g128, moepress's own format, which llama.cpp cannot read" in line
     assert not (tmp_path / "x.gguf").exists()
-    qwen = str(tmp_path / "qwen")
+    qwen = str(tmp_path / "qwen")  # the tiny Qwen3-MoE's dense layer 0: llama.cpp's qwen3moe has none
     moepress.compress(tiny_model_dir("qwen3_moe"), target="llamacpp", bits=8, calib=calib_file, out=qwen,
                       progress=False, **SMALL)
     line = run_cli(capsys, "export", "--model", qwen, "--format", "gguf", "--out", str(tmp_path / "x.gguf"))
-    assert "does not know architecture 'qwen3_moe' yet; it writes mixtral, olmoe" in line
+    assert "qwen3_moe: layers [0] have a dense MLP; llama.cpp's qwen3moe has an MoE block in every layer" in line
+    granite = str(tmp_path / "granite")
+    moepress.compress(tiny_model_dir("granitemoe"), target="llamacpp", bits=8, calib=calib_file, out=granite,
+                      progress=False, **SMALL)
+    line = run_cli(capsys, "export", "--model", granite, "--format", "gguf", "--out", str(tmp_path / "x.gguf"))
+    assert "does not know architecture 'granitemoe' yet; it writes deepseek_v2, deepseek_v3, mixtral, olmoe, " \
+        "qwen2_moe, qwen3_moe" in line
     (tmp_path / "there.gguf").write_bytes(b"")
     line = run_cli(capsys, "export", "--model", out[4], "--format", "gguf", "--out", str(tmp_path / "there.gguf"))
     assert "exists; pass --overwrite" in line

@@ -16,9 +16,17 @@ calls ``gpt-2``, which the export writes; any other pre-tokenizer must be named
 (``tokenizer_pre``, ``--tokenizer-pre``: llama.cpp's name for it, e.g. ``llama-bpe``, ``qwen2``).
 
 Architectures: one small entry per architecture llama.cpp runs (:data:`ARCHITECTURES`: Mixtral,
-OLMoE); a checkpoint of another one is refused in one line. Not yet: Qwen3-MoE (llama.cpp's
-qwen3moe has no dense layers, the zoo's tiny one has one), Qwen2-MoE (shared expert and its gate),
-DeepSeek-V2/V3 (MLA's split kv_b, leading dense blocks, expert groups).
+OLMoE, DeepSeek-V2/V3, Qwen2-MoE, Qwen3-MoE), each the hyperparameters its converter class adds
+and the configurations llama.cpp would run differently from transformers (refused in one line,
+before any work); a checkpoint of another architecture is refused too. DeepSeek's latent
+attention is written as the converter splits it: ``kv_b_proj`` into ``attn_v_b`` (the value rows
+of each head: whole rows, so a block format's bytes as they are) and ``attn_k_b`` (the key rows,
+transposed: a block row cannot be transposed, so it holds the float values moepress computes
+with, F32, when ``kv_b_proj`` is quantized). Where the converter's metadata would make llama.cpp
+compute something else than transformers does, the export writes what transformers computes, and
+the test names the key: DeepSeek-V3's sigmoid router (``expert_gating_func``: transformers'
+config drops ``scoring_func``, and llama.cpp's default is softmax), DeepSeek-V2's greedy router
+(no expert groups, no top-k renormalisation: transformers' V2 ignores both).
 """
 
 from __future__ import annotations
@@ -46,17 +54,94 @@ class Architecture:
                  as a llama model with experts)
     permute_qk:  llama's rotary layout: q/k rows permuted from Hugging Face's halves to
                  interleaved pairs (the converter's ``LlamaModel.permute``)
-    llama_keys:  also ``vocab_size`` and ``rope.dimension_count`` (what ``LlamaModel`` adds)
+    hparams:     the keys the architecture's converter class writes after the common ones
+                 (:func:`_common_hparams`), as (GGUFWriter ``add_<key>``, config key or a function
+                 of the config); a later entry replaces an earlier one, None writes nothing
+    refuse:      (config -> bool, why): configurations llama.cpp runs differently from
+                 transformers, refused in one line
+    latent_attention: DeepSeek's MLA, ``kv_b_proj`` split into ``attn_k_b`` and ``attn_v_b``
     """
 
     gguf_arch: str
     permute_qk: bool = False
-    llama_keys: bool = False
+    hparams: tuple = ()
+    refuse: tuple = ()
+    latent_attention: bool = False
+
+
+def _dense_layers(cfg: dict) -> list[int]:
+    """Qwen-MoE's layers with a dense MLP (``mlp_only_layers``, ``decoder_sparse_step``)."""
+    step = cfg.get("decoder_sparse_step") or 1
+    only = set(cfg.get("mlp_only_layers") or ())
+    return [i for i in range(cfg["num_hidden_layers"]) if i in only or (i + 1) % step != 0]
+
+
+def _qwen_moe(arch: str, normalises: bool) -> Architecture:
+    """Qwen2-MoE and Qwen3-MoE: llama.cpp has an MoE block in every layer and fixes whether the
+    top-k weights are renormalised (qwen2moe: never, qwen3moe: always)."""
+    return Architecture(arch, hparams=(
+        ("expert_feed_forward_length", "moe_intermediate_size"),
+        ("expert_shared_feed_forward_length", "shared_expert_intermediate_size"),
+    ), refuse=(
+        (lambda c: _dense_layers(c), lambda c: f"layers {_dense_layers(c)} have a dense MLP; llama.cpp's "
+                                                f"{arch.lower()} has an MoE block in every layer"),
+        (lambda c: bool(c.get("norm_topk_prob")) != normalises,
+         lambda c: f"norm_topk_prob={c.get('norm_topk_prob')}: llama.cpp's {arch.lower()} "
+                   f"{'always' if normalises else 'never'} renormalises the top-k weights"),
+    ))
+
+
+def _deepseek(v3: bool) -> Architecture:
+    """DeepSeek-V2/V3 as the converter's ``DeepseekV2Model`` writes them (llama.cpp's deepseek2:
+    MLA as MQA over the latent, leading dense blocks, shared experts), with the router as
+    transformers runs it: V3 sigmoid scores with a selection bias, expert groups scored by their
+    top two, top-k renormalised if ``norm_topk_prob``; V2 softmax, greedy top-k, never
+    renormalised (llama.cpp scores a group by its top two, V2's ``group_limited_greedy`` by its
+    best one: refused where groups are skipped)."""
+    hparams = (
+        ("head_count_kv", lambda c: 1),
+        ("leading_dense_block_count", lambda c: c.get("first_k_dense_replace") or 0),
+        ("vocab_size", "vocab_size"),
+        # without q LoRA (V2-Lite's plain q_proj) the converter writes no q_lora_rank, which llama.cpp's
+        # loader demands of every model but the Lite's own layer counts; 0 is its "no q LoRA"
+        ("q_lora_rank", lambda c: c.get("q_lora_rank") or 0),
+        ("kv_lora_rank", "kv_lora_rank"),
+        ("key_length", lambda c: c["kv_lora_rank"] + c["qk_rope_head_dim"]),
+        ("value_length", "kv_lora_rank"),
+        ("key_length_mla", lambda c: c["qk_nope_head_dim"] + c["qk_rope_head_dim"]),
+        ("value_length_mla", "v_head_dim"),
+        ("expert_feed_forward_length", "moe_intermediate_size"),
+        ("expert_shared_count", lambda c: c.get("n_shared_experts") or 0),
+        ("expert_weights_scale", "routed_scaling_factor"),
+        ("rope_dimension_count", "qk_rope_head_dim"),
+    )
+    if v3:
+        hparams += (("expert_weights_norm", lambda c: True if c.get("norm_topk_prob") else None),
+                    ("expert_gating_func", lambda c: _gguf().ExpertGatingFuncType.SIGMOID))
+        refuse = ((lambda c: c.get("rope_interleave") is False,
+                   lambda c: "rope_interleave=false: llama.cpp's deepseek2 rotates interleaved pairs"),)
+    else:
+        greedy = (lambda c: None if c.get("topk_method", "greedy") == "greedy" else c.get("n_group"))
+        hparams += (("expert_group_count", greedy),
+                    ("expert_group_used_count", lambda c: greedy(c) and c.get("topk_group")))
+        refuse = ((lambda c: c.get("topk_method") == "group_limited_greedy" and c.get("topk_group") != c.get("n_group"),
+                   lambda c: f"topk_method group_limited_greedy with {c.get('topk_group')} of {c.get('n_group')} "
+                             "groups: llama.cpp scores a group by its top two experts, DeepSeek-V2 by its best one"),)
+    return Architecture("DEEPSEEK2", hparams=hparams, refuse=refuse, latent_attention=True)
+
+
+def _head_dim(cfg: dict) -> int:
+    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
 
 
 ARCHITECTURES = {
-    "mixtral": Architecture("LLAMA", permute_qk=True, llama_keys=True),
+    "mixtral": Architecture("LLAMA", permute_qk=True, hparams=(("vocab_size", "vocab_size"),
+                                                                ("rope_dimension_count", _head_dim))),
     "olmoe": Architecture("OLMOE"),
+    "deepseek_v3": _deepseek(v3=True),
+    "deepseek_v2": _deepseek(v3=False),
+    "qwen3_moe": _qwen_moe("QWEN3MOE", normalises=True),
+    "qwen2_moe": _qwen_moe("QWEN2MOE", normalises=False),
 }
 
 
@@ -159,12 +244,14 @@ def _tensors(ckpt: _Checkpoint, arch: Architecture, gguf) -> list[_Tensor]:
     # moepress's canonical unit of a state-dict base name (for its block format)
     groups: dict[str, list[tuple[int | None, str]]] = {}  # base name -> [(expert, stored name)]
     for stored in ckpt.shard_of:
-        suffix = next((s for s in SUFFIXES if stored.endswith(s)), None)
+        # DeepSeek-V3's router bias: gguf's name map knows it as ``...gate.e_score_correction`` + ``.bias``
+        key = stored.replace(".e_score_correction_bias", ".e_score_correction.bias")
+        suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
         if suffix is None and stored.endswith(FUSED_EXPERTS):
             suffix = ""
         if suffix is None:
             raise MoepressError(f"{stored}: a tensor the GGUF export does not know how to write")
-        base = stored[: len(stored) - len(suffix)]
+        base = key[: len(key) - len(suffix)]
         m = EXPERT.search(base + ".")
         expert = None
         if m is not None:
@@ -212,8 +299,13 @@ def _tensors(ckpt: _Checkpoint, arch: Architecture, gguf) -> list[_Tensor]:
                 data = data.to(f16)
             return data.contiguous().numpy()
 
-        if suffix == ".blocks":
-            fmt = _unit_format(formats, base, layer, members)
+        if arch.latent_attention and kind == gguf.MODEL_TENSOR.ATTN_KV_B:
+            fmt = _unit_format(formats, base, layer, members) if suffix == ".blocks" else None
+            out.extend(_latent_kv_b(ckpt, stored_names[0], base, fmt, names, gguf))
+            continue
+        if suffix == ".blocks":  # (token_embd and output: the types moepress.json's embeddings names)
+            fmt = (ckpt.record.get("embeddings") or {}).get(name[: -len(".weight")]) or \
+                _unit_format(formats, base, layer, members)
             qtype = gguf.GGMLQuantizationType(block_format(fmt).ggml_type)
             out.append(_Tensor(name, qtype, shape, np.uint8, load))
         elif len(shape) <= 1 or kind in force_f32 or suffix == ".bias" or name.endswith("_norm.weight"):
@@ -223,6 +315,48 @@ def _tensors(ckpt: _Checkpoint, arch: Architecture, gguf) -> list[_Tensor]:
             out.append(_Tensor(name, gguf.GGMLQuantizationType.F16, shape, np.float16,
                                lambda load=load: load(f16=torch.float16)))
     return out
+
+
+def _latent_kv_b(ckpt: _Checkpoint, stored: str, base: str, fmt: str | None, names, gguf) -> list[_Tensor]:
+    """DeepSeek's ``kv_b_proj`` [n_head * (qk_nope + v), kv_lora] as the converter splits it for
+    llama.cpp's MLA: ``attn_v_b`` [n_head, v, kv_lora], each head's value rows (whole rows: a block
+    format's bytes as stored), and ``attn_k_b`` [n_head, kv_lora, qk_nope], each head's key rows
+    transposed (llama.cpp multiplies by it from the other side). A block row cannot be transposed,
+    so a quantized ``attn_k_b`` holds the float32 values moepress computes with (``fmt``'s
+    dequantized bytes); a kept one is F16, as the converter writes it."""
+    import numpy as np
+
+    from ..quantize.ggml_blocks import BlockQuantizedWeight, block_format
+
+    cfg = ckpt.config
+    n_head, nope, v, rank = (cfg[k] for k in ("num_attention_heads", "qk_nope_head_dim", "v_head_dim", "kv_lora_rank"))
+    if ckpt.shape(stored)[0] != n_head * (nope + v):
+        raise MoepressError(f"{stored}: {ckpt.shape(stored)[0]} rows, expected num_attention_heads x "
+                            f"(qk_nope_head_dim + v_head_dim) = {n_head * (nope + v)}")
+    k_name = names.get_name(base.replace("kv_b_proj", "k_b_proj"), try_suffixes=()) + ".weight"
+    v_name = names.get_name(base.replace("kv_b_proj", "v_b_proj"), try_suffixes=()) + ".weight"
+
+    def heads() -> torch.Tensor:  # [n_head, nope + v, row]
+        return ckpt.tensor(stored).view(n_head, nope + v, -1)
+
+    def weights() -> torch.Tensor:  # [n_head, nope + v, kv_lora], the values moepress computes with
+        if fmt is None:
+            return heads().float()
+        return BlockQuantizedWeight(ckpt.tensor(stored), block_format(fmt), rank, n_head * (nope + v)).dequantize() \
+            .view(n_head, nope + v, rank)
+
+    def k_b(dtype):
+        return weights()[:, :nope].transpose(1, 2).to(dtype).contiguous().numpy()
+
+    F16, F32 = gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32
+    if fmt is None:
+        v_b = _Tensor(v_name, F16, (n_head, v, rank), np.float16,
+                      lambda: heads()[:, nope:].to(torch.float16).contiguous().numpy())
+        return [_Tensor(k_name, F16, (n_head, rank, nope), np.float16, lambda: k_b(torch.float16)), v_b]
+    qtype = gguf.GGMLQuantizationType(block_format(fmt).ggml_type)
+    row = ckpt.shape(stored)[1]
+    v_b = _Tensor(v_name, qtype, (n_head, v, row), np.uint8, lambda: heads()[:, nope:].contiguous().numpy())
+    return [_Tensor(k_name, F32, (n_head, rank, nope), np.float32, lambda: k_b(torch.float32)), v_b]
 
 
 def _layer_of(base: str) -> int | None:
@@ -251,10 +385,18 @@ def _unit_format(formats: dict, base: str, layer, members) -> str:
     return found.pop()
 
 
-def _file_type(tensors: list[_Tensor], gguf) -> int:
-    """``general.file_type``: the LlamaFileType of the type holding most of the weights (F16 when
-    every linear is kept), as llama-quantize names the file after the type it was asked for."""
+def _file_type(tensors: list[_Tensor], gguf, mix: str | None = None) -> int:
+    """``general.file_type``: the llama-quantize mix the checkpoint was made as (``mix``, its
+    ``--ggml-type``: MOSTLY_Q4_K_M), else the LlamaFileType of the type holding most of the weights
+    (F16 when every linear is kept), as llama-quantize names the file after the type it was asked for."""
     import numpy as np
+
+    from .llamacpp_target import is_preset
+
+    if is_preset(mix):
+        from .llamacpp_presets import gguf_file_type
+
+        return int(gguf.LlamaFileType[gguf_file_type(mix)])
 
     by_type: dict = {}
     for t in tensors:
@@ -321,34 +463,64 @@ def _write_vocab(writer, path: Path, vocab_size: int, pre: str, gguf) -> None:
     special.add_to_gguf(writer)
 
 
-def _write_hparams(writer, cfg: dict, arch: Architecture) -> None:
-    """The hyperparameters the converter writes (TextModel's ``set_gguf_parameters``, and
-    LlamaModel's for ``llama_keys``)."""
-    writer.add_block_count(cfg["num_hidden_layers"])
-    writer.add_context_length(cfg["max_position_embeddings"])
-    writer.add_embedding_length(cfg["hidden_size"])
-    writer.add_feed_forward_length(cfg["intermediate_size"])
-    writer.add_head_count(cfg["num_attention_heads"])
-    writer.add_head_count_kv(cfg.get("num_key_value_heads", cfg["num_attention_heads"]))
+def _first(cfg: dict, *keys):
+    return next((cfg[k] for k in keys if cfg.get(k) is not None), None)
+
+
+def _common_hparams(cfg: dict, gguf) -> dict:
+    """The hyperparameters every converter class writes (``TextModel.set_gguf_parameters``), as
+    {GGUFWriter ``add_<key>``: value}."""
     rope = cfg.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", cfg.get("rope_theta"))
-    if theta is not None:
-        writer.add_rope_freq_base(theta)
     if rope.get("rope_type") not in (None, "default"):
         raise MoepressError(f"rope type {rope['rope_type']!r}: the GGUF export writes default rope only (for now)")
-    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    for keys, add in ((("num_local_experts", "num_experts"), writer.add_expert_count),
-                      (("num_experts_per_tok",), writer.add_expert_used_count)):
-        value = next((cfg[k] for k in keys if cfg.get(k) is not None), None)
-        if value is not None:
-            add(value)
-    if cfg.get("sliding_window") is not None:
-        writer.add_sliding_window(cfg["sliding_window"])
-    if not arch.llama_keys:
-        return
-    writer.add_vocab_size(cfg["vocab_size"])
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    writer.add_rope_dimension_count(head_dim)
+    score = _first(cfg, "score_function", "scoring_func", "score_func")
+    gating = {"sigmoid": gguf.ExpertGatingFuncType.SIGMOID, "softmax": gguf.ExpertGatingFuncType.SOFTMAX,
+              None: None}
+    if score not in gating:
+        raise MoepressError(f"router scoring {score!r}: llama.cpp's experts are scored by softmax or sigmoid")
+    return {
+        "block_count": cfg["num_hidden_layers"],
+        "context_length": cfg["max_position_embeddings"],
+        "embedding_length": cfg["hidden_size"],
+        "feed_forward_length": _first(cfg, "prefix_dense_intermediate_size", "dense_intermediate_size",
+                                      "intermediate_size"),
+        "head_count": cfg["num_attention_heads"],
+        "head_count_kv": cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+        "rope_freq_base": rope.get("rope_theta", cfg.get("rope_theta")),
+        "layer_norm_rms_eps": cfg["rms_norm_eps"],
+        "expert_count": _first(cfg, "num_local_experts", "num_experts", "n_routed_experts"),
+        "expert_used_count": _first(cfg, "num_experts_per_tok"),
+        "expert_group_count": cfg.get("n_group"),
+        "expert_group_used_count": cfg.get("topk_group"),
+        "expert_gating_func": gating[score],
+        "key_length": cfg.get("head_dim"),
+        "value_length": cfg.get("head_dim"),
+    }
+
+
+def _hparams(cfg: dict, arch: Architecture, gguf) -> dict:
+    """The hyperparameters the converter writes for ``arch``: the common ones, then the
+    architecture's (replacing, or with None removing, a common one)."""
+    values = _common_hparams(cfg, gguf)
+    for key, source in arch.hparams:
+        values[key] = source(cfg) if callable(source) else cfg.get(source)
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def architecture(cfg: dict) -> Architecture:
+    """The entry for a model of config ``cfg`` (a ``config.json`` as a dict), or one line saying
+    why llama.cpp cannot run it as transformers does. Needs only the config, so it can be asked
+    before any work (``compress --target llamacpp`` may ask it too)."""
+    model_type = cfg.get("model_type")
+    arch = ARCHITECTURES.get(model_type)
+    if arch is None:
+        raise MoepressError(f"the GGUF export does not know architecture {model_type!r} yet; it writes "
+                            f"{', '.join(sorted(ARCHITECTURES))}")
+    for bad, why in arch.refuse:
+        if bad(cfg):
+            raise MoepressError(f"{model_type}: {why(cfg)}; the GGUF export cannot write this model")
+    _hparams(cfg, arch, _gguf())  # (its own refusals: rope scaling, router scoring)
+    return arch
 
 
 def export_gguf(path: str, out: str, *, tokenizer_pre: str | None = None) -> str:
@@ -361,11 +533,8 @@ def export_gguf(path: str, out: str, *, tokenizer_pre: str | None = None) -> str
     """
     gguf = _gguf()
     ckpt = _Checkpoint(path)
-    model_type = ckpt.config.get("model_type")
-    arch = ARCHITECTURES.get(model_type)
-    if arch is None:
-        raise MoepressError(f"the GGUF export does not know architecture {model_type!r} yet; it writes "
-                            f"{', '.join(sorted(ARCHITECTURES))}")
+    arch = architecture(ckpt.config)
+    hparams = _hparams(ckpt.config, arch, gguf)
     _check_expressible(ckpt)
     pre = _tokenizer_pre(ckpt.path, tokenizer_pre)
     tensors = _tensors(ckpt, arch, gguf)
@@ -375,7 +544,7 @@ def export_gguf(path: str, out: str, *, tokenizer_pre: str | None = None) -> str
     try:
         for t in tensors:
             writer.add_tensor_info(t.name, t.shape, t.dtype, t.nbytes, raw_dtype=t.qtype)
-        _write_metadata(writer, ckpt, arch, tensors, pre, gguf)
+        _write_metadata(writer, ckpt, hparams, tensors, pre, gguf)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -394,7 +563,7 @@ def export_gguf(path: str, out: str, *, tokenizer_pre: str | None = None) -> str
     return out
 
 
-def _write_metadata(writer, ckpt: _Checkpoint, arch: Architecture, tensors, pre: str, gguf) -> None:
+def _write_metadata(writer, ckpt: _Checkpoint, hparams: dict, tensors, pre: str, gguf) -> None:
     """general.* as the converter derives them (gguf's Metadata heuristics, on the source model's
     folder when it is at hand, so the name is the model's, not the output folder's), then the
     hyperparameters and the tokenizer."""
@@ -408,10 +577,11 @@ def _write_metadata(writer, ckpt: _Checkpoint, arch: Architecture, tensors, pre:
         metadata.size_label = gguf.size_label(total, shared, expert, count)
     writer.add_type(gguf.GGUFType.MODEL)
     metadata.set_gguf_meta_model(writer)
-    _write_hparams(writer, ckpt.config, arch)
-    writer.add_file_type(_file_type(tensors, gguf))
+    for key, value in hparams.items():
+        getattr(writer, f"add_{key}")(value)
+    writer.add_file_type(_file_type(tensors, gguf, ckpt.record.get("ggml_type")))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _write_vocab(writer, ckpt.path, ckpt.config["vocab_size"], pre, gguf)
 
 
-__all__ = ["ARCHITECTURES", "Architecture", "export_gguf"]
+__all__ = ["ARCHITECTURES", "Architecture", "architecture", "export_gguf"]
