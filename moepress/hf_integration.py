@@ -30,7 +30,8 @@ class MoepressConfig(QuantizationConfigMixin):
     def __init__(self, units: dict | None = None, bits: int | None = None, group_size: int | None = None,
                  format_version: int = 1, expert_counts: dict | None = None, experts_kept: dict | None = None,
                  top_k: dict | None = None, dropped_blocks: list | None = None,
-                 dropped_moe_layers: list | None = None, dynamic_pruning: dict | None = None, **kwargs):
+                 dropped_moe_layers: list | None = None, dynamic_pruning: dict | None = None,
+                 embeddings: dict | None = None, **kwargs):
         self.quant_method = "moepress"
         self.units = units or {}
         self.bits = bits
@@ -42,6 +43,7 @@ class MoepressConfig(QuantizationConfigMixin):
         self.dropped_blocks = dropped_blocks or []  # decoder layers a block drop removed
         self.dropped_moe_layers = dropped_moe_layers or []  # MoE sublayers a layer drop removed
         self.dynamic_pruning = dynamic_pruning  # ODP settings the loaders install (moepress.trim.dynamic)
+        self.embeddings = embeddings or {}  # token_embd/output -> llama.cpp type (moepress.export.llamacpp_target)
 
     def to_dict(self) -> dict:
         return {
@@ -55,6 +57,7 @@ class MoepressConfig(QuantizationConfigMixin):
             **({"dropped_blocks": self.dropped_blocks} if self.dropped_blocks else {}),
             **({"dropped_moe_layers": self.dropped_moe_layers} if self.dropped_moe_layers else {}),
             **({"dynamic_pruning": self.dynamic_pruning} if self.dynamic_pruning else {}),
+            **({"embeddings": self.embeddings} if self.embeddings else {}),
         }
 
 
@@ -87,6 +90,10 @@ class MoepressHfQuantizer(HfQuantizer):
 
             restore_expert_counts(model, qc.expert_counts)
         install_skeleton(model, read_unit_map(qc.units, name))
+        if qc.embeddings:  # token embeddings and head in llama.cpp block types
+            from .export.llamacpp_target import install_outer
+
+            install_outer(model, qc.embeddings)
         if files:  # (a state dict handed to from_pretrained has no files to check first)
             check_stored_tensors(model, stored_tensors(files, name), name)
 

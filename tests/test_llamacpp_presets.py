@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 
+import numpy as np
 import pytest
 
 from moepress.errors import MoepressError
@@ -114,3 +115,53 @@ def test_types_equal_llama_quantizes(model, tokenizer, tmp_path):
         assert ours == theirs, (mix, {k: (ours.get(k), theirs.get(k)) for k in set(ours) | set(theirs)
                                       if ours.get(k) != theirs.get(k)})
         out.unlink()
+
+
+@pytest.mark.skipif(_llamacpp_missing() is not None, reason=str(_llamacpp_missing()))
+def test_a_mix_gguf_has_llama_quantizes_types_and_size(tokenizer, calib_file, tmp_path):
+    """compress --ggml-type q4_K_M, then export: every tensor of the GGUF, token_embd and output
+    included, has the type of llama-quantize's Q4_K_M of the same model, and the two files have the
+    same size (only the rounding differs). moepress's model computes with the GGUF's bytes: its
+    embedding and head hold them, and its logits are those of the exported values."""
+    import os
+
+    import gguf
+    import torch
+
+    import moepress
+    from moepress.export.gguf import export_gguf
+    from moepress.loading import load_model
+    from moepress.model.tiny import build_tiny_model
+    from moepress.runtime.block_weight import BlockEmbedding, BlockLinear
+
+    source = tmp_path / "wide"
+    build_tiny_model("mixtral", vocab_size=len(tokenizer), hidden_size=256, intermediate_size=256,
+                     num_hidden_layers=4).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    out = str(tmp_path / "q4km")
+    moepress.compress(str(source), target="llamacpp", ggml_type="q4_K_M", calib=calib_file, calib_samples=4,
+                      seq_len=64, out=out, progress=False)
+    ours = export_gguf(out, str(tmp_path / "ours.gguf"))
+    f16 = llamacpp_tools.convert_reference(str(source), str(tmp_path / "f16.gguf"))
+    theirs = str(tmp_path / "theirs.gguf")
+    done = subprocess.run([str(llamacpp_tools.tool("llama-quantize")), f16, theirs, "Q4_K_M", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-1000:]
+    read = {path: {t.name: t for t in gguf.GGUFReader(path).tensors} for path in (ours, theirs)}
+    assert {n: t.tensor_type for n, t in read[ours].items()} == {n: t.tensor_type for n, t in read[theirs].items()}
+    assert read[ours]["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_K
+    assert read[ours]["output.weight"].tensor_type == gguf.GGMLQuantizationType.Q6_K
+    assert os.path.getsize(ours) == os.path.getsize(theirs)
+    file_type = gguf.GGUFReader(ours).fields["general.file_type"].contents()
+    assert file_type == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+
+    model = load_model(out)
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert isinstance(embedding, BlockEmbedding) and isinstance(head, BlockLinear)
+    for module, name in ((embedding, "token_embd.weight"), (head, "output.weight")):
+        assert np.array_equal(module.blocks.numpy(), np.asarray(read[ours][name].data).reshape(module.blocks.shape))
+    values = torch.from_numpy(gguf.dequantize(read[ours]["token_embd.weight"].data, gguf.GGMLQuantizationType.Q4_K))
+    ids = torch.tensor([[5, 17, 3, 200]])
+    assert torch.equal(embedding(ids)[0], values.reshape(len(tokenizer), 256)[ids[0]].to(embedding(ids).dtype))
+    with torch.no_grad():
+        assert torch.allclose(moepress.load(out)(ids).logits, model(ids).logits, atol=1e-4)

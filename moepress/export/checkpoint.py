@@ -106,6 +106,10 @@ def write_checkpoint(work, result, source, overwrite: bool = False) -> str:
     layers_prefix = arch_spec(model.config.model_type).layers + "."
     source.load_outer()
     try:
+        if result.config.target == "llamacpp":  # a llama-quantize mix's embeddings and head types (llamacpp_target)
+            from .llamacpp_target import quantize_outer
+
+            record.update(quantize_outer(model, result.config))
         outer = {k: v for k, v in _unique_state_dict(model, skip_prefix=layers_prefix).items()}
         work.write_outer(outer)
     finally:
@@ -141,6 +145,7 @@ def quantization_config_dict(record: dict) -> dict:
         **({"expert_counts": {layer: len(k) for layer, k in kept.items()}, "experts_kept": kept} if kept else {}),
         **({"top_k": record["top_k"]} if record.get("top_k") else {}),  # layers routed to fewer experts
         **({k: record[k] for k in ("dropped_blocks", "dropped_moe_layers", "dynamic_pruning") if record.get(k)}),
+        **({"embeddings": record["embeddings"]} if record.get("embeddings") else {}),  # in llama.cpp types
     }
 
 

@@ -8,11 +8,21 @@ or in float. So under the target:
 * ``--bits N`` means llama.cpp's N-bit type, per tensor: the k-quant where a row is a multiple
   of 256 inputs (4 -> Q4_K, 5 -> Q5_K, 6 -> Q6_K), else the legacy type (4 -> Q4_1, 5 -> Q5_1,
   6 -> Q8_0, llama-quantize's own fallback); 8 -> Q8_0; 16 keeps every unit (an f16 GGUF).
-  ``--ggml-type`` puts every unit in one type instead (q4_0, q5_0, ...). Of the legacy types the
+  Of the legacy types the
   ``_1`` ones are the default because they had the lower layer error on every tensor we measured
   (the zoo's Mixtral: about 17% lower squared error than Q4_0 at 11% more bytes, 5.0 vs 4.5 bits
   per weight). 2 -> Q2_K and 3 -> Q3_K where a row is a multiple of 256, else Q4_0 as
   llama-quantize falls back for both: a bigger type (4.5 bits per weight against 2.625 and 3.4375).
+* ``--ggml-type q4_K_M`` (any of llama-quantize's file types: q2_K, q3_K_S/M/L, q4_K_S/M,
+  q5_K_S/M, q6_K, q4_0 ... q8_0) gives every tensor the type llama-quantize gives it in that mix
+  (:mod:`.llamacpp_presets`, a port of its rules; :func:`gguf_layout` names a model's tensors as
+  the converter does), the token embeddings and output head included (:func:`quantize_outer`:
+  stored in the checkpoint as block weights, RTN), so a moepress GGUF has llama-quantize's types and
+  file size; q3_K, q4_K and q5_K (which llama-quantize reads as the _M mixes) stay one type for
+  every unit.
+* ``--budget`` plans in llama.cpp's types (:data:`PLAN_OPTIONS`), one per :func:`tied_units` group,
+  never one :func:`refusal` names; ``--project`` turns a plan in moepress's grids into the nearest
+  one in llama.cpp's types (:mod:`moepress.allocate.project`).
 * Every unit is quantized to that type with GPTQ (or RTN) onto llama.cpp's own grid
   (:mod:`moepress.quantize.ggml_blocks`), so the checkpoint already holds the GGUF's bytes.
 * Refused, in one line naming the unit or layer: pruning, dynamic act-order, dynamic expert
@@ -23,6 +33,8 @@ or in float. So under the target:
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 from ..errors import MoepressError
 from ..model.view import EXPERT_LINEARS, MoEView
@@ -234,6 +246,80 @@ def _check_unit(name: str, treatment) -> None:
                         "q4_0, q4_1, q5_0, q5_1, q8_0 or 16b")
 
 
+# ---------------------------------------------------------------------- token embeddings and output head
+
+def outer_types(view: MoEView, config) -> dict[str, str]:
+    """The llama.cpp types of the token embeddings and the output head under ``config``: with a
+    llama-quantize mix, the types llama-quantize gives ``token_embd`` and ``output`` ({"token_embd":
+    "q4_K", "output": "q6_K"}); F16 ones are left out, and so is everything without a mix (the GGUF
+    then holds them in F16, as before) or with a head tied to the embeddings (one table: not yet)."""
+    if config.target != "llamacpp" or not is_preset(config.ggml_type) or _tied(view.model):
+        return {}
+    types = preset_types(view, config.ggml_type, config.experts_to_drop)
+    return {k: types[f"{k}.weight"] for k in ("token_embd", "output") if types.get(f"{k}.weight", "f16") != "f16"}
+
+
+def _tied(model) -> bool:
+    head = model.get_output_embeddings()
+    return head is None or head.weight is model.get_input_embeddings().weight
+
+
+def _outer_paths(model) -> dict[str, str]:
+    """token_embd/output -> the module path of the model's input embeddings / output head."""
+    modules = {id(m): name for name, m in model.named_modules()}
+    return {"token_embd": modules[id(model.get_input_embeddings())], "output": modules[id(model.get_output_embeddings())]}
+
+
+def quantize_outer(model, config) -> dict:
+    """Under a llama-quantize mix, replace the (loaded) token embeddings and output head of ``model``
+    by their llama.cpp types (:func:`outer_types`), rounded to nearest onto the block grid (RTN:
+    token_embd is read by row, no Hessian applies; the head's inputs, the final hidden states, are
+    not kept by the layer-by-layer pass, so it is RTN too), so that the checkpoint holds the GGUF's
+    bytes and moepress computes with its values. Returns what ``moepress.json`` records of it
+    (``ggml_type`` and ``embeddings``: name -> type), or {} when nothing is quantized."""
+    from ..model.view import set_submodule
+    from ..quantize.ggml_blocks import block_format, rtn_quantize_blocks
+    from ..runtime.block_weight import BlockEmbedding, BlockLinear
+
+    if config.target != "llamacpp" or not is_preset(config.ggml_type):
+        return {}
+    types = outer_types(MoEView(model), config)
+    for key, path in _outer_paths(model).items():
+        if key not in types:
+            continue
+        old = model.get_submodule(path)
+        weight = old.weight.detach()
+        quantized = rtn_quantize_blocks(weight.float(), block_format(types[key]), name=path)
+        if key == "token_embd":
+            new = BlockEmbedding(quantized, weight.dtype)
+        else:
+            new = BlockLinear(quantized, getattr(old, "bias", None))
+        set_submodule(model, path, new)
+    return {"ggml_type": config.ggml_type, **({"embeddings": types} if types else {})}
+
+
+def install_outer(model, types: dict[str, str]) -> None:
+    """Empty block modules for the token embeddings and head a checkpoint stores in llama.cpp types
+    (``quantization_config.embeddings``), for loading to fill."""
+    from ..model.view import set_submodule
+    from ..quantize.ggml_blocks import BlockQuantizedWeight, block_format
+    from ..runtime.block_weight import BlockEmbedding, BlockLinear
+
+    for key, path in _outer_paths(model).items():
+        if key not in types:
+            continue
+        old = model.get_submodule(path)
+        rows, width = old.weight.shape
+        fmt = block_format(types[key])
+        empty = BlockQuantizedWeight(torch.zeros(rows, fmt.row_bytes(width), dtype=torch.uint8), fmt, width, rows)
+        if key == "token_embd":
+            new = BlockEmbedding(empty, old.weight.dtype)
+        else:
+            bias = getattr(old, "bias", None)
+            new = BlockLinear(empty, None if bias is None else torch.zeros_like(bias, device="cpu"))
+        set_submodule(model, path, new)
+
+
 # What `moepress plan --target llamacpp` measures and chooses from by default: every type moepress writes.
 PLAN_OPTIONS = "q2_K,q3_K,q4_K,q5_K,q6_K,q4_0,q4_1,q5_0,q5_1,q8_0,16"
 
@@ -298,5 +384,5 @@ def check_trimming(view: MoEView, trimming, config=None) -> None:
 
 
 __all__ = ["PLAN_OPTIONS", "TARGETS", "TYPES_BY_BITS", "GGUFLayout", "block_type", "check_config", "check_target_name",
-           "check_trimming", "check_units", "gguf_layout", "is_preset", "preset_treatments", "preset_types", "refusal",
-           "resolve", "tied_units"]
+           "check_trimming", "check_units", "gguf_layout", "install_outer", "is_preset", "outer_types", "preset_treatments",
+           "preset_types", "quantize_outer", "refusal", "resolve", "tied_units"]

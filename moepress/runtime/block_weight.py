@@ -80,6 +80,22 @@ class BlockLinear(BlockWeight):
         return f"{super().extra_repr()}, bias={self.bias is not None}"
 
 
+class BlockEmbedding(BlockWeight):
+    """A drop-in for ``nn.Embedding`` whose table is a :class:`BlockWeight` (state dict: ``blocks``):
+    the rows of the given ids are dequantized, as llama.cpp's ``get_rows`` reads a quantized
+    ``token_embd``. ``dtype`` is the dtype of the vectors it returns (the model's)."""
+
+    def __init__(self, quantized: BlockQuantizedWeight, dtype: torch.dtype = torch.float32):
+        super().__init__(quantized)
+        self.num_embeddings, self.embedding_dim = self.out_features, self.in_features
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = BlockQuantizedWeight(self.blocks[ids.reshape(-1)], block_format(self.format), self.in_features,
+                                    ids.numel())
+        return rows.dequantize(self.dtype).reshape(*ids.shape, self.in_features)
+
+
 class BlockExperts(PackedExperts):
     """A layer's routed experts when some of their weights are :class:`BlockWeight`: the expert
     loop of :class:`PackedExperts` (same forward, same state-dict keys
@@ -113,4 +129,4 @@ def _module(weight) -> nn.Module:
     return weight
 
 
-__all__ = ["BlockExperts", "BlockLinear", "BlockWeight", "holds_blocks"]
+__all__ = ["BlockEmbedding", "BlockExperts", "BlockLinear", "BlockWeight", "holds_blocks"]
