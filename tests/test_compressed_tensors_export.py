@@ -335,9 +335,9 @@ def test_plans_vllm_cannot_load_are_refused(tiny_model_dir, calib_file, tmp_path
     assert "layers.0.attn.v_proj is 8b-g128 symmetric but layers.0.attn.q_proj is 4b-g128 symmetric; vLLM fuses" in line
 
 
-def test_export_refuses_per_expert_mixing_and_writes_nothing(tiny_model_dir, calib_file, tmp_path, capsys):
+def test_export_refuses_per_expert_mixing_and_trims_and_writes_nothing(tiny_model_dir, calib_file, tmp_path, capsys):
     """A checkpoint made without --target whose experts differ inside a layer cannot be written as
-    compressed-tensors that transformers or vLLM load: one line, nothing written."""
+    compressed-tensors that transformers or vLLM load, nor (yet) a trimmed one: one line, nothing written."""
     view = MoEView(load_model(tiny_model_dir("mixtral")))
     plan = {"moepress_plan": 1, "quantization": {"method": "rtn"},
             "units": _plan(view, "4b-g128", **{"layers.0.experts.1": "8b-g128"})}
@@ -352,6 +352,11 @@ def test_export_refuses_per_expert_mixing_and_writes_nothing(tiny_model_dir, cal
     assert not out.exists() and not any(p.name.startswith(".ct.tmp") for p in tmp_path.iterdir())
     with pytest.raises(MoepressError, match="already exists"):
         export_compressed_tensors(str(checkpoint), str(checkpoint))
+    trimmed = tmp_path / "trimmed"
+    compress(tiny_model_dir("mixtral"), out=str(trimmed), bits=4, method="rtn", drop_experts="1", calib=calib_file,
+             calib_samples=2, seq_len=32, progress=False)
+    line = run_cli(capsys, "export", "--model", str(trimmed), "--format", "compressed-tensors", "--out", str(out))
+    assert "the checkpoint is trimmed (experts_kept)" in line and not out.exists()
 
 
 def test_cli_compress_target_vllm_then_export(tiny_model_dir, calib_file, tmp_path):

@@ -64,7 +64,6 @@ INDEX = "model.safetensors.index.json"
 # Files of a moepress checkpoint that the export rewrites (or leaves out) rather than copies
 NOT_COPIED = ("config.json", INDEX, "moepress.json")
 TRIMMING_KEYS = ("experts_kept", "top_k", "dropped_blocks", "dropped_moe_layers", "dynamic_pruning")
-_TAG = 4096  # stand-in tensor value = index * _TAG + expert * 4 + projection (exact in float64)
 
 
 def _check_installed() -> None:
@@ -112,21 +111,23 @@ def hub_names(model, view: MoEView) -> tuple[dict[str, str], dict[tuple[str, int
         if store is not None and store.layout == "fused":
             fused[f"{store.module_path}.gate_up_proj"] = (store, (0, 1))
             fused[f"{store.module_path}.down_proj"] = (store, (2,))
+    # a stand-in's value: parameter index * tag + expert * 4 + projection (integers, exact in float64)
+    tag = 4 * (max((store.num_experts for store, _ in fused.values()), default=0) + 1)
     names = list(model.state_dict())
     stand_ins = {}
     for i, name in enumerate(names):
         if name in fused:
             store, parts = fused[name]
-            stand_ins[name] = torch.tensor([[[i * _TAG + e * 4 + p] for p in parts] for e in range(store.num_experts)],
+            stand_ins[name] = torch.tensor([[[i * tag + e * 4 + p] for p in parts] for e in range(store.num_experts)],
                                            dtype=torch.float64)
         else:
-            stand_ins[name] = torch.tensor([float(i * _TAG)], dtype=torch.float64)
+            stand_ins[name] = torch.tensor([float(i * tag)], dtype=torch.float64)
     params, experts = {}, {}
     for hub, tensor in revert_weight_conversion(model, stand_ins).items():
         if tensor.numel() != 1:
             raise MoepressError(f"{hub}: the hub layout stores this model's experts fused ({tuple(tensor.shape)}), "
                                 "not one linear per expert; compressed-tensors' per-expert layout cannot be written")
-        index, rest = divmod(int(tensor.item()), _TAG)
+        index, rest = divmod(int(tensor.item()), tag)
         name = names[index]
         if name in fused:
             expert, part = divmod(rest, 4)
@@ -173,14 +174,10 @@ def format_refusal(name: str, treatment, in_features: int) -> str | None:
     return None
 
 
-def _check(view: MoEView, units: dict[str, _Unit], record: dict) -> None:
+def _check(view: MoEView, units: dict[str, _Unit]) -> None:
     """Everything the export cannot write, refused before anything is."""
     from .vllm_target import WHY_TIED, check_tied
 
-    trimmed = [key for key in TRIMMING_KEYS if record.get(key)]
-    if trimmed:
-        raise MoepressError(f"the checkpoint is trimmed ({', '.join(trimmed)}); the compressed-tensors export does "
-                            "not rewrite a trimmed model's config yet")
     for unit in units.values():
         why = format_refusal(unit.name, unit.treatment, unit.in_features)
         if why is not None:
@@ -322,6 +319,10 @@ def export_compressed_tensors(checkpoint: str, out: str, overwrite: bool = False
     from compressed_tensors.compressors import ModelCompressor
 
     record = read_record(checkpoint)
+    trimmed = [key for key in TRIMMING_KEYS if record.get(key)]
+    if trimmed:
+        raise MoepressError(f"the checkpoint is trimmed ({', '.join(trimmed)}); the compressed-tensors export does "
+                            "not rewrite a trimmed model's config yet")
     check_output_dir(out, overwrite)
     model = _skeleton(checkpoint)
     view = MoEView(model)
@@ -331,7 +332,7 @@ def export_compressed_tensors(checkpoint: str, out: str, overwrite: bool = False
     if missing:
         raise MoepressError(f"{checkpoint}: the unit map has no entry for {missing[0]}; the checkpoint is incomplete")
     units = _units(view, params, experts, treatments)
-    _check(view, units, record)
+    _check(view, units)
     qconfig = quantization_config(view, model, units, params)
     expert_schemes = {scheme_key(u.treatment) for u in units.values() if ".experts." in u.name}
     if len(expert_schemes) > 1:
