@@ -10,6 +10,13 @@ on the CPU. Statistics come from forward hooks, never from architecture-specific
   each expert, routing-weight mass, and per expert the Gram matrices of the gate/up input and of
   the down-projection input act(x W_g^T) * (x W_u^T).
 
+An expert's output reaches the layer's output multiplied by the token's routing weight g, so the
+error its quantization adds to the layer's output on that token is g^2 ||(W - Q) x||^2. With
+``token_weighting="g2"`` each routed token enters the expert's Gram matrices with weight g^2, and
+GPTQ then minimises the expert's share of the layer's error; ``"g"`` weights by g (MoEQuant's
+affinity-guided quantization, Hu et al. 2025, arXiv 2505.03804, eq. 8); ``"plain"`` counts every
+routed token once (GPTQ as for a dense layer).
+
 Experts that receive fewer than ``min_expert_tokens`` tokens are calibrated anyway when
 ``rare_experts="all_tokens"``: their statistics are taken over every calibration token as if all
 were routed to them, while the layer's output keeps the real routing (the hook only observes).
@@ -26,6 +33,15 @@ from safetensors.torch import load_file, save_file
 from .errors import MoepressError
 from .model.view import EXPERT_LINEARS, ExpertStore, LinearUnit, MoEView
 from .pipeline.runner import LayerLoop, LayerwiseRunner
+
+
+# How a routed token's contribution to its expert's Hessians is weighted (see the module docstring).
+TOKEN_WEIGHTINGS = ("plain", "g", "g2")
+
+
+def check_token_weighting(name: str) -> None:
+    if name not in TOKEN_WEIGHTINGS:
+        raise MoepressError(f"expert-hessian must be one of {', '.join(TOKEN_WEIGHTINGS)} (got {name!r})")
 
 
 class LinearInputStats:
@@ -64,8 +80,12 @@ class ExpertInputStats:
     # The experts whose Gram matrices are gathered (``--expert-chunk``: a layer's Hessians need not all
     # be held at once; float32 [E, H, H] + [E, I, I] is 7 GB for one Mixtral-8x7B layer). None: all.
     chunk: range | None = None
+    # "plain", "g" or "g2": each routed token's weight in its expert's Gram matrices (module docstring).
+    # Rare experts (calibrated on all tokens) stay unweighted: most of their tokens have g = 0.
+    token_weighting: str = "plain"
 
     def __post_init__(self):
+        check_token_weighting(self.token_weighting)
         E, H, I = self.store.num_experts, self.store.hidden_size, self.store.intermediate_size
         dev = self.device
         self.chunk = range(E) if self.chunk is None else self.chunk
@@ -75,6 +95,9 @@ class ExpertInputStats:
         self.in_sq_norm = torch.zeros(E, H, device=dev)
         self.mid_sq_norm = torch.zeros(E, I, device=dev)
         self.all_count = 0
+        # The total token weight behind each expert's Gram matrices (its token count when plain):
+        # the Hessians are weighted means, so equal routing weights give exactly the plain ones.
+        self.hessian_mass = torch.zeros(E, dtype=torch.float64, device=dev)
         if self.with_grams:
             self.in_gram = torch.zeros(C, H, H, device=dev)
             self.mid_gram = torch.zeros(C, I, I, device=dev)
@@ -107,18 +130,29 @@ class ExpertInputStats:
             return
         first = self.chunk.start
         for expert in self.chunk:
+            weight = None
             if expert in self.rare:
                 xe = x
             else:
-                token = (top_k_index == expert).any(dim=-1).nonzero().flatten()
+                chosen = top_k_index == expert  # [T, k]
+                token = chosen.any(dim=-1).nonzero().flatten()
                 if token.numel() == 0:
                     continue
                 xe = x[token]
+                if self.token_weighting != "plain":
+                    g = (top_k_weights.float() * chosen).sum(-1)[token]
+                    weight = g if self.token_weighting == "g" else g * g
             mid = self._intermediate(expert, xe)
-            self.in_gram[expert - first].addmm_(xe.T, xe)
             self.in_sq_norm[expert] += (xe * xe).sum(0)
-            self.mid_gram[expert - first].addmm_(mid.T, mid)
             self.mid_sq_norm[expert] += (mid * mid).sum(0)
+            if weight is None:
+                self.hessian_mass[expert] += xe.shape[0]
+            else:  # sum_t w_t x_t x_t^T as the Gram matrix of sqrt(w_t) x_t: symmetric by construction
+                self.hessian_mass[expert] += weight.double().sum()
+                root = weight.sqrt().unsqueeze(-1)
+                xe, mid = xe * root, mid * root
+            self.in_gram[expert - first].addmm_(xe.T, xe)
+            self.mid_gram[expert - first].addmm_(mid.T, mid)
 
     def hook(self):
         def fn(_module, args, kwargs):
@@ -137,10 +171,12 @@ class ExpertInputStats:
 
     def hessians(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate/up input Hessian [C, H, H], down input Hessian [C, I, I]) of the chunk's experts
-        (all E by default), each X^T X / n. The Gram matrices are normalised in place (a Mixtral-8x7B
+        (all E by default), each X^T X / n (weighted: sum_t w_t x_t x_t^T / sum_t w_t). The Gram matrices are normalised in place (a Mixtral-8x7B
         layer's are 7 GB: no second copy), so no sample may be added afterwards."""
         if not getattr(self, "_normalised", False):
-            n = self.samples()[self.chunk.start:self.chunk.stop].clamp(min=1).float()[:, None, None]
+            mass = self.hessian_mass[self.chunk.start:self.chunk.stop]
+            # An expert whose tokens all had weight 0 keeps H == 0 (GPTQ then rounds to nearest).
+            n = torch.where(mass > 0, mass, torch.ones_like(mass)).float()[:, None, None]
             self.in_gram.div_(n)
             self.mid_gram.div_(n)
             self._normalised = True
@@ -297,7 +333,7 @@ def calibrate(
 
 
 def collect_layer_stats(view, layer, runner, min_expert_tokens, rare_experts, units=None, experts=True,
-                        experts_chunk: range | None = None):
+                        experts_chunk: range | None = None, token_weighting: str = "plain"):
     """Attach statistics hooks to ``layer``'s linear ``units`` (default: all) and its experts.
 
     Returns the stats objects and hook handles; the caller runs the layer, then removes the handles.
@@ -318,7 +354,8 @@ def collect_layer_stats(view, layer, runner, min_expert_tokens, rare_experts, un
         if rare_experts == "all_tokens" and min_expert_tokens > 0:
             counts = count_routing(view, layer, runner)
             rare = set((counts < min_expert_tokens).nonzero().flatten().tolist())
-        expert_stats = ExpertInputStats(store, runner.device, rare=rare, chunk=experts_chunk)
+        expert_stats = ExpertInputStats(store, runner.device, rare=rare, chunk=experts_chunk,
+                                        token_weighting=token_weighting)
         handles.append(store.module.register_forward_pre_hook(expert_stats.hook(), with_kwargs=True))
     return {"linear": linear_stats, "experts": expert_stats}, handles
 
@@ -329,6 +366,7 @@ __all__ = [
     "LayerwiseRunner",
     "LinearInputStats",
     "Profile",
+    "TOKEN_WEIGHTINGS",
     "calibrate",
     "collect_layer_stats",
     "count_routing",

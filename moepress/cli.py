@@ -162,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--expert-chunk", type=int, default=None, metavar="N",
                    help="hold the Hessians of N experts at a time (default: all experts of a layer); lower it when "
                         "one layer's Hessians do not fit (float32: E x (H^2 + I^2) x 4 bytes)")
+    c.add_argument("--expert-hessian", choices=("plain", "g", "g2"), default="plain",
+                   help="each routed token's weight in its expert's GPTQ Hessians: plain (1, as for a dense layer), "
+                        "g (its routing weight, MoEQuant) or g2 (g squared: the expert's share of the layer's "
+                        "output error); default plain")
+    c.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=False,
+                   help="choose each group's range among min/max shrunk by 1.0 down to 0.5, the one with the least "
+                        "GPTQ loss on the group's columns (RTN: squared rounding error), instead of min/max; needs "
+                        "--act-order off or dynamic; the stored format is the same (default off)")
     c.add_argument("--offload-activations", action="store_true",
                    help="keep the calibration activations in memory-mapped files beside --out instead of in memory")
     c.add_argument("--target", choices=("llamacpp", "vllm"), default=None,
@@ -279,6 +287,7 @@ def run_compress(args) -> None:
         drop_experts=args.drop_experts, drop_criterion=args.drop_criterion, top_k=args.top_k,
         drop_blocks=args.drop_blocks, drop_moe_layers=args.drop_moe_layers, dynamic_pruning=args.dynamic_pruning,
         offload_activations=args.offload_activations, target=args.target, ggml_type=args.ggml_type,
+        expert_hessian=args.expert_hessian, clip_search=args.clip_search,
     )
     if args.save_profile:
         from .preflight import check_writable_file

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .apply import quantize_batch, treat_batch
-from .calibrate import Profile, collect_layer_stats
+from .calibrate import Profile, check_token_weighting, collect_layer_stats
 from .errors import MoepressError
 from .export.checkpoint import check_output_dir
 from .export.format import FORMAT_VERSION
@@ -66,6 +66,9 @@ class CompressConfig:
     offload_activations: bool = False  # calibration activations in memory-mapped files beside --out
     target: str | None = None  # "llamacpp" or "vllm": that engine's formats and rules (moepress.export.targets)
     ggml_type: str | None = None  # with target llamacpp: the type instead of --bits' default (q4_0, q5_0, ...)
+    # Each routed token's weight in its expert's Hessians: plain (1), g or g2 (its routing weight, squared).
+    expert_hessian: str = "plain"
+    clip_search: bool = False  # each group's range searched for the least GPTQ loss instead of min/max
 
     def __post_init__(self):
         try:
@@ -79,6 +82,10 @@ class CompressConfig:
         targets.check_config(self)  # an unknown target, or flags it cannot express, fail here
         if self.target == "vllm":
             self.symmetric = True  # vLLM's MoE kernels read no zero points (moepress.export.vllm_target)
+        check_token_weighting(self.expert_hessian)
+        if self.clip_search and self.treatment().format is not None:
+            raise MoepressError("--clip-search searches moepress's own grids; a llama.cpp block format chooses its "
+                                "parameters its own way (drop --clip-search)")
         self.treatment()  # a bad bit width, group size or damping fails here, in one line
         self.pruned_treatment()
         self._drop_amount()
@@ -110,7 +117,7 @@ class CompressConfig:
             return Treatment.block_format(block_type(self.bits, self.ggml_type), method=self.method,
                                           act_order=self.act_order, damp=self.damp)
         return Treatment.quantize(self.bits, self.group_size, symmetric=self.symmetric, act_order=self.act_order,
-                                  method=self.method, damp=self.damp)
+                                  method=self.method, damp=self.damp, clip_search=self.clip_search)
 
     def pruned_treatment(self) -> Treatment | None:
         """The treatment of the units ``--prune`` applies to: pruned, and quantized at ``bits``."""
@@ -216,6 +223,7 @@ class CompressResult:
             "symmetric": self.config.symmetric,
             "act_order": self.config.act_order if self.config.method == "gptq" else "off",
             "damp": self.config.damp,
+            "clip_search": self.config.clip_search,
             "prune": None if self.config.prune is None else {"pattern": self.config.prune, "pruner": self.config.pruner,
                                                              "scope": self.config.prune_scope},
             "drop_experts": None if self.config.drop_experts is None else {
@@ -234,6 +242,7 @@ class CompressResult:
                 "seed": self.config.seed,
                 "min_expert_tokens": self.config.min_expert_tokens,
                 "rare_experts": self.config.rare_experts,
+                "expert_hessian": self.config.expert_hessian,
             },
             "seconds": round(self.seconds, 2),
             "layer_seconds": self.layer_seconds,
@@ -461,7 +470,8 @@ class QuantizeStep:
         store = view.experts(layer)
         chunks = _expert_chunks(store, config.expert_chunk)
         stats, handles = collect_layer_stats(view, layer, runner, config.min_expert_tokens, config.rare_experts,
-                                             units=mlp_units, experts_chunk=chunks[0] if chunks else None)
+                                             units=mlp_units, experts_chunk=chunks[0] if chunks else None,
+                                             token_weighting=config.expert_hessian)
         captured: list = []
         if len(chunks) > 1:  # the experts' inputs, kept for the chunks after the first
             handles.append(store.module.register_forward_pre_hook(_capture_expert_inputs(captured), with_kwargs=True))
@@ -528,7 +538,7 @@ def _quantize_routed_experts(store: ExpertStore, first, captured: list, chunks: 
     owned_records: dict[str, tuple[Treatment, float]] = {}
     _quantize_experts(store, first, treatment_of, owned_records, packed)
     for experts in chunks[1:]:
-        stats = ExpertInputStats(store, first.device, rare=first.rare, chunk=experts)
+        stats = ExpertInputStats(store, first.device, rare=first.rare, chunk=experts, token_weighting=first.token_weighting)
         for hidden, index, weights in captured:
             stats.add(hidden, index, weights)
         _quantize_experts(store, stats, treatment_of, owned_records, packed)

@@ -30,8 +30,9 @@ from .quantize.spec import ACT_ORDER_MODES, ALLOWED_BITS, KEEP_BITS, QuantSpec
 KINDS = ("keep", "quantize", "prune", "split")
 PRUNERS = ("sparsegpt", "wanda", "magnitude")
 # The settings a plan or a compression shares between its units (a unit may still differ).
-SETTINGS = ("symmetric", "act_order", "method", "damp", "pruner")
-DEFAULT_SETTINGS = {"symmetric": False, "act_order": "static", "method": "gptq", "damp": 0.01, "pruner": "sparsegpt"}
+SETTINGS = ("symmetric", "act_order", "method", "damp", "pruner", "clip_search")
+DEFAULT_SETTINGS = {"symmetric": False, "act_order": "static", "method": "gptq", "damp": 0.01, "pruner": "sparsegpt",
+                    "clip_search": False}
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ class Treatment:
                 None. It fixes ``bits``, ``group_size`` (its block: 32, 256 for the k-quants) and
                 ``symmetric`` (no stored minimum); act-order is off or static, and nothing is
                 pruned. Its label is the format's name.
+    clip_search: each group's range searched for the least diag(H)-weighted rounding error instead
+                of min/max (:func:`moepress.quantize.grid.search_params`); same stored format. Only
+                for moepress's own unpruned grids (a block format has its own parameter search).
 
     Construct with :meth:`keep_unit` (or use ``KEEP``), :meth:`quantize`, :meth:`prune`,
     :meth:`split` or :meth:`parse`; a bad value raises a one-line :class:`MoepressError`.
@@ -83,6 +87,7 @@ class Treatment:
     nm: tuple | None = None
     pruner: str = "sparsegpt"
     format: str | None = None
+    clip_search: bool = False
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -100,6 +105,10 @@ class Treatment:
             return
         if self.pieces or self.axis is not None:
             raise MoepressError("only a split treatment has pieces and an axis")
+        if not isinstance(self.clip_search, bool):
+            raise MoepressError(f"clip_search must be true or false (got {self.clip_search!r})")
+        if self.format is not None or self.kind == "prune" or self.pruned:
+            set_(self, "clip_search", False)  # block formats search their own way; pruners use min/max
         if self.format is not None:
             self._check_format()
             return
@@ -200,7 +209,7 @@ class Treatment:
             raise MoepressError("the quantized pieces of a split share one method (gptq or rtn)")
         set_(self, "pieces", pieces)
         defaults = {f.name: f.default for f in fields(self)}
-        for name in ("group_size", "symmetric", "act_order", "damp"):
+        for name in ("group_size", "symmetric", "act_order", "damp", "clip_search"):
             set_(self, name, defaults[name])
         set_(self, "method", quantized[0].method)
         set_(self, "bits", KEEP_BITS if len(quantized) < len(pieces) else max(p.bits for p in quantized))
@@ -360,7 +369,7 @@ class Treatment:
             raise ValueError(f"{self.format} is a llama.cpp block format, quantized by moepress.quantize.ggml_blocks")
         ordered, static = QuantSpec.act_order_flags(self.act_order)
         return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, act_order=ordered,
-                         damp=self.damp, method=self.method, static_groups=static)
+                         damp=self.damp, method=self.method, static_groups=static, clip_search=self.clip_search)
 
     def piece_shapes(self, out_features: int, in_features: int) -> list[tuple[int, int]]:
         """[out, in] of every piece of a split of an [out, in] weight (equal neuron groups)."""
@@ -442,9 +451,10 @@ class Treatment:
         if self.kind == "prune":
             return {"kind": "prune", "bits": KEEP_BITS, **pruning, "damp": self.damp}
         block = {} if self.format is None else {"format": self.format}
+        search = {"clip_search": True} if self.clip_search else {}  # written only when on: older maps read alike
         return {"kind": "quantize", **block, "bits": self.bits, "group_size": self.group_size,
                 "symmetric": self.symmetric, "act_order": self.act_order, "method": self.method, "damp": self.damp,
-                **pruning}
+                **search, **pruning}
 
     @classmethod
     def from_unit_map(cls, entry: dict, unit: str = "unit") -> "Treatment":
@@ -499,7 +509,7 @@ class Treatment:
                                  symmetric=entry["symmetric"], damp=entry.get("damp", 0.01))
             return cls.quantize(entry["bits"], entry["group_size"], symmetric=entry["symmetric"], act_order=act,
                                 method=entry.get("method", "gptq"), damp=entry.get("damp", 0.01),
-                                format=entry.get("format"))
+                                format=entry.get("format"), clip_search=entry.get("clip_search", False))
         except MoepressError as exc:
             raise MoepressError(f"{unit}: {exc}") from None
 

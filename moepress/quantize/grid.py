@@ -11,6 +11,13 @@ Asymmetric: [xmin, xmax] = [min(w, 0), max(w, 0)], scale = (xmax - xmin)/maxq,
 zero = round(-xmin/scale). Symmetric: scale = 2*absmax/maxq and the implicit
 zero (maxq+1)/2. A group that is entirely zero uses [-1, 1] so scale > 0.
 
+A clipping search (``clip_search``) may shrink that range instead: for each (row, group) it tries
+the shrink factors ``CLIP_SHRINKS`` of [xmin, xmax] (1 first, so min/max is always a candidate)
+and keeps the best. Outliers are then clamped, the rest rounded finer (GPTQModel's
+``Quantizer.find_params(mse=True)``, AutoAWQ's clip search). :func:`search_params` scores a grid by
+its rounding error sum_j h_j (w_j - w^_j)^2 (h_j = 1 for RTN, or the Hessian's diagonal); GPTQ
+scores it by the loss its column loop will incur instead (``gptq._search_grid``).
+
 Scales are stored as float16, so they are rounded to float16 *here*, upwards
 (never shrinking the range the grid must cover), and every code is computed
 against the stored scale: the dequantized checkpoint is bit-for-bit what GPTQ
@@ -69,6 +76,40 @@ def find_params(x: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tens
     return scale, zero
 
 
+# Shrink factors of the min/max range the clipping search tries: 1.0, 0.975, ..., 0.5 (21 grids).
+CLIP_SHRINKS = tuple(1.0 - i / 40 for i in range(21))
+
+
+def weighted_rounding_error(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                            importance: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_j h_j (x_j - w^_j)^2 over the last dim of x [..., k] on the grid (scale, zero) [...];
+    ``importance`` h broadcasts against x (None: 1 for every column)."""
+    err = (x - fake_quantize(x, scale.unsqueeze(-1), zero.unsqueeze(-1), bits)).square()
+    return (err if importance is None else err * importance).sum(-1)
+
+
+def search_params(x: torch.Tensor, bits: int, symmetric: bool, importance: torch.Tensor | None = None,
+                  shrinks: tuple[float, ...] = CLIP_SHRINKS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) per row of x [..., k] as :func:`find_params`, but with the range shrunk by the
+    factor of ``shrinks`` that minimises :func:`weighted_rounding_error` (the clipping search).
+
+    The first factor should be 1: then no row's error is above min/max's (a tie keeps the earlier
+    factor). A shrunk grid still contains 0 exactly (find_params of the shrunk weights)."""
+    x = x.float()
+    best_scale = best_zero = best_err = None
+    for shrink in shrinks:  # one [..., k] candidate at a time: memory stays that of x
+        scale, zero = find_params(x * shrink, bits, symmetric)
+        err = weighted_rounding_error(x, scale, zero, bits, importance)
+        if best_err is None:
+            best_scale, best_zero, best_err = scale, zero, err
+            continue
+        better = err < best_err
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+        best_err = torch.where(better, err, best_err)
+    return best_scale, best_zero
+
+
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes clamp(round(x/scale) + zero, 0, maxq) as float32 (scale/zero broadcast against x)."""
     maxq = 2**bits - 1
@@ -92,8 +133,11 @@ class UniformGrid:
 
     bits: int
     symmetric: bool
+    # GPTQ searches each group's range (gptq._search_grid, scored by its own loss) instead of min/max
+    clip_search: bool = False
 
     def find_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Min/max (scale, zero) of each row of x [..., k] (the candidates of a clipping search too)."""
         return find_params(x, self.bits, self.symmetric)
 
     sub = None  # one (scale, zero) for all the grid's columns

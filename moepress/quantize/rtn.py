@@ -1,7 +1,7 @@
 """Round-to-nearest quantization: the calibration-free baseline GPTQ must beat.
 
 Each (row, group) gets its own min/max (asymmetric) or absmax (symmetric)
-grid from `grid.find_params`, and every weight is independently rounded to it.
+grid from `grid.find_params` (or `grid.search_params` with ``clip_search``), and every weight is independently rounded to it.
 No Hessian, no error feedback: cheap, and the reference point for
 `hessian_weighted_error` comparisons.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .grid import find_params, quantize_codes
+from .grid import find_params, quantize_codes, search_params
 from .packed import QuantizedWeight
 from .spec import QuantSpec
 
@@ -27,7 +27,8 @@ def rtn_quantize(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") ->
     gs = in_f if spec.group_size is None else spec.group_size
     # [*lead, out, G, gs]: one grid per (row, group)
     wg = w.reshape(*lead, out_f, in_f // gs, gs)
-    scale, zero = find_params(wg, spec.bits, spec.symmetric)  # [*lead, out, G]
+    # [*lead, out, G]; with clip_search the range minimising the plain squared error (no Hessian here)
+    scale, zero = (search_params if spec.clip_search else find_params)(wg, spec.bits, spec.symmetric)
     codes = quantize_codes(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), spec.bits)
     codes = codes.reshape(*lead, out_f, in_f)
     return QuantizedWeight.from_codes(

@@ -40,6 +40,10 @@ class QuantSpec:
                  in the permuted order and an int16 g_idx per input column says where each went.
     damp:        GPTQ only: lambda = damp * mean(diag(H)) added to diag(H).
     method:      "gptq" (second-order error feedback) or "rtn" (round to nearest).
+    clip_search: each group's (scale, zero) from a search over shrunk min/max ranges instead of
+                 min/max: GPTQ keeps the one with the least GPTQ loss on the group's columns
+                 (`gptq._search_grid`; not with static act-order), RTN the least squared rounding
+                 error (`grid.search_params`). The stored format is the same.
     """
 
     bits: int
@@ -49,6 +53,7 @@ class QuantSpec:
     damp: float = 0.01
     method: str = "gptq"
     static_groups: bool = False
+    clip_search: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in ALLOWED_BITS:
@@ -73,8 +78,13 @@ class QuantSpec:
             raise ValueError(f"method must be 'gptq' or 'rtn' (got {self.method!r})")
         if not isinstance(self.static_groups, bool):
             raise ValueError(f"static_groups must be true or false (got {self.static_groups!r})")
+        if not isinstance(self.clip_search, bool):
+            raise ValueError(f"clip_search must be true or false (got {self.clip_search!r})")
         if self.static_groups and not self.act_order:
             object.__setattr__(self, "static_groups", False)  # only meaningful with act_order
+        if self.clip_search and self.static_groups and self.group_size is not None and self.method == "gptq":
+            raise ValueError("the clipping search chooses a group's grid when GPTQ reaches it, and static act-order "
+                             "fixes every grid before; use act-order off (the same bytes) or dynamic with it")
         if self.method == "rtn" and self.act_order:
             raise ValueError("act_order needs a Hessian and only applies to method 'gptq'; drop act_order or use gptq")
 
