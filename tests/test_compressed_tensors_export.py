@@ -163,6 +163,30 @@ def test_transformers_loads_moepress_values_float32(exported, model_type, scheme
     assert not differing, f"{len(differing)} weights differ, e.g. {differing[:3]}"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["olmoe", "deepseek_v2", "deepseek_v3", "phimoe"])
+def test_every_architecture_exports_moepress_values(tiny_model_dir, calib_file, tmp_path, arch):
+    """compress --target vllm then export, for the architectures the tests above do not cover
+    (Mixtral, Qwen3-MoE, Qwen2-MoE): from_pretrained gives exactly moepress's logits (float32)."""
+    checkpoint, out = str(tmp_path / "q"), str(tmp_path / "ct")
+    compress(tiny_model_dir(arch), out=checkpoint, bits=4, target="vllm", calib=calib_file, **SMALL)
+    export_compressed_tensors(checkpoint, out)
+    loaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids = torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_logits(loaded, ids), _logits(load_model(checkpoint), ids))
+
+
+def test_granitemoe_is_refused_before_any_work(tiny_model_dir, calib_file, tmp_path, capsys):
+    """Granite-MoE's hub checkpoints store a layer's experts fused (input_linear), which
+    compressed-tensors' per-expert layout cannot name."""
+    out = tmp_path / "out"
+    line = run_cli(capsys, "compress", "--model", tiny_model_dir("granitemoe"), "--calib", calib_file, "--out",
+                   str(out), "--target", "vllm", "--quiet")
+    assert "--target vllm: model.layers.0.block_sparse_moe.output_linear.weight: the hub layout stores" in line
+    assert not out.exists()
+
+
 def test_bfloat16_scales_change_weights_within_their_rounding(exported):
     """A bfloat16 model's scales are stored in bfloat16 (as llm-compressor and vLLM hold them): each
     decompressed weight is within bf16's rounding of the scale and of the product (2 * 2**-8

@@ -25,7 +25,10 @@ Names are the hub's, as transformers' own ``save_pretrained`` writes them (its
 ``revert_weight_conversion``, asked once with tagged stand-in tensors): routed experts one linear
 per expert (``block_sparse_moe.experts.N.w1`` for Mixtral, ``mlp.experts.N.gate_proj`` for
 Qwen/DeepSeek/OLMoE), which is also what llm-compressor saves (recorded in
-``tests/data/llmcompressor_layout.json``). One scheme for every quantized linear is one config
+``tests/data/llmcompressor_layout.json``). Every architecture of moepress's registry whose hub
+layout has one linear per expert exports (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, PhiMoE: each
+tested to load back with moepress's exact logits); Granite-MoE, whose hub checkpoints store a
+layer's experts fused, is refused. One scheme for every quantized linear is one config
 group targeting ``Linear``, as llm-compressor writes it; several (a plan mixing layers) are one
 group per scheme listing its modules (and, for a MoE layer, the ``experts.0.gate_proj/up_proj/
 down_proj`` names under which vLLM looks a layer's expert scheme up). Linears left in 16 bits
@@ -228,7 +231,9 @@ def quantization_config(view: MoEView, model, units: dict[str, _Unit], params: d
         if isinstance(module, nn.Linear) and f"{path}.weight" in params:
             hub = params[f"{path}.weight"].removesuffix(".weight")
             if hub not in quantized_hubs:
-                ignore.add(hub)
+                # transformers applies the config to its own module names: a linear it renames (PhiMoE's
+                # router, an nn.Linear subclass at mlp.router) is ignored under both names
+                ignore.update({hub, path})
     for layer in range(view.num_layers):  # routers: nn.Linear in vLLM and llm-compressor, not in transformers 5
         if view.is_moe_layer(layer):
             router = f"{view.layer_path(layer)}.{view.spec.moe_block}.{view.spec.router}.weight"

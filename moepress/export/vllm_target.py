@@ -21,6 +21,8 @@ code fixes what a moepress plan may hold under the target (vllm ``compressed_ten
   would load wrong weights) and vLLM's triton MoE refuses; it is refused.
 * **No pruning, splits or llama.cpp block formats**, and no trimming yet (the export does not
   rewrite the model config for fewer experts or layers).
+* **One linear per expert in the hub layout**, which compressed-tensors' per-expert tensors need
+  (Granite-MoE's hub checkpoints store a layer's experts fused: refused).
 * **One scheme per fused group** (:func:`tied_units`): vLLM's MoE loader reads the scheme of expert
   0's gate, up and down projections for the whole layer and requires them equal, so every routed
   expert of a layer, all three projections, shares one treatment (per-layer mixing loads,
@@ -162,6 +164,12 @@ def check_units(view: MoEView, treatment_of, trimming=None) -> None:
     """Every unit's treatment is one vLLM holds (:func:`refusal`) and every tied group agrees
     (:func:`tied_units`); one line naming the first unit that breaks a rule."""
     check_trimming(view, trimming)
+    from .compressed_tensors import hub_names
+
+    try:  # the hub layout must hold one linear per expert (Granite-MoE's stores them fused)
+        hub_names(view.model, view)
+    except MoepressError as exc:
+        raise MoepressError(f"--target vllm: {exc}") from None
     for name, (_, in_features) in view.unit_shapes().items():
         why = refusal(name, treatment_of(name), in_features)
         if why is not None:
