@@ -190,3 +190,22 @@ def test_compress_projects_a_plan_or_refuses_it(wide, calib_file, tmp_path, caps
     labels = {name: Treatment.from_unit_map(u).label for name, u in record["units"].items()}
     assert set(labels.values()) <= set(llamacpp_target.PLAN_OPTIONS.replace("16", "16b").split(","))
     assert len({labels[f"layers.1.experts.{e}.down_proj"] for e in range(4)}) == 1
+
+
+def test_a_vllm_plan_keeps_its_schemes_tied(wide):
+    """The same allocator under --target vllm: symmetric 4/8-bit options, one scheme per layer's
+    experts and per fused q/k/v, as vLLM's loader needs (its own check_units passes)."""
+    from moepress.allocate.command import PlanOptions, plan_model
+    from moepress.costs import model_rows
+    from moepress.export import vllm_target
+    from moepress.loading import load_model
+
+    plan, _ = plan_model(wide, PlanOptions(budget="5bits", scope="all", target="vllm", options="4,8,16", symmetric=True,
+                                           calib_samples=4, seq_len=64), progress=False)
+    view = MoEView(load_model(wide))
+    resolved = plan.resolve(model_rows(view))
+    vllm_target.check_units(view, resolved.__getitem__)
+    assert {t.label for t in resolved.values()} <= {"4b-g128", "8b-g128", "16b"}
+    assert plan.totals["bytes"] <= plan.budget["bytes"]
+    for names in vllm_target.tied_units(view):
+        assert len({resolved[n] for n in names}) == 1

@@ -244,6 +244,8 @@ def _check_target(args):
                                 "with --project")
     if args.options == PlanOptions.options and getattr(rules, "PLAN_OPTIONS", None):
         args.options = rules.PLAN_OPTIONS
+    for key, value in getattr(rules, "PLAN_SETTINGS", {}).items():  # what every option must be (vLLM: symmetric)
+        setattr(args, key, value)
     if args.granularity == "expert":
         args.granularity = "linear"
     return rules

@@ -52,6 +52,10 @@ class Problem:
             raise MoepressError(f"no allowed option can store {self.groups.names[g]} under the target; allow one "
                                 "that can (16b always can)")
         smallest = int(np.where(usable, self.bytes, np.iinfo(np.int64).max).min(axis=1).sum())
+        if smallest > self.budget_bytes and self.mask is not None:
+            raise MoepressError(f"budget of {self.budget_bytes:,} bytes is below the smallest plan the target holds: "
+                                f"every unit at its cheapest option the target allows takes {smallest:,} bytes; "
+                                "raise the budget or allow smaller options the target holds")
         if smallest > self.budget_bytes:
             cheapest = self.table.options[self.allowed[int(np.argmin(self.bytes.sum(0)))]]
             raise MoepressError(
