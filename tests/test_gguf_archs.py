@@ -1,6 +1,6 @@
 """GGUF export of the architectures beyond Mixtral and OLMoE that llama.cpp runs: DeepSeek-V3 and
-V2 (latent attention, leading dense blocks, shared experts, expert groups), Qwen3-MoE and
-Qwen2-MoE (shared expert with its sigmoid gate). For each, on a tiny model: the metadata, tensor
+V2 (latent attention, leading dense blocks, shared experts, expert groups), Qwen3-MoE, Qwen2-MoE
+(shared expert with its sigmoid gate) and GraniteMoE (its multipliers). For each, on a tiny model: the metadata, tensor
 names and shapes of llama.cpp's own ``convert_hf_to_gguf.py`` (the keys where the export writes
 what transformers computes instead named), a 16-bit export equal to the converter's f16 file
 tensor by tensor, the checkpoint's block bytes written unchanged, and llama-perplexity equal to
@@ -37,11 +37,14 @@ TINY = {
     "deepseek_v2": {"topk_method": "greedy"},
     "qwen3_moe": {"mlp_only_layers": [], "norm_topk_prob": True},
     "qwen2_moe": {"mlp_only_layers": []},
+    # Granite's four multipliers at sizes like the real model's (the tiny config's are all 1)
+    "granitemoe": {"embedding_multiplier": 12.0, "attention_multiplier": 0.03, "residual_multiplier": 0.22,
+                   "logits_scaling": 6.0},
     # every row a multiple of 256 but o_proj's: the k-quants, and kv_b's split from Q4_K
     "deepseek_v3-wide": {"hidden_size": 256, "q_lora_rank": 256, "kv_lora_rank": 256, "intermediate_size": 256,
                          "moe_intermediate_size": 256, "num_hidden_layers": 2},
 }
-ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe"]
+ARCHS = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "granitemoe"]
 # Keys on which the export deliberately differs from the converter: it writes what transformers
 # computes, where the converter's file would run differently in llama.cpp (or not load).
 DIFFER = {
@@ -247,6 +250,7 @@ def test_llama_perplexity_equals_moepress_on_the_trained_tiny_deepseek(tmp_path)
     ("deepseek_v2", {}, "topk_method group_limited_greedy with 1 of 2 groups: llama.cpp scores a group by its top "
                         "two experts, DeepSeek-V2 by its best one"),
     ("deepseek_v3", {"rope_interleave": False}, "rope_interleave=false"),
+    ("phimoe", {}, "phimoe: llama.cpp's phimoe weights the top two experts by a softmax over all, renormalised"),
     ("deepseek_v3", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
                                           "original_max_position_embeddings": 128}}, "rope type 'yarn'"),
 ])

@@ -203,12 +203,11 @@ def test_what_the_export_refuses(checkpoints, tiny_model_dir, calib_file, tmp_pa
                       progress=False, **SMALL)
     line = run_cli(capsys, "export", "--model", qwen, "--format", "gguf", "--out", str(tmp_path / "x.gguf"))
     assert "qwen3_moe: layers [0] have a dense MLP; llama.cpp's qwen3moe has an MoE block in every layer" in line
-    granite = str(tmp_path / "granite")
-    moepress.compress(tiny_model_dir("granitemoe"), target="llamacpp", bits=8, calib=calib_file, out=granite,
+    phimoe = str(tmp_path / "phimoe")
+    moepress.compress(tiny_model_dir("phimoe"), target="llamacpp", bits=8, calib=calib_file, out=phimoe,
                       progress=False, **SMALL)
-    line = run_cli(capsys, "export", "--model", granite, "--format", "gguf", "--out", str(tmp_path / "x.gguf"))
-    assert "does not know architecture 'granitemoe' yet; it writes deepseek_v2, deepseek_v3, mixtral, olmoe, " \
-        "qwen2_moe, qwen3_moe" in line
+    line = run_cli(capsys, "export", "--model", phimoe, "--format", "gguf", "--out", str(tmp_path / "x.gguf"))
+    assert "phimoe: llama.cpp's phimoe weights the top two experts by a softmax over all" in line
     (tmp_path / "there.gguf").write_bytes(b"")
     line = run_cli(capsys, "export", "--model", out[4], "--format", "gguf", "--out", str(tmp_path / "there.gguf"))
     assert "exists; pass --overwrite" in line

@@ -16,7 +16,8 @@ calls ``gpt-2``, which the export writes; any other pre-tokenizer must be named
 (``tokenizer_pre``, ``--tokenizer-pre``: llama.cpp's name for it, e.g. ``llama-bpe``, ``qwen2``).
 
 Architectures: one small entry per architecture llama.cpp runs (:data:`ARCHITECTURES`: Mixtral,
-OLMoE, DeepSeek-V2/V3, Qwen2-MoE, Qwen3-MoE), each the hyperparameters its converter class adds
+OLMoE, DeepSeek-V2/V3, Qwen2-MoE, Qwen3-MoE, GraniteMoE; not PhiMoE, whose router llama.cpp
+computes differently, see :data:`RUN_DIFFERENTLY`), each the hyperparameters its converter class adds
 and the configurations llama.cpp would run differently from transformers (refused in one line,
 before any work); a checkpoint of another architecture is refused too. DeepSeek's latent
 attention is written as the converter splits it: ``kv_b_proj`` into ``attn_v_b`` (the value rows
@@ -60,6 +61,8 @@ class Architecture:
     refuse:      (config -> bool, why): configurations llama.cpp runs differently from
                  transformers, refused in one line
     latent_attention: DeepSeek's MLA, ``kv_b_proj`` split into ``attn_k_b`` and ``attn_v_b``
+    renames:     (old, new) parts of stored names, replaced before gguf's name map reads them
+                 (transformers 5's names it does not know yet, as the converter renames them)
     """
 
     gguf_arch: str
@@ -67,6 +70,7 @@ class Architecture:
     hparams: tuple = ()
     refuse: tuple = ()
     latent_attention: bool = False
+    renames: tuple = ()
 
 
 def _dense_layers(cfg: dict) -> list[int]:
@@ -127,7 +131,8 @@ def _deepseek(v3: bool) -> Architecture:
         refuse = ((lambda c: c.get("topk_method") == "group_limited_greedy" and c.get("topk_group") != c.get("n_group"),
                    lambda c: f"topk_method group_limited_greedy with {c.get('topk_group')} of {c.get('n_group')} "
                              "groups: llama.cpp scores a group by its top two experts, DeepSeek-V2 by its best one"),)
-    return Architecture("DEEPSEEK2", hparams=hparams, refuse=refuse, latent_attention=True)
+    return Architecture("DEEPSEEK2", hparams=hparams, refuse=refuse, latent_attention=True,
+                        renames=((".e_score_correction_bias", ".e_score_correction.bias"),))
 
 
 def _head_dim(cfg: dict) -> int:
@@ -142,6 +147,20 @@ ARCHITECTURES = {
     "deepseek_v2": _deepseek(v3=False),
     "qwen3_moe": _qwen_moe("QWEN3MOE", normalises=True),
     "qwen2_moe": _qwen_moe("QWEN2MOE", normalises=False),
+    # Granite: llama with four multipliers; the converter drops head_dim
+    "granitemoe": Architecture("GRANITE_MOE", permute_qk=True, hparams=(
+        ("key_length", lambda c: None), ("value_length", lambda c: None), ("vocab_size", "vocab_size"),
+        ("rope_dimension_count", lambda c: c["hidden_size"] // c["num_attention_heads"]),
+        *((key, lambda c, name=name: c.get(name) or None) for key, name in (
+            ("attention_scale", "attention_multiplier"), ("embedding_scale", "embedding_multiplier"),
+            ("residual_scale", "residual_multiplier"), ("logit_scale", "logits_scaling"),
+            ("expert_shared_feed_forward_length", "shared_intermediate_size")))),
+        renames=((".block_sparse_moe.", ".mlp."),)),
+}
+# moepress architectures llama.cpp has, but runs differently from transformers: refused, saying how
+RUN_DIFFERENTLY = {
+    "phimoe": "llama.cpp's phimoe weights the top two experts by a softmax over all, renormalised; PhiMoE's "
+              "sparsemixer weights each by a softmax over the experts within 2 x router_jitter_noise of it",
 }
 
 
@@ -244,8 +263,9 @@ def _tensors(ckpt: _Checkpoint, arch: Architecture, gguf) -> list[_Tensor]:
     # moepress's canonical unit of a state-dict base name (for its block format)
     groups: dict[str, list[tuple[int | None, str]]] = {}  # base name -> [(expert, stored name)]
     for stored in ckpt.shard_of:
-        # DeepSeek-V3's router bias: gguf's name map knows it as ``...gate.e_score_correction`` + ``.bias``
-        key = stored.replace(".e_score_correction_bias", ".e_score_correction.bias")
+        key = stored
+        for old, new in arch.renames:
+            key = key.replace(old, new)
         suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
         if suffix is None and stored.endswith(FUSED_EXPERTS):
             suffix = ""
@@ -513,6 +533,8 @@ def architecture(cfg: dict) -> Architecture:
     before any work (``compress --target llamacpp`` may ask it too)."""
     model_type = cfg.get("model_type")
     arch = ARCHITECTURES.get(model_type)
+    if model_type in RUN_DIFFERENTLY:
+        raise MoepressError(f"{model_type}: {RUN_DIFFERENTLY[model_type]}; the GGUF export cannot write this model")
     if arch is None:
         raise MoepressError(f"the GGUF export does not know architecture {model_type!r} yet; it writes "
                             f"{', '.join(sorted(ARCHITECTURES))}")
@@ -584,4 +606,4 @@ def _write_metadata(writer, ckpt: _Checkpoint, hparams: dict, tensors, pre: str,
     _write_vocab(writer, ckpt.path, ckpt.config["vocab_size"], pre, gguf)
 
 
-__all__ = ["ARCHITECTURES", "Architecture", "architecture", "export_gguf"]
+__all__ = ["ARCHITECTURES", "RUN_DIFFERENTLY", "Architecture", "architecture", "export_gguf"]
