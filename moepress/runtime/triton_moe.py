@@ -562,10 +562,15 @@ class TritonExperts(nn.Module):
     def nbytes(self) -> int:
         return self.gate_up.nbytes() + self.down.nbytes()
 
+    def linear_bytes(self, expert: int, linear: str) -> int:
+        """Bytes ``linear`` of ``expert`` holds in the kernel layout (as FastExperts.linear_bytes)."""
+        if linear == "down_proj":
+            return self.down.matrix_bytes(expert)
+        return self.gate_up.matrix_bytes(2 * expert + (linear == "up_proj"))
+
     def expert_bytes(self, expert: int) -> int:
         """Bytes the kernel reads for one expert's three projections."""
-        return self.gate_up.matrix_bytes(2 * expert) + self.gate_up.matrix_bytes(2 * expert + 1) \
-            + self.down.matrix_bytes(expert)
+        return sum(self.linear_bytes(expert, linear) for linear in ("gate_proj", "up_proj", "down_proj"))
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}"
