@@ -20,15 +20,20 @@ are skipped, saying why), in one work folder:
 * **llama.cpp**: ``llama-imatrix`` on the calibration text, then ``llama-quantize --imatrix`` to each
   of ``--presets`` (Q4_0, Q4_K_M, Q3_K_M, Q2_K). Where rows are not multiples of 256, llama-quantize
   falls back to legacy types per tensor; the file's actual types are read back and recorded.
-* **moepress**: ``compress --target llamacpp --ggml-type <preset>`` (the same mix: every unit gets the
-  type llama-quantize gives its tensor, :mod:`moepress.export.llamacpp_presets`; each layer's experts
-  of one projection share one type in both) with GPTQ on the same calibration text, then ``export
-  --format gguf``. The file's types are compared with llama-quantize's tensor by tensor (recorded
-  where they differ), so the bodies of both files are the same size and what differs is how the
-  values were chosen: GPTQ's error feedback against llama.cpp's importance-weighted rounding;
-  and ``compress --target llamacpp --budget <B>B --scope all`` (``--strategy ilp``, ``--estimator``,
-  default gptq_routed): moepress's allocator choosing the types itself within B, the bytes of the
-  quantized tensors of llama-quantize's file (the cost table measured once per model).
+* **moepress**, three files per preset, GPTQ on the same calibration text, then ``export --format gguf``:
+
+  * ``mix``: ``compress --target llamacpp --ggml-type <preset>``: the same mix, every unit (and the
+    embedding and head) in the type llama-quantize gives its tensor
+    (:mod:`moepress.export.llamacpp_presets`; each layer's experts of one projection share one type in
+    both). The types are compared with llama-quantize's file tensor by tensor (recorded where they
+    differ): the files are the same size, and what differs is how the values were chosen, GPTQ's
+    error feedback against llama.cpp's importance-weighted rounding.
+  * ``budget``: ``compress --target llamacpp --budget <B>B --scope all`` (``--strategy ilp``,
+    ``--estimator``, default gptq_routed): moepress's allocator chooses the body's types within B, the
+    bytes of the quantized tensors of llama-quantize's file with F16 embedding and head; the
+    embedding and head stay F16 (the cost table is measured once per model).
+  * ``mix+budget``: ``--ggml-type <preset> --budget <B>B``: the body allocated within B, the embedding
+    and head in the preset's types: the size of llama-quantize's stock file.
 * **scores**: ``llama-perplexity --kl-divergence-base`` on the f16 file, then ``--kl-divergence`` on
   every file: llama-perplexity's own mean KL divergence, perplexity and top-1 agreement ("same top
   p"), and the ratios moepress / llama.cpp.
@@ -80,7 +85,7 @@ from moepress.export import llamacpp_tools  # noqa: E402
 ZOO = ("tiny-mixtral", "tiny-deepseek", "moefied-smollm2", "tiny-qwen3moe")
 PRESETS = ("Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K")
 VARIANTS = ("stock", "f16-embed-head")
-MOEPRESS_KINDS = ("mix", "budget")
+MOEPRESS_KINDS = ("mix", "budget", "mix+budget")
 TOOLS = ("llama-quantize", "llama-perplexity", "llama-imatrix", "convert")
 
 def log(msg: str) -> None:
@@ -293,22 +298,23 @@ class Bench:
           there should be none);
         * ``budget``: ``compress --target llamacpp --budget <B>B --scope all``: moepress's allocator
           chooses the types (``--strategy ilp``, ``--estimator`` of the command line), at B = the bytes
-          of the quantized tensors of llama-quantize's file (its body: every tensor but the F16/F32 ones).
-          The cost table is measured once per model and reused by every preset."""
+          of the quantized tensors of llama-quantize's file with F16 embedding and head (its body);
+          the embedding and head stay F16. The cost table is measured once per model, for every preset;
+        * ``mix+budget``: both: the body's types chosen by the allocator within B, the embedding and
+          head in the preset's types, as llama-quantize's stock file holds them."""
         from moepress.export.gguf import export_gguf
 
         a = self.args
         llama_types = tensor_types(llama_file)
         out = self.path(f"moepress-{preset}-{kind}")
         started = time.time()
-        if kind == "mix":
-            options = {"ggml_type": preset}
-        else:
+        options = {"ggml_type": preset} if kind in ("mix", "mix+budget") else {}
+        if kind in ("budget", "mix+budget"):
             body = sum(t["bytes"] for t in llama_types.values() if t["type"] not in ("F16", "F32"))
-            options = {"budget": f"{body}B", "planning": {
+            options.update({"budget": f"{body}B", "planning": {
                 "scope": "all", "target": "llamacpp", "strategy": "ilp", "estimator": a.estimator,
                 "calib": self.path("calib.txt"), "calib_samples": a.calib_samples, "seq_len": a.seq_len,
-                "table": self.path("costs.safetensors")}}
+                "table": self.path("costs.safetensors")}})
         self.compress(out, **options)
         seconds = time.time() - started
         path = export_gguf(out, self.path(f"moepress-{preset}-{kind}.gguf"))
@@ -318,7 +324,7 @@ class Bench:
                ({"planning": {k: v for k, v in options["planning"].items() if k not in ("calib", "table")}}
                 if "planning" in options else {}),
                "compress_seconds": round(seconds, 1), **self.score(path, f"moepress-{preset}-{kind}")}
-        if kind == "mix":
+        if kind == "mix":  # the same mix: every tensor of the body in llama-quantize's type
             row["types_unlike_llamacpp"] = {n: {"moepress": types[n]["type"], "llamacpp": t["type"]}
                                             for n, t in llama_types.items() if n in types and types[n]["type"] != t["type"]}
         else:
@@ -397,31 +403,28 @@ def compare(mine: dict, theirs: dict, preset: str, k_quants: bool) -> dict:
             "target_met": None if target is None or size != "same" else kl_ratio <= target}
 
 
-def table(payload: dict, variant: str) -> str:
-    kinds = [k for k in MOEPRESS_KINDS if any(k in r.get("moepress", {}) for r in payload["rows"])]
-    head = "| model | preset | llama.cpp types | llama.cpp bytes | KL | top-1 | ppl |"
-    for kind in kinds:
-        head += f" moepress {kind}: bytes | KL | top-1 | ppl | KL ratio | size / target |"
-    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+def table(payload: dict) -> str:
+    """One line per moepress file: against the llama.cpp file of its size (stock or F16 embedding and
+    head; where neither is its size, the one nearest in bytes, marked)."""
+    lines = ["| model | preset | moepress | bytes | KL | top-1 | ppl | llama.cpp --imatrix | bytes | types | KL | top-1 "
+             "| ppl | KL ratio | target |", "|---" * 15 + "|"]
     for r in payload["rows"]:
         if r.get("status") != "ok":
-            lines.append(f"| {r['model']} | {r['preset']} | failed: {r.get('error', '')[:100]} |" + " |" * (head.count("|") - 4))
+            lines.append(f"| {r['model']} | {r['preset']} | failed: {r.get('error', '')[:100]} |" + " |" * 12)
             continue
-        ll = r["llamacpp"][variant]
-        total = sum(ll["types"]["params_by_type"].values())
-        types = ", ".join(f"{t} {100 * n / total:.0f}%" for t, n in ll["types"]["params_by_type"].items() if t != "F32")
-        line = (f"| {r['model']} | {r['preset']} | {types} | {ll['file_bytes']:,} | {ll['kl']:.5f} | {ll['top1']:.3f} "
-                f"| {ll['perplexity']:.2f} |")
-        for kind in kinds:
-            mp, c = r["moepress"].get(kind), r["comparisons"][variant].get(kind)
-            if mp is None:
-                line += " - | - | - | - | - | - |"
-                continue
+        for kind, mp in r["moepress"].items():
+            pairs = r["comparisons"]
+            variant = next((v for v in VARIANTS if pairs[v][kind]["size"] == "same"),
+                           min(VARIANTS, key=lambda v: abs(pairs[v][kind]["bytes_ratio"] - 1)))
+            ll, c = r["llamacpp"][variant], pairs[variant][kind]
+            total = sum(ll["types"]["params_by_type"].values())
+            types = ", ".join(f"{t} {100 * n / total:.0f}%" for t, n in ll["types"]["params_by_type"].items()
+                              if t != "F32" and n / total >= 0.01)
             target = f"{c['bytes_ratio']:.2f}x the bytes" if c["size"] != "same" else "-" if c["target"] is None \
                 else f"<= {c['target']}: {'met' if c['target_met'] else 'missed'}"
-            line += (f" {mp['file_bytes']:,} | {mp['kl']:.5f} | {mp['top1']:.3f} | {mp['perplexity']:.2f} | "
-                     f"{c['kl_ratio']:.2f}x | {target} |")
-        lines.append(line)
+            lines.append(f"| {r['model']} | {r['preset']} | {kind} | {mp['file_bytes']:,} | {mp['kl']:.5f} | "
+                         f"{mp['top1']:.3f} | {mp['perplexity']:.2f} | {variant} | {ll['file_bytes']:,} | {types} | "
+                         f"{ll['kl']:.5f} | {ll['top1']:.3f} | {ll['perplexity']:.2f} | {c['kl_ratio']:.2f}x | {target} |")
     return "\n".join(lines)
 
 
@@ -434,7 +437,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-chunks", type=int, default=128, help="llama-perplexity chunks (default 128)")
     p.add_argument("--ctx", type=int, default=256, help="llama-perplexity context; each chunk's second half is scored")
     p.add_argument("--moepress", nargs="+", default=list(MOEPRESS_KINDS), choices=MOEPRESS_KINDS,
-                   help="moepress's files: mix (--ggml-type <preset>), budget (its allocator at llama.cpp's bytes)")
+                   help="moepress's files: mix (--ggml-type <preset>), budget (its allocator at llama.cpp's body bytes), "
+                        "mix+budget (both)")
     p.add_argument("--estimator", default="gptq_routed",
                    help="the budget rows' damage estimate (default gptq_routed; kl_scaled does not combine with --target yet)")
     p.add_argument("--threads", type=int, default=1, help="threads for llama.cpp's tools and torch (default 1)")
@@ -462,11 +466,7 @@ def main(argv=None) -> int:
 
     for name in args.models:
         run_model(name, args, payload, save)
-    for variant in VARIANTS:
-        how = "(as it comes)" if variant == "stock" else "--token-embedding-type f16 --output-tensor-type f16"
-        print(f"\n{variant}: llama-quantize --imatrix {how}; moepress mix: compress --ggml-type <preset>, "
-              "budget: compress --budget <llama.cpp's quantized bytes> --scope all")
-        print(table(payload, variant))
+    print(table(payload))
     for name, why in payload["skipped"].items():
         print(f"skipped {name}: {why}")
     print(f"wrote {out}", file=sys.stderr)
