@@ -398,3 +398,15 @@ def test_cli_compress_target_vllm_then_export(tiny_model_dir, calib_file, tmp_pa
     loaded = AutoModelForCausalLM.from_pretrained(out)
     ids = torch.randint(0, 500, (1, 16), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(_logits(loaded, ids), _logits(load_model(checkpoint), ids), rtol=0, atol=0)
+
+
+def test_kept_attention_is_ignored_and_stored_as_it_was(tiny_model_dir, calib_file, tmp_path):
+    """--keep-attention under --target vllm: the attention linears are 16-bit weights in ``ignore``."""
+    checkpoint, out = str(tmp_path / "q"), str(tmp_path / "ct")
+    compress(tiny_model_dir("mixtral"), out=checkpoint, bits=4, target="vllm", quantize_attention=False,
+             calib=calib_file, **SMALL)
+    export_compressed_tensors(checkpoint, out)
+    assert {"model.layers.0.self_attn.q_proj", "model.layers.2.self_attn.o_proj"} <= set(_quantization_config(out)["ignore"])
+    assert _tensors(out)["model.layers.0.self_attn.q_proj.weight"][0] == "F32"
+    ids = torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(out), ids), _logits(load_model(checkpoint), ids))

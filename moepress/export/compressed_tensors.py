@@ -296,6 +296,9 @@ def _convert_shard(tensors: dict[str, torch.Tensor], units: dict[str, _Unit], pa
         if "bias" in parts:
             out[f"{unit.hub}.bias"] = parts.pop("bias")
         if unit.treatment.keep:
+            if "weight" not in parts:
+                raise MoepressError(f"{module}: the checkpoint holds {sorted(parts)} where a 16-bit weight belongs; "
+                                    "its unit map and tensors do not agree")
             out[f"{unit.hub}.weight"] = parts["weight"]
         else:
             out.update({f"{unit.hub}.{k}": v for k, v in pack_unit(parts, unit, dtype).items()})
@@ -316,7 +319,7 @@ def export_compressed_tensors(checkpoint: str, out: str, overwrite: bool = False
     generation config), one shard at a time, through a temporary folder renamed when complete."""
     from safetensors.torch import load_file, save_file
 
-    from ..treatment import Treatment
+    from ..treatment import KEEP, Treatment
     from .checkpoint import check_output_dir, read_record
     from .vllm_target import scheme_key
 
@@ -332,10 +335,9 @@ def export_compressed_tensors(checkpoint: str, out: str, overwrite: bool = False
     model = _skeleton(checkpoint)
     view = MoEView(model)
     params, experts = hub_names(model, view)
-    treatments = {name: Treatment.from_unit_map(entry, name) for name, entry in record["units"].items()}
-    missing = sorted(set(view.unit_shapes()) - set(treatments))
-    if missing:
-        raise MoepressError(f"{checkpoint}: the unit map has no entry for {missing[0]}; the checkpoint is incomplete")
+    # units the map leaves out (--keep-attention) are stored as they were
+    treatments = {name: KEEP for name in view.unit_shapes()}
+    treatments.update({name: Treatment.from_unit_map(entry, name) for name, entry in record["units"].items()})
     units = _units(view, params, experts, treatments)
     _check(view, units)
     qconfig = quantization_config(view, model, units, params)

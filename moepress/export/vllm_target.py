@@ -76,9 +76,13 @@ def check_config(config) -> None:
 
 
 def resolve(view: MoEView, config) -> dict:
-    """Every unit's treatment under ``--bits`` without a plan: ``config``'s (symmetric) treatment."""
+    """Every unit's treatment under ``--bits`` without a plan: ``config``'s (symmetric) treatment, or
+    kept where ``--keep-attention`` (``quantize_attention``/``quantize_mlp``) keeps it."""
+    from ..treatment import KEEP
+
     treatment = config.treatment()
-    return {name: treatment for name in view.unit_shapes()}
+    kept = {"attn": not config.quantize_attention, "shared": not config.quantize_mlp, "mlp": not config.quantize_mlp}
+    return {name: KEEP if kept.get(name.split(".")[2], False) else treatment for name in view.unit_shapes()}
 
 
 def check_trimming(view: MoEView, trimming, config=None) -> None:
