@@ -170,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="choose each group's range among min/max shrunk by 1.0 down to 0.5, the one with the least "
                         "GPTQ loss on the group's columns (RTN: squared rounding error), instead of min/max; needs "
                         "--act-order off or dynamic; the stored format is the same (default off)")
+    c.add_argument("--refine", type=int, default=0, metavar="STEPS",
+                   help="after GPTQ, refine each layer's rounding and group scales/zeros on the layer's output for "
+                        "STEPS signed-gradient steps (SignRound, started from GPTQ's codes; same stored format); "
+                        "0: off (default)")
     c.add_argument("--offload-activations", action="store_true",
                    help="keep the calibration activations in memory-mapped files beside --out instead of in memory")
     c.add_argument("--target", choices=("llamacpp", "vllm"), default=None,
@@ -287,7 +291,7 @@ def run_compress(args) -> None:
         drop_experts=args.drop_experts, drop_criterion=args.drop_criterion, top_k=args.top_k,
         drop_blocks=args.drop_blocks, drop_moe_layers=args.drop_moe_layers, dynamic_pruning=args.dynamic_pruning,
         offload_activations=args.offload_activations, target=args.target, ggml_type=args.ggml_type,
-        expert_hessian=args.expert_hessian, clip_search=args.clip_search,
+        expert_hessian=args.expert_hessian, clip_search=args.clip_search, refine=args.refine,
     )
     if args.save_profile:
         from .preflight import check_writable_file

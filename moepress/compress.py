@@ -69,6 +69,9 @@ class CompressConfig:
     # Each routed token's weight in its expert's Hessians: plain (1), g or g2 (its routing weight, squared).
     expert_hessian: str = "plain"
     clip_search: bool = False  # each group's range searched for the least GPTQ loss instead of min/max
+    refine: int = 0  # SignRound steps on each layer's output after GPTQ (moepress.refine); 0: off
+    refine_from: str = "gptq"  # the refinement's start: GPTQ's codes, or "rtn" (auto-round's start)
+    refine_frozen_routing: bool = False  # refine with the unquantized layer's expert choices and weights
 
     def __post_init__(self):
         try:
@@ -87,6 +90,9 @@ class CompressConfig:
             raise MoepressError("--clip-search searches moepress's own grids; a llama.cpp block format chooses its "
                                 "parameters its own way (drop --clip-search)")
         self.treatment()  # a bad bit width, group size or damping fails here, in one line
+        from .refine import check_config as check_refine
+
+        check_refine(self)
         self.pruned_treatment()
         self._drop_amount()
         DynamicPruning.parse(self.dynamic_pruning)  # a bad value fails here, before any work
@@ -439,6 +445,12 @@ class QuantizeStep:
             drop_block(view.model, layer)
             runner.run_layer(layer, update=True)
             return {}, {f"layers.{layer}.dropped_block": torch.ones(1)}
+        refinement = None
+        if config.refine:  # the unquantized layer's outputs, before any unit of it is quantized
+            from .refine import begin
+
+            refinement = begin(view, layer, runner, config.refine, config.expert_chunk, config.refine_frozen_routing,
+                               config.refine_from)
         if config.quantize_attention:
             attention = view.attention_units(layer)
             stats, handles = collect_layer_stats(view, layer, runner, 0, "routed_only", units=attention, experts=False)
@@ -482,6 +494,8 @@ class QuantizeStep:
         _quantize_linear_units(view.model, mlp_units, stats["linear"], treatment_of, records, runner.device)
         for unit in mlp_units:
             part.record_linear(unit, stats["linear"][unit])
+        if refinement is not None:
+            part.tensors.update(refinement.finish())
         runner.run_layer(layer, update=True)
         units = {name: treatment for name, (treatment, _) in records.items()}
         return unit_records(units, {name: error for name, (_, error) in records.items()}), part.tensors
@@ -710,6 +724,9 @@ def compress(
         raise MoepressError("--drop-experts, --drop-blocks, --drop-moe-layers and --top-k do not combine with --plan "
                             "or --budget; write the trimming in the plan's trim: section instead (dropped_experts, "
                             "top_k, dropped_blocks, dropped_moe_layers)")
+    if plan is not None and config.refine and not plan.trim.empty:
+        raise MoepressError("--refine does not combine with a plan's trim: section yet; trim first, then compress "
+                            "the trimmed model with --refine")
     if plan is not None and config.prune is not None:
         raise MoepressError("a plan gives every unit its treatment, so --prune does not combine with --plan or "
                             "--budget; write pruned treatments in the plan instead (e.g. 2:4+4b-g128)")
@@ -907,7 +924,7 @@ def _report_memory(source, config: CompressConfig) -> None:
 
     est = estimate(source, calib_samples=config.calib_samples, seq_len=config.seq_len, method=config.method,
                    batch_size=config.batch_size, expert_chunk=config.expert_chunk,
-                   offload_activations=config.offload_activations)
+                   offload_activations=config.offload_activations, refine=config.refine)
     print(f"memory: one decoder layer at a time, {est.describe()}", file=sys.stderr)
     available = memory_available()
     if available is not None and est.peak > available:

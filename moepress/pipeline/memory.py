@@ -10,13 +10,17 @@ A streamed run holds one decoder layer at a time, so its peak is (bytes, CPU, fl
                       RTN:  4 x 3 x C x out x in (dequantized weight, difference, difference x H)
     activations A  = 4 x N x H (x 2 with --expert-chunk: the experts' inputs are kept for the chunks)
     forward      F  = 4 x b x T x (2 x heads x T + 3 x k x I + 4 x H)   one batch through the layer
+    refinement   S  = 4 x N x H + 4 x P_layer + 20 x (P_dense + 3 x C x I x H) + 2 x F   (--refine only)
+                      the unquantized layer's outputs; every expert's dequantized weight; per weight
+                      refined at once (the dense units and one chunk of experts) its GPTQ offset, rounding
+                      offset and gradient, dequantized value and gradient; the activations the backward keeps
 
-    peak = R + W + G + Q + A + F
+    peak = R + W + G + Q + A + F + S
 
 with P_layer the parameters of the largest decoder layer, P_largest its largest tensor, E experts of
 intermediate size I, hidden size H, C = --expert-chunk (default E), N calibration tokens, b windows of
-T tokens per forward pass, k experts per token. ``--offload-activations`` moves A to memory-mapped
-files (not anonymous memory). The depth of the model appears nowhere: that is the point.
+T tokens per forward pass, k experts per token, P_dense the layer's parameters outside its routed
+experts. ``--offload-activations`` moves A to memory-mapped files (not anonymous memory). The depth of the model appears nowhere: that is the point.
 """
 
 from __future__ import annotations
@@ -34,20 +38,22 @@ class MemoryEstimate:
     quantizer: int
     activations: int
     forward: int
+    refinement: int = 0
 
     @property
     def peak(self) -> int:
-        return self.runtime + self.weights + self.hessians + self.quantizer + self.activations + self.forward
+        return (self.runtime + self.weights + self.hessians + self.quantizer + self.activations + self.forward
+                + self.refinement)
 
     def describe(self) -> str:
         gb = lambda b: f"{b / 1e9:.2f}"  # noqa: E731
         return (f"about {gb(self.peak)} GB: runtime {gb(self.runtime)} + one layer {gb(self.weights)} + Hessians "
                 f"{gb(self.hessians)} + quantizer {gb(self.quantizer)} + activations {gb(self.activations)} + "
-                f"forward {gb(self.forward)}")
+                f"forward {gb(self.forward)}" + (f" + refinement {gb(self.refinement)}" if self.refinement else ""))
 
 
 def estimate(source, *, calib_samples: int, seq_len: int, method: str = "gptq", batch_size: int = 8,
-             expert_chunk: int | None = None, offload_activations: bool = False) -> MemoryEstimate:
+             expert_chunk: int | None = None, offload_activations: bool = False, refine: int = 0) -> MemoryEstimate:
     """The formula of the module docstring for a :class:`~moepress.pipeline.source.StreamedModel`
     (or anything with a ``model`` whose parameters carry shapes, on ``meta`` or not)."""
     from ..model.view import MoEView
@@ -86,7 +92,11 @@ def estimate(source, *, calib_samples: int, seq_len: int, method: str = "gptq", 
     top_k = int(getattr(config, "num_experts_per_tok", 1) or 1)
     b = min(batch_size, calib_samples)
     forward = 4 * b * seq_len * (2 * heads * seq_len + 3 * top_k * inter + 4 * hidden)
-    return MemoryEstimate(RUNTIME_BYTES, weights, hessians, quantizer, activations, forward)
+    refinement = 0
+    if refine:
+        dense = per_layer[layer] - 3 * experts * inter * hidden
+        refinement = 4 * tokens * hidden + 4 * per_layer[layer] + 20 * (dense + 3 * chunk * inter * hidden) + 2 * forward
+    return MemoryEstimate(RUNTIME_BYTES, weights, hessians, quantizer, activations, forward, refinement)
 
 
 def memory_available() -> int | None:

@@ -1,0 +1,101 @@
+"""SignRound refinement after GPTQ (``--refine STEPS``): KL and compress time against the step count.
+
+    OMP_NUM_THREADS=1 python benchmarks/refine.py --models zoo/models/tiny-mixtral zoo/models/tiny-deepseek \\
+        --bits 2 3 --steps 0 25 50 100 200
+
+Every row compresses the model in memory exactly as the quality benchmark's moepress worker does (the
+same calibration and evaluation windows: builtin:calib and the held-out builtin:eval), with
+``refine=STEPS``, and scores it against the uncompressed model (KL, top-1, perplexity). The default
+step count is the point past which doubling the steps buys less than 2% KL. Writes
+benchmarks/results/refine-<date>.json (rewritten after every row) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", required=True)
+    p.add_argument("--bits", nargs="+", type=int, default=[2, 3])
+    p.add_argument("--group-size", type=int, default=128, help="0 = per-channel")
+    p.add_argument("--steps", nargs="+", type=int, default=[0, 25, 50, 100, 200])
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--eval-samples", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="calibration windows' seed")
+    p.add_argument("--refine-from", nargs="+", default=["gptq"], choices=("gptq", "rtn"),
+                   help="the refinement's start (rows for each; 0 steps is run once)")
+    p.add_argument("--frozen-routing", action="store_true", help="refine with the unquantized layer's routing")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    import torch
+
+    import moepress
+    from benchmarks.workers.common import calib_windows, eval_windows, evaluate_row, linear_params, load_reference
+    from moepress.compress import CompressConfig, CompressResult, quantize_model
+    from moepress.export import save_compressed
+
+    date = datetime.date.today().isoformat()
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"refine-{date}.json")
+    rows: list[dict] = []
+
+    def save():
+        payload = {"date": date, "settings": vars(args), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                   "rows": rows}
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out + ".tmp", "w") as f:
+            json.dump(payload, f, indent=2)
+        os.replace(out + ".tmp", out)
+
+    for model_dir in args.models:
+        reference, tokenizer = load_reference(model_dir)
+        windows = eval_windows(tokenizer, "builtin:eval", args.seq_len, args.eval_samples)
+        tokens = calib_windows(tokenizer, "builtin:calib", args.seq_len, args.calib_samples, seed=args.seed)
+        params = linear_params(reference)
+        for bits in args.bits:
+            runs = [(steps, start) for start in args.refine_from for steps in args.steps
+                    if steps or start == args.refine_from[0]]
+            for steps, start in runs:
+                config = CompressConfig(bits=bits, group_size=args.group_size or None, calib_samples=args.calib_samples,
+                                        seq_len=args.seq_len, seed=args.seed, refine=steps, refine_from=start,
+                                        refine_frozen_routing=args.frozen_routing)
+                model = moepress.load(model_dir)
+                started = time.time()
+                units, errors, profile = quantize_model(model, tokens, config, progress=False)
+                seconds = time.time() - started
+                layer_errors = {k.split(".")[1]: [round(float(x), 8) for x in v]
+                                for k, v in profile.tensors.items() if k.endswith(".refine.output_error")}
+                row = {"model": os.path.basename(os.path.normpath(model_dir)), "bits": bits,
+                       "group_size": args.group_size or None, "refine": steps, "refine_from": start,
+                       "frozen_routing": args.frozen_routing, "seed": args.seed,
+                       "compress_seconds": round(seconds, 2), "layer_output_error": layer_errors}
+                with tempfile.TemporaryDirectory(prefix="moepress-refine-") as work:
+                    folder = os.path.join(work, "out")
+                    save_compressed(CompressResult(model, tokenizer, config, units, errors, profile, seconds,
+                                                   tokens.numel()), folder, overwrite=True)
+                    evaluate_row(moepress.load(folder, dtype=torch.float32), reference, windows, folder, params, row)
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+                save()
+    print("| model | bits | refine | from | KL | top-1 | ppl | bits/param | compress s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['model']} | {r['bits']} | {r['refine']} | {r['refine_from']} | {r['kl_divergence']:.4f} | {r['top1_agreement']:.3f} | "
+              f"{r['perplexity']:.2f} | {r['bits_per_param']:.3f} | {r['compress_seconds']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
