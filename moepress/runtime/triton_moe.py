@@ -311,9 +311,9 @@ if triton is not None:
             j = tl.arange(0, S // 2)
             for c in range(u_lo, tl.minimum(u_hi, tl.cdiv(K, 4 * S))):
                 base = codes_ptr + code_off + (c * N + n_offs[:, None]) * (3 * S // 2) + j[None, :]
-                low0 = tl.load(base, mask=n_mask[:, None], other=0)
-                low1 = tl.load(base + S // 2, mask=n_mask[:, None], other=0)
-                high = tl.load(base + S, mask=n_mask[:, None], other=0)
+                low0 = tl.load(base, mask=n_mask[:, None], other=0).to(tl.int32)
+                low1 = tl.load(base + S // 2, mask=n_mask[:, None], other=0).to(tl.int32)
+                high = tl.load(base + S, mask=n_mask[:, None], other=0).to(tl.int32)
                 for u in tl.static_range(8):
                     if u < 4:
                         low = (low0 >> (2 * u)) & 3
@@ -330,7 +330,7 @@ if triton is not None:
             per_unit: tl.constexpr = 4 // fields  # chunks in one split unit of 4S columns
             for c in range(u_lo * per_unit, tl.minimum(u_hi * per_unit, tl.cdiv(K, fields * S))):
                 byte = tl.load(codes_ptr + code_off + (c * N + n_offs[:, None]) * S + j[None, :],
-                               mask=n_mask[:, None], other=0)
+                               mask=n_mask[:, None], other=0).to(tl.int32)  # 32-bit shifts: fewer ops
                 for f in tl.static_range(fields):
                     if BITS == 8:
                         q = byte
