@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 
@@ -98,9 +99,12 @@ def main() -> None:
                 print(f"{model_type} {scheme}", file=sys.stderr)
                 record["models"][model_type]["schemes"][scheme] = export(model_type, scheme, folder)
     part = f"{args.out}.tmp"
+    text = json.dumps(record, indent=1)
+    # one line per tensor: innermost lists ([dtype, [shape]]) written on one line
+    text = re.sub(r"\[\s*([^\[\]{}]*?)\s*\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+    text = re.sub(r"\[\s*(\"[A-Z0-9]+\",)\s*(\[[^\[\]]*\])\s*\]", r"[\1 \2]", text)
     with open(part, "w") as f:
-        json.dump(record, f, indent=1)
-        f.write("\n")
+        f.write(text + "\n")
     os.replace(part, args.out)
     print(f"wrote {args.out}")
 
