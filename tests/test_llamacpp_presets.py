@@ -71,14 +71,14 @@ def _llamacpp_missing() -> str | None:
     return reason
 
 
-# tiny models llama.cpp's converter takes; 256-wide rows so the k-quants apply (one 128-wide Mixtral
-# with 8 experts and 16 layers for the fallbacks, the 8-expert rules and Q3_K_M's first-sixteenth rule).
-# (qwen3moe and olmoe, whose rules are these, were checked the same way by hand: the converter's
-# start is most of this test's time.)
+# tiny models llama.cpp's converter takes; 256-wide rows so the k-quants apply: Mixtral with 4 experts
+# (attn_v's position rules), Qwen2-MoE with 8 (the 8-expert rules, shared experts), DeepSeek-V3 (MLA's
+# attn_k_b/attn_v_b, fallbacks on 32- and 128-wide rows). (A 16-layer 128-wide Mixtral with 8
+# experts, Qwen3-MoE and OLMoE were checked the same way by hand: the converter's start is most of
+# this test's time.)
 WIDE = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=8)
 MODELS = {
     "mixtral": dict(WIDE),
-    "mixtral-8x": dict(num_local_experts=8, num_hidden_layers=16),
     "qwen2_moe": dict(WIDE, moe_intermediate_size=256, shared_expert_intermediate_size=256, mlp_only_layers=[]),
     "deepseek_v3": dict(WIDE, moe_intermediate_size=256, kv_lora_rank=256, q_lora_rank=256),
 }
@@ -118,11 +118,13 @@ def test_types_equal_llama_quantizes(model, tokenizer, tmp_path):
 
 
 @pytest.mark.skipif(_llamacpp_missing() is not None, reason=str(_llamacpp_missing()))
-def test_a_mix_gguf_has_llama_quantizes_types_and_size(tokenizer, calib_file, tmp_path):
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_mix_gguf_has_llama_quantizes_types_and_size(tied, tokenizer, calib_file, tmp_path):
     """compress --ggml-type q4_K_M, then export: every tensor of the GGUF, token_embd and output
     included, has the type of llama-quantize's Q4_K_M of the same model, and the two files have the
     same size (only the rounding differs). moepress's model computes with the GGUF's bytes: its
-    embedding and head hold them, and its logits are those of the exported values."""
+    embedding and head hold them (a tied head reads the embeddings' table: the GGUF has no output,
+    and its token_embd takes the head's Q6_K), and the fast runtime's logits are the same."""
     import os
 
     import gguf
@@ -132,11 +134,11 @@ def test_a_mix_gguf_has_llama_quantizes_types_and_size(tokenizer, calib_file, tm
     from moepress.export.gguf import export_gguf
     from moepress.loading import load_model
     from moepress.model.tiny import build_tiny_model
-    from moepress.runtime.block_weight import BlockEmbedding, BlockLinear
+    from moepress.runtime.block_weight import BlockEmbedding, BlockLinear, TiedBlockHead
 
     source = tmp_path / "wide"
     build_tiny_model("mixtral", vocab_size=len(tokenizer), hidden_size=256, intermediate_size=256,
-                     num_hidden_layers=4).save_pretrained(source)
+                     num_hidden_layers=2, tie_word_embeddings=tied).save_pretrained(source)
     tokenizer.save_pretrained(source)
     out = str(tmp_path / "q4km")
     moepress.compress(str(source), target="llamacpp", ggml_type="q4_K_M", calib=calib_file, calib_samples=4,
@@ -149,19 +151,27 @@ def test_a_mix_gguf_has_llama_quantizes_types_and_size(tokenizer, calib_file, tm
     assert done.returncode == 0, done.stderr[-1000:]
     read = {path: {t.name: t for t in gguf.GGUFReader(path).tensors} for path in (ours, theirs)}
     assert {n: t.tensor_type for n, t in read[ours].items()} == {n: t.tensor_type for n, t in read[theirs].items()}
-    assert read[ours]["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_K
-    assert read[ours]["output.weight"].tensor_type == gguf.GGMLQuantizationType.Q6_K
+    embd_type = gguf.GGMLQuantizationType.Q6_K if tied else gguf.GGMLQuantizationType.Q4_K
+    assert read[ours]["token_embd.weight"].tensor_type == embd_type
+    assert ("output.weight" in read[ours]) != tied
+    if not tied:
+        assert read[ours]["output.weight"].tensor_type == gguf.GGMLQuantizationType.Q6_K
     assert os.path.getsize(ours) == os.path.getsize(theirs)
     file_type = gguf.GGUFReader(ours).fields["general.file_type"].contents()
     assert file_type == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
 
     model = load_model(out)
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    assert isinstance(embedding, BlockEmbedding) and isinstance(head, BlockLinear)
-    for module, name in ((embedding, "token_embd.weight"), (head, "output.weight")):
-        assert np.array_equal(module.blocks.numpy(), np.asarray(read[ours][name].data).reshape(module.blocks.shape))
-    values = torch.from_numpy(gguf.dequantize(read[ours]["token_embd.weight"].data, gguf.GGMLQuantizationType.Q4_K))
+    assert isinstance(embedding, BlockEmbedding) and isinstance(head, TiedBlockHead if tied else BlockLinear)
+    for module, name in ((embedding, "token_embd.weight"), (None if tied else head, "output.weight")):
+        if module is not None:
+            data = np.asarray(read[ours][name].data)
+            assert np.array_equal(module.blocks.numpy(), data.reshape(module.blocks.shape))
+    values = torch.from_numpy(gguf.dequantize(read[ours]["token_embd.weight"].data, embd_type))
     ids = torch.tensor([[5, 17, 3, 200]])
     assert torch.equal(embedding(ids)[0], values.reshape(len(tokenizer), 256)[ids[0]].to(embedding(ids).dtype))
+    if tied:
+        hidden = torch.randn(3, 256)
+        assert torch.allclose(head(hidden), hidden @ values.reshape(len(tokenizer), 256).T, atol=1e-5)
     with torch.no_grad():
         assert torch.allclose(moepress.load(out)(ids).logits, model(ids).logits, atol=1e-4)

@@ -251,12 +251,16 @@ def _check_unit(name: str, treatment) -> None:
 def outer_types(view: MoEView, config) -> dict[str, str]:
     """The llama.cpp types of the token embeddings and the output head under ``config``: with a
     llama-quantize mix, the types llama-quantize gives ``token_embd`` and ``output`` ({"token_embd":
-    "q4_K", "output": "q6_K"}); F16 ones are left out, and so is everything without a mix (the GGUF
-    then holds them in F16, as before) or with a head tied to the embeddings (one table: not yet)."""
-    if config.target != "llamacpp" or not is_preset(config.ggml_type) or _tied(view.model):
+    "q4_K", "output": "q6_K"}); a head tied to the embeddings reads their table (``"output":
+    "token_embd"``; the tied table takes the head's rule, as in llama-quantize). F16 ones are left
+    out, and so is everything without a mix (the GGUF then holds them in F16, as before)."""
+    if config.target != "llamacpp" or not is_preset(config.ggml_type):
         return {}
     types = preset_types(view, config.ggml_type, config.experts_to_drop)
-    return {k: types[f"{k}.weight"] for k in ("token_embd", "output") if types.get(f"{k}.weight", "f16") != "f16"}
+    out = {k: types[f"{k}.weight"] for k in ("token_embd", "output") if types.get(f"{k}.weight", "f16") != "f16"}
+    if _tied(view.model) and "token_embd" in out:
+        out["output"] = "token_embd"
+    return out
 
 
 def _tied(model) -> bool:
@@ -279,7 +283,7 @@ def quantize_outer(model, config) -> dict:
     (``ggml_type`` and ``embeddings``: name -> type), or {} when nothing is quantized."""
     from ..model.view import set_submodule
     from ..quantize.ggml_blocks import block_format, rtn_quantize_blocks
-    from ..runtime.block_weight import BlockEmbedding, BlockLinear
+    from ..runtime.block_weight import BlockEmbedding, BlockLinear, TiedBlockHead
 
     if config.target != "llamacpp" or not is_preset(config.ggml_type):
         return {}
@@ -288,6 +292,10 @@ def quantize_outer(model, config) -> dict:
         if key not in types:
             continue
         old = model.get_submodule(path)
+        if types[key] == "token_embd":  # tied: the head reads the (already replaced) embeddings' table
+            set_submodule(model, path, TiedBlockHead(model.get_input_embeddings()))
+            model.config.tie_word_embeddings = False  # (the loader then builds a head of its own: this one)
+            continue
         weight = old.weight.detach()
         quantized = rtn_quantize_blocks(weight.float(), block_format(types[key]), name=path)
         if key == "token_embd":
@@ -303,12 +311,15 @@ def install_outer(model, types: dict[str, str]) -> None:
     (``quantization_config.embeddings``), for loading to fill."""
     from ..model.view import set_submodule
     from ..quantize.ggml_blocks import BlockQuantizedWeight, block_format
-    from ..runtime.block_weight import BlockEmbedding, BlockLinear
+    from ..runtime.block_weight import BlockEmbedding, BlockLinear, TiedBlockHead
 
     for key, path in _outer_paths(model).items():
         if key not in types:
             continue
         old = model.get_submodule(path)
+        if types[key] == "token_embd":  # a tied head: the embeddings' table (token_embd comes first)
+            set_submodule(model, path, TiedBlockHead(model.get_input_embeddings()))
+            continue
         rows, width = old.weight.shape
         fmt = block_format(types[key])
         empty = BlockQuantizedWeight(torch.zeros(rows, fmt.row_bytes(width), dtype=torch.uint8), fmt, width, rows)

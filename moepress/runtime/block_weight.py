@@ -96,6 +96,23 @@ class BlockEmbedding(BlockWeight):
         return rows.dequantize(self.dtype).reshape(*ids.shape, self.in_features)
 
 
+class TiedBlockHead(nn.Module):
+    """The output head of a model whose head is its token embeddings (tied): the
+    :class:`BlockEmbedding`'s bytes used as a linear, held and stored once, under the embeddings
+    (as a GGUF without ``output`` makes llama.cpp read ``token_embd`` for the head)."""
+
+    def __init__(self, embedding: BlockEmbedding):
+        super().__init__()
+        object.__setattr__(self, "embedding", embedding)  # not a child module: no second copy in the state dict
+        self.in_features, self.out_features = embedding.in_features, embedding.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.embedding.dequantize(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.out_features}x{self.in_features}, the token embeddings' {self.embedding.format}"
+
+
 class BlockExperts(PackedExperts):
     """A layer's routed experts when some of their weights are :class:`BlockWeight`: the expert
     loop of :class:`PackedExperts` (same forward, same state-dict keys
@@ -129,4 +146,4 @@ def _module(weight) -> nn.Module:
     return weight
 
 
-__all__ = ["BlockEmbedding", "BlockExperts", "BlockLinear", "BlockWeight", "holds_blocks"]
+__all__ = ["BlockEmbedding", "BlockExperts", "BlockLinear", "BlockWeight", "TiedBlockHead", "holds_blocks"]
