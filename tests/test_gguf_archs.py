@@ -40,6 +40,10 @@ TINY = {
     # Granite's four multipliers at sizes like the real model's (the tiny config's are all 1)
     "granitemoe": {"embedding_multiplier": 12.0, "attention_multiplier": 0.03, "residual_multiplier": 0.22,
                    "logits_scaling": 6.0},
+    # yarn rope scaling (the converter's keys, and DeepSeek's yarn_log_multiplier)
+    "deepseek_v3-yarn": {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
+                                             "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                                             "rope_theta": 10000.0}},
     # every row a multiple of 256 but o_proj's: the k-quants, and kv_b's split from Q4_K
     "deepseek_v3-wide": {"hidden_size": 256, "q_lora_rank": 256, "kv_lora_rank": 256, "intermediate_size": 256,
                          "moe_intermediate_size": 256, "num_hidden_layers": 2},
@@ -79,7 +83,7 @@ def tensors(path) -> dict:
 def tiny(tokenizer, calib_file, tmp_path_factory):
     """``tiny(name)``: (source folder, {bits: checkpoint}, {bits: GGUF}, the converter's f16 GGUF or
     None) of TINY[name] compressed for llama.cpp at 4 bits (q4_1, or q4_K on the wide one) and 16
-    (kept, but the wide one), and exported."""
+    (kept, but the variants), and exported."""
     from moepress.model.tiny import build_tiny_model
 
     cache: dict = {}
@@ -91,7 +95,7 @@ def tiny(tokenizer, calib_file, tmp_path_factory):
             build_tiny_model(name.split("-")[0], vocab_size=len(tokenizer), **TINY[name]).save_pretrained(source)
             tokenizer.save_pretrained(source)
             out, files = {}, {}
-            for bits in (4,) if name.endswith("-wide") else (4, 16):
+            for bits in (4,) if "-" in name else (4, 16):
                 out[bits] = str(root / f"q{bits}")
                 moepress.compress(str(source), target="llamacpp", bits=bits, calib=calib_file, out=out[bits],
                                   progress=False, **SMALL)
@@ -105,7 +109,7 @@ def tiny(tokenizer, calib_file, tmp_path_factory):
 
 
 @pytest.mark.skipif(_converter_missing() is not None, reason=str(_converter_missing()))
-@pytest.mark.parametrize("arch", ARCHS + ["deepseek_v3-wide"])
+@pytest.mark.parametrize("arch", ARCHS + ["deepseek_v3-wide", "deepseek_v3-yarn"])
 def test_metadata_and_tensors_equal_the_converters(arch, tiny):
     """Against convert_hf_to_gguf.py on the same float model: every key and value equal but
     ``general.file_type`` (ours names the 4-bit type, as llama-quantize would) and the keys of
@@ -230,13 +234,28 @@ def test_llama_perplexity_equals_moepress_on_tiny_models(arch, tiny, tmp_path):
 @pytest.mark.skipif(llamacpp_tools.missing("llama-perplexity") is not None,
                     reason=str(llamacpp_tools.missing("llama-perplexity")))
 def test_llama_perplexity_equals_moepress_on_the_trained_tiny_deepseek(tmp_path):
-    """The zoo's trained DeepSeek-V3 (its router decides: a random model's near-uniform outputs
-    cannot tell softmax from sigmoid scores): within 0.5% at 4 bits (measured 0.02%; the
-    converter's own f16 file, with llama.cpp's default softmax router, is 3.4% off)."""
+    """The zoo's trained DeepSeek-V3 (its router and attention decide: a random model's near-uniform
+    outputs cannot tell softmax from sigmoid scores, or yarn from plain rope) at 4 bits: within 0.5%
+    (measured 0.02%; the converter's own f16 file, with llama.cpp's default softmax router, is 3.4%
+    off). Then the same checkpoint with yarn rope scaling in its config (x4 from 128 positions,
+    scored on 256): within 0.5% too (measured 0.015%; written without the yarn keys, 12% off)."""
+    import shutil
+
     out = str(tmp_path / "q4")
     moepress.compress(ZOO_DEEPSEEK, target="llamacpp", bits=4, calib_samples=16, seq_len=128, out=out, progress=False)
     theirs, ours = _both_perplexities(out, export_gguf(out, str(tmp_path / "q4.gguf")), tmp_path, n_ctx=128,
                                       chunks=10)
+    assert abs(theirs - ours) / ours < 0.005, (theirs, ours)
+    yarn = tmp_path / "q4-yarn"
+    shutil.copytree(out, yarn)
+    config = json.loads((yarn / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
+                                 "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                                 "rope_theta": config["rope_parameters"]["rope_theta"]}
+    (yarn / "config.json").write_text(json.dumps(config))
+    path = export_gguf(str(yarn), str(tmp_path / "q4-yarn.gguf"))
+    assert metadata(path)["deepseek2.rope.scaling.type"] == "yarn"
+    theirs, ours = _both_perplexities(str(yarn), path, tmp_path, n_ctx=256, chunks=5)
     assert abs(theirs - ours) / ours < 0.005, (theirs, ours)
 
 
@@ -251,8 +270,9 @@ def test_llama_perplexity_equals_moepress_on_the_trained_tiny_deepseek(tmp_path)
                         "two experts, DeepSeek-V2 by its best one"),
     ("deepseek_v3", {"rope_interleave": False}, "rope_interleave=false"),
     ("phimoe", {}, "phimoe: llama.cpp's phimoe weights the top two experts by a softmax over all, renormalised"),
-    ("deepseek_v3", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
-                                          "original_max_position_embeddings": 128}}, "rope type 'yarn'"),
+    ("qwen3_moe", {"mlp_only_layers": [], "norm_topk_prob": True, "rope_parameters": {
+        "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 16, "long_factor": [1.0] * 16,
+        "original_max_position_embeddings": 128}}, "rope type 'longrope'"),
 ])
 def test_what_llamacpp_would_run_differently_is_refused(model_type, overrides, why):
     """From the config alone (before any work): a model llama.cpp would run differently from

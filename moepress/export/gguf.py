@@ -118,6 +118,9 @@ def _deepseek(v3: bool) -> Architecture:
         ("expert_shared_count", lambda c: c.get("n_shared_experts") or 0),
         ("expert_weights_scale", "routed_scaling_factor"),
         ("rope_dimension_count", "qk_rope_head_dim"),
+        # yarn's softmax scale: the converter writes 0.1 x mscale_all_dim (and llama.cpp divides the 0.1 out)
+        ("rope_scaling_yarn_log_mul", lambda c: None if (m := (c.get("rope_parameters") or {}).get("mscale_all_dim"))
+         is None else 0.1 * m),
     )
     if v3:
         hparams += (("expert_weights_norm", lambda c: True if c.get("norm_topk_prob") else None),
@@ -491,8 +494,8 @@ def _common_hparams(cfg: dict, gguf) -> dict:
     """The hyperparameters every converter class writes (``TextModel.set_gguf_parameters``), as
     {GGUFWriter ``add_<key>``: value}."""
     rope = cfg.get("rope_parameters") or {}
-    if rope.get("rope_type") not in (None, "default"):
-        raise MoepressError(f"rope type {rope['rope_type']!r}: the GGUF export writes default rope only (for now)")
+    if rope.get("rope_type") not in (None, "default", *ROPE_SCALING):
+        raise MoepressError(f"rope type {rope['rope_type']!r}: the GGUF export writes default, linear and yarn rope")
     score = _first(cfg, "score_function", "scoring_func", "score_func")
     gating = {"sigmoid": gguf.ExpertGatingFuncType.SIGMOID, "softmax": gguf.ExpertGatingFuncType.SOFTMAX,
               None: None}
@@ -515,7 +518,25 @@ def _common_hparams(cfg: dict, gguf) -> dict:
         "expert_gating_func": gating[score],
         "key_length": cfg.get("head_dim"),
         "value_length": cfg.get("head_dim"),
+        **_rope_scaling(rope, gguf),
     }
+
+
+ROPE_SCALING = ("linear", "yarn")
+
+
+def _rope_scaling(rope: dict, gguf) -> dict:
+    """The converter's rope scaling keys (linear, yarn; a scaling without a factor is none)."""
+    kind, factor = rope.get("rope_type"), rope.get("factor")
+    if kind not in ROPE_SCALING or factor is None:
+        return {}
+    keys = {"rope_scaling_type": gguf.RopeScalingType(kind), "rope_scaling_factor": factor}
+    if kind == "yarn":
+        keys.update(rope_scaling_orig_ctx_len=rope["original_max_position_embeddings"],
+                    rope_scaling_yarn_ext_factor=rope.get("extrapolation_factor"),
+                    rope_scaling_yarn_attn_factor=rope.get("attention_factor", rope.get("attn_factor")),
+                    rope_scaling_yarn_beta_fast=rope.get("beta_fast"), rope_scaling_yarn_beta_slow=rope.get("beta_slow"))
+    return keys
 
 
 def _hparams(cfg: dict, arch: Architecture, gguf) -> dict:
