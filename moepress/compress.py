@@ -871,13 +871,14 @@ def _plan_for_budget(model: str, budget: str, planning, out: str | None, restart
     from dataclasses import asdict as as_dict
 
     from . import __version__
-    from .allocate.command import PlanOptions, plan_model, summary
+    from .allocate.command import PlanOptions, check_target_options, plan_model, summary
     from .pipeline.resume import WorkFolder
     from .pipeline.source import StreamedModel
 
     options = planning if isinstance(planning, PlanOptions) else PlanOptions(**(planning or {}))
     options.budget = budget
     source = StreamedModel(model, trust_remote_code=trust_remote_code)
+    check_target_options(options, source)  # (a refusal leaves no costs folder behind)
     if out is None:
         plan, _ = plan_model(model, options, progress=progress, trust_remote_code=trust_remote_code, source=source)
         return plan, None, source

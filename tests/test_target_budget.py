@@ -5,6 +5,7 @@ the engine refuses for it, and the plan's bytes are the checkpoint's."""
 from __future__ import annotations
 
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -126,6 +127,7 @@ def test_budget_under_the_target_needs_others_it_can_hold(wide, calib_file, tmp_
     line = run_cli(capsys, "compress", "--model", wide, "--calib", calib_file, "--out", str(tmp_path / "out"),
                    "--target", "llamacpp", "--budget", "4bits", "--quiet")
     assert "--others 4b-g128: layers.0.attn.q_proj is 4b-g128, which llama.cpp cannot store" in line
+    assert os.listdir(tmp_path) == []  # refused before the costs folder: nothing to resume or discard
 
 
 def _moepress_plan(view):

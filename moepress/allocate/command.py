@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from ..errors import MoepressError
 from ..treatment import Treatment
+from .budget import Budget
 
 
 @dataclass
@@ -75,7 +76,7 @@ def plan_model(model: str, options: PlanOptions | None = None, *, progress: bool
     from ..loading import load_tokenizer
     from ..model import MoEView
     from ..pipeline.source import open_source
-    from . import RULES, Budget, allocate
+    from . import RULES, allocate
 
     args = options or PlanOptions()
     for key, value in overrides.items():
@@ -107,10 +108,7 @@ def plan_model(model: str, options: PlanOptions | None = None, *, progress: bool
     def fits(row, option) -> bool:  # under a target, a cell the engine cannot store is never measured nor chosen
         return rules is None or rules.refusal(row.name, option, row.in_features) is None
 
-    for row in rows:  # the units outside the budget's scope take --others: the target must hold it
-        if row.kind not in budget.kinds and not fits(row, others):
-            why = rules.refusal(row.name, others, row.in_features)
-            raise MoepressError(f"--others {others}: {why}; give --others a type the target stores, or --scope all")
+    _check_others(rules, rows, budget, others)
     for row in rows:  # an option that cannot store a unit (2:3 of 128 inputs) is refused before calibrating
         for option in option_list:
             if fits(row, option):
@@ -223,6 +221,28 @@ def project_onto(plan, rows, target: str, view):
     print(f"--project onto {target}: {len(changes)} group(s) changed" + "".join(f"\n  {c}" for c in changes),
           file=sys.stderr)
     return projected
+
+
+def check_target_options(options: "PlanOptions", source) -> None:
+    """What ``plan_model`` would refuse under ``options.target`` for the model ``source`` (opened),
+    checked without any work: ``compress --budget`` asks before it opens its costs folder."""
+    from ..costs import model_rows
+    from ..model import MoEView
+
+    if options.target is None or options.project:
+        return
+    rules = _check_target(options)
+    settings = {"symmetric": options.symmetric, "damp": options.damp, "act_order": "static", "method": "gptq"}
+    others = Treatment.parse(options.others, options.group_size, settings)
+    _check_others(rules, model_rows(MoEView(source.model)), Budget.parse(options.budget, scope=options.scope), others)
+
+
+def _check_others(rules, rows, budget, others) -> None:
+    """The units outside the budget's scope take ``others``: under a target, one it holds for each."""
+    for row in rows if rules is not None else ():
+        why = rules.refusal(row.name, others, row.in_features) if row.kind not in budget.kinds else None
+        if why is not None:
+            raise MoepressError(f"--others {others}: {why}; give --others a type the target stores, or --scope all")
 
 
 def _check_target(args):
