@@ -68,6 +68,12 @@ def project(plan, rows, target: str, tied: list[tuple[str, ...]], keep_element_s
                        + ("" if under else ", over the plan: no type of the target is smaller"))
     projected = replace(plan, units=units, info={**plan.info, "projected": {"target": target, "changes": changes}})
     projected.totals = projected.accounting(rows, keep)
+    if plan.budget:  # the budget's scope, as the planners report it
+        from .budget import SCOPES
+
+        kinds = SCOPES[plan.budget.get("scope", "experts")]
+        projected.totals["budget_scope_bytes"] = sum(b for k, b in projected.totals["bytes_by_kind"].items()
+                                                     if k in kinds)
     return projected, changes
 
 
