@@ -229,6 +229,8 @@ class CompressResult:
             "symmetric": self.config.symmetric,
             "act_order": self.config.act_order if self.config.method == "gptq" else "off",
             "damp": self.config.damp,
+            "refine": None if not self.config.refine else {"steps": self.config.refine, "from": self.config.refine_from,
+                                                           "frozen_routing": self.config.refine_frozen_routing},
             "clip_search": self.config.clip_search,
             "prune": None if self.config.prune is None else {"pattern": self.config.prune, "pruner": self.config.pruner,
                                                              "scope": self.config.prune_scope},

@@ -254,7 +254,8 @@ class LayerRefinement:
         for srw in weights.values():  # the baseline: the layer as GPTQ left it
             srw.keep_given = True
         refresh(False)
-        given_error = error_of(self._errors(layer_module, set_batch))
+        given_batches = self._errors(layer_module, set_batch)
+        given_error = error_of(given_batches)
         if not self.errors:
             self.errors.append(given_error)
         if not weights:
@@ -263,7 +264,7 @@ class LayerRefinement:
         for srw in weights.values():
             srw.keep_given = False
         refresh(False)
-        start_batches = self._errors(layer_module, set_batch)
+        start_batches = given_batches if self.init == "gptq" else self._errors(layer_module, set_batch)
         # As auto-round, keep the best state seen; each step's loss (before its update) is compared as
         # a share of its batch's loss at the start, so that batches of different difficulty compare.
         best, best_ratio = {key: srw.state() for key, srw in weights.items()}, 1.0
