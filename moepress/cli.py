@@ -162,10 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--expert-chunk", type=int, default=None, metavar="N",
                    help="hold the Hessians of N experts at a time (default: all experts of a layer); lower it when "
                         "one layer's Hessians do not fit (float32: E x (H^2 + I^2) x 4 bytes)")
-    c.add_argument("--expert-hessian", choices=("plain", "g", "g2"), default="plain",
+    c.add_argument("--expert-hessian", choices=("plain", "g", "g2"), default="g2",
                    help="each routed token's weight in its expert's GPTQ Hessians: plain (1, as for a dense layer), "
                         "g (its routing weight, MoEQuant) or g2 (g squared: the expert's share of the layer's "
-                        "output error); default plain")
+                        "output error; the default)")
     c.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=False,
                    help="choose each group's range among min/max shrunk by 1.0 down to 0.5, the one with the least "
                         "GPTQ loss on the group's columns (RTN: squared rounding error), instead of min/max; needs "

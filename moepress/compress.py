@@ -66,8 +66,9 @@ class CompressConfig:
     offload_activations: bool = False  # calibration activations in memory-mapped files beside --out
     target: str | None = None  # "llamacpp" or "vllm": that engine's formats and rules (moepress.export.targets)
     ggml_type: str | None = None  # with target llamacpp: the type instead of --bits' default (q4_0, q5_0, ...)
-    # Each routed token's weight in its expert's Hessians: plain (1), g or g2 (its routing weight, squared).
-    expert_hessian: str = "plain"
+    # Each routed token's weight in its expert's Hessians: plain (1), g or g2 (its routing weight, squared;
+    # the default: lower KL than plain on both tiny zoo models at 2 and 3 bits, benchmarks/grids.py).
+    expert_hessian: str = "g2"
     clip_search: bool = False  # each group's range searched for the least GPTQ loss instead of min/max
     refine: int = 0  # SignRound steps on each layer's output after GPTQ (moepress.refine); 0: off
     refine_from: str = "gptq"  # the refinement's start: GPTQ's codes, or "rtn" (auto-round's start)

@@ -102,10 +102,11 @@ def test_g2_lowers_the_routing_weighted_output_error(store):
 def test_compress_records_the_weighting_and_refuses_unknown_ones():
     with pytest.raises(MoepressError, match="expert-hessian"):
         CompressConfig(expert_hessian="g3")
+    assert CompressConfig().expert_hessian == "g2"  # the default, by measurement (benchmarks/grids.py)
     tokens = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
     config = CompressConfig(bits=4, group_size=128, calib_samples=4, seq_len=32, expert_hessian="g2", expert_chunk=3)
     _, errors_g2, _ = quantize_model(build_tiny_model("mixtral"), tokens, config, progress=False)
-    config = CompressConfig(bits=4, group_size=128, calib_samples=4, seq_len=32)
+    config = CompressConfig(bits=4, group_size=128, calib_samples=4, seq_len=32, expert_hessian="plain")
     _, errors_plain, _ = quantize_model(build_tiny_model("mixtral"), tokens, config, progress=False)
     expert = "layers.0.experts.0.down_proj"
     assert errors_g2[expert] != errors_plain[expert]  # weighted Hessians reached GPTQ (every chunk)
