@@ -410,3 +410,18 @@ def test_kept_attention_is_ignored_and_stored_as_it_was(tiny_model_dir, calib_fi
     assert _tensors(out)["model.layers.0.self_attn.q_proj.weight"][0] == "F32"
     ids = torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(0))
     assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(out), ids), _logits(load_model(checkpoint), ids))
+
+
+def test_footprint_counts_an_exports_compressed_linears_as_held(exported):
+    """moepress eval on an export: a compressed-tensors linear holds weight_packed/scale/shape (no
+    .weight until its first forward); its bytes are those tensors', not a traceback."""
+    from moepress.evaluate.footprint import measure_footprint
+
+    _, out = exported("mixtral", "W4A16")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    attention = [m for name, m in model.named_modules() if ".self_attn." in name and isinstance(m, torch.nn.Linear)]
+    assert attention and all(getattr(m, "weight", None) is None for m in attention)  # still compressed
+    held = sum(t.numel() * t.element_size() for m in attention for n, t in m.named_parameters() if n.startswith("weight"))
+    footprint = measure_footprint(model)
+    assert footprint.bytes_by_kind["attn"] == held
+    assert 8 * held / footprint.params_by_kind["attn"] < 5  # int4 codes with bf16 scales per 128

@@ -76,6 +76,11 @@ def _weight_bytes(module: nn.Module, stored_dtype: torch.dtype | None) -> int:
         return sum(_weight_bytes(piece, stored_dtype) for piece in module.pieces)
     if isinstance(module, (PackedWeight, SparsePackedWeight, BlockWeight)):  # the stored format's own dtypes, as held
         return sum(t.numel() * t.element_size() for n, t in module.named_buffers(recurse=False))
+    if getattr(module, "weight", None) is None:  # compressed-tensors' linear before its first forward:
+        # weight_packed, weight_scale, weight_zero_point, weight_shape as they are held
+        return sum(t.numel() * t.element_size() for n, t in [*module.named_parameters(recurse=False),
+                                                             *module.named_buffers(recurse=False)]
+                   if n.startswith("weight"))
     return _tensor_bytes(module.weight, stored_dtype)
 
 
