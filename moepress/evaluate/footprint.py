@@ -10,6 +10,7 @@ from torch import nn
 from ..model.view import EXPERT_LINEARS, MoEView
 from ..runtime import PackedExperts, PackedWeight, SparsePackedWeight, SplitWeight
 from ..runtime.fast import FastExperts, FastLinear
+from ..runtime.triton_moe import TritonExperts
 from ..runtime.kernels import Matmul, ReferenceMatmul, SplitMatmul
 from ..runtime.block_weight import BlockWeight
 
@@ -165,7 +166,7 @@ def measure_footprint(model: nn.Module, stored_dtype: torch.dtype | None = None)
         for linear in EXPERT_LINEARS:
             out_features, in_features = store.shape(linear)
             p = store.num_experts * out_features * in_features
-            if isinstance(module, FastExperts):
+            if isinstance(module, (FastExperts, TritonExperts)):  # the kernels' layouts, as held
                 b = sum(module.linear_bytes(e, linear) for e in range(store.num_experts))
             elif isinstance(module, PackedExperts):
                 b = sum(_weight_bytes(module.packed_weight(e, linear), None) for e in range(store.num_experts))
