@@ -41,9 +41,9 @@ TINY = {
     "granitemoe": {"embedding_multiplier": 12.0, "attention_multiplier": 0.03, "residual_multiplier": 0.22,
                    "logits_scaling": 6.0},
     # yarn rope scaling (the converter's keys, and DeepSeek's yarn_log_multiplier)
-    "deepseek_v3-yarn": {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
-                                             "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
-                                             "rope_theta": 10000.0}},
+    "deepseek_v3-yarn": {"rope_parameters": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "beta_fast": 32.0,
+        "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0}},
     # every row a multiple of 256 but o_proj's: the k-quants, and kv_b's split from Q4_K
     "deepseek_v3-wide": {"hidden_size": 256, "q_lora_rank": 256, "kv_lora_rank": 256, "intermediate_size": 256,
                          "moe_intermediate_size": 256, "num_hidden_layers": 2},

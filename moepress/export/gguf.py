@@ -7,7 +7,8 @@ tensors, the block-format units' bytes written exactly as the checkpoint holds t
 model computes with these values; nothing is rounded again), kept weights in F16, norms and
 routers in F32 (as llama.cpp's converter and llama-quantize keep them). The metadata are the keys
 llama.cpp's ``convert_hf_to_gguf.py`` writes for the same model (checked key by key in
-``tests/test_gguf_export.py``), with ``general.file_type`` naming the checkpoint's type.
+``tests/test_gguf_export.py`` and ``tests/test_gguf_archs.py``), with ``general.file_type`` naming
+the checkpoint's type.
 
 The tokenizer is written as the converter's ``gpt2`` (byte-level BPE) vocabulary. The converter
 recognises a BPE pre-tokenizer by hashing its output on a test text and refuses ones it does not
@@ -17,9 +18,9 @@ calls ``gpt-2``, which the export writes; any other pre-tokenizer must be named
 
 Architectures: one small entry per architecture llama.cpp runs (:data:`ARCHITECTURES`: Mixtral,
 OLMoE, DeepSeek-V2/V3, Qwen2-MoE, Qwen3-MoE, GraniteMoE; not PhiMoE, whose router llama.cpp
-computes differently, see :data:`RUN_DIFFERENTLY`), each the hyperparameters its converter class adds
-and the configurations llama.cpp would run differently from transformers (refused in one line,
-before any work); a checkpoint of another architecture is refused too. DeepSeek's latent
+computes differently: :data:`RUN_DIFFERENTLY`), each the hyperparameters its converter class
+adds and the configurations llama.cpp would run differently from transformers (refused in one
+line, from the config alone: :func:`architecture`); another architecture is refused too. DeepSeek's latent
 attention is written as the converter splits it: ``kv_b_proj`` into ``attn_v_b`` (the value rows
 of each head: whole rows, so a block format's bytes as they are) and ``attn_k_b`` (the key rows,
 transposed: a block row cannot be transposed, so it holds the float values moepress computes
@@ -27,7 +28,8 @@ with, F32, when ``kv_b_proj`` is quantized). Where the converter's metadata woul
 compute something else than transformers does, the export writes what transformers computes, and
 the test names the key: DeepSeek-V3's sigmoid router (``expert_gating_func``: transformers'
 config drops ``scoring_func``, and llama.cpp's default is softmax), DeepSeek-V2's greedy router
-(no expert groups, no top-k renormalisation: transformers' V2 ignores both).
+(no expert groups, no top-k renormalisation: transformers' V2 ignores both), and a
+``q_lora_rank`` of 0 for a V2 without q LoRA (llama.cpp's loader demands the key).
 """
 
 from __future__ import annotations
@@ -535,7 +537,8 @@ def _rope_scaling(rope: dict, gguf) -> dict:
         keys.update(rope_scaling_orig_ctx_len=rope["original_max_position_embeddings"],
                     rope_scaling_yarn_ext_factor=rope.get("extrapolation_factor"),
                     rope_scaling_yarn_attn_factor=rope.get("attention_factor", rope.get("attn_factor")),
-                    rope_scaling_yarn_beta_fast=rope.get("beta_fast"), rope_scaling_yarn_beta_slow=rope.get("beta_slow"))
+                    rope_scaling_yarn_beta_fast=rope.get("beta_fast"),
+                    rope_scaling_yarn_beta_slow=rope.get("beta_slow"))
     return keys
 
 
