@@ -103,8 +103,14 @@ def _held_out_layer_error(reference, compressed, tokens, layer):
     return total / count
 
 
-@pytest.mark.parametrize("arch,layer,chunk", [("mixtral", 0, None), ("mixtral", 0, 2), ("deepseek_v3", 1, None)])
-def test_refinement_lowers_the_held_out_layer_error(arch, layer, chunk):
+@pytest.mark.parametrize("arch,layer,options", [
+    ("mixtral", 0, {}),
+    ("mixtral", 0, {"expert_chunk": 2}),
+    ("mixtral", 0, {"refine_frozen_routing": True}),
+    ("mixtral", 0, {"refine_from": "rtn"}),
+    ("deepseek_v3", 1, {}),  # a shared expert and MLA attention beside the routed experts
+])
+def test_refinement_lowers_the_held_out_layer_error(arch, layer, options):
     reference = build_tiny_model(arch)
     g = torch.Generator().manual_seed(0)
     calibration = torch.randint(1, 512, (8, 32), generator=g)
@@ -113,7 +119,7 @@ def test_refinement_lowers_the_held_out_layer_error(arch, layer, chunk):
     for steps in (0, 30):
         model = copy.deepcopy(reference)
         config = CompressConfig(bits=2, group_size=128, calib_samples=8, seq_len=32, batch_size=4, refine=steps,
-                                expert_chunk=chunk)
+                                **(options if steps else {}))
         _, _, profile = quantize_model(model, calibration, config, progress=False)
         errors[steps] = _held_out_layer_error(reference, model, held_out, layer)
         if steps:
@@ -151,6 +157,8 @@ def test_refine_options_are_checked_up_front():
         CompressConfig(bits=4, refine=10, drop_experts="25%")
     with pytest.raises(MoepressError, match="refine-from"):
         CompressConfig(bits=4, refine=10, refine_from="hqq")
+    with pytest.raises(MoepressError, match="act-order"):
+        CompressConfig(bits=4, refine=10, refine_from="rtn", act_order="dynamic")
 
 
 def test_memory_formula_counts_the_refinement():
