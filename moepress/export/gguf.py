@@ -429,7 +429,8 @@ def _file_type(tensors: list[_Tensor], gguf, mix: str | None = None) -> int:
             by_type[t.qtype] = by_type.get(t.qtype, 0) + int(np.prod(t.shape))
     quantized = {q: n for q, n in by_type.items() if q != gguf.GGMLQuantizationType.F16}
     main = max(quantized, key=quantized.get) if quantized else gguf.GGMLQuantizationType.F16
-    name = {"Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S"}.get(main.name, main.name)  # (a pure k-quant is its _S mix's)
+    # a pure k-quant is named as its _S mix (LlamaFileType has no MOSTLY_Q3_K, MOSTLY_Q4_K, MOSTLY_Q5_K)
+    name = {"Q3_K": "Q3_K_S", "Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S"}.get(main.name, main.name)
     return int(gguf.LlamaFileType[f"MOSTLY_{name}"])
 
 
