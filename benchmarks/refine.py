@@ -75,7 +75,7 @@ def main(argv=None) -> int:
                 started = time.time()
                 units, errors, profile = quantize_model(model, tokens, config, progress=False)
                 seconds = time.time() - started
-                layer_errors = {k.split(".")[1]: [round(float(x), 8) for x in v]
+                layer_errors = {k.split(".")[1]: [float(x) for x in v]
                                 for k, v in profile.tensors.items() if k.endswith(".refine.output_error")}
                 row = {"model": os.path.basename(os.path.normpath(model_dir)), "bits": bits,
                        "group_size": args.group_size or None, "refine": steps, "refine_from": start,

@@ -206,7 +206,7 @@ class LayerRefinement:
                     packed[linear][e] = PackedWeight(refined.select(row))
             install_experts(store, packed)
         before, after = self.errors[0], self.errors[-1]
-        return {f"layers.{self.layer}.refine.output_error": torch.tensor([before, after], dtype=torch.float32)}
+        return {f"layers.{self.layer}.refine.output_error": torch.tensor([before, after], dtype=torch.float64)}
 
     def _chunks(self, num_experts: int) -> list[range]:
         if num_experts == 0:
