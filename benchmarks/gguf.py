@@ -180,6 +180,12 @@ def type_summary(types: dict[str, dict]) -> dict:
             "output": types.get("output.weight", {}).get("type", "tied to token_embd")}
 
 
+def types_unlike(mine: dict[str, dict], theirs: dict[str, dict]) -> dict[str, dict]:
+    """The tensors two GGUFs hold in different types (or only one of them holds)."""
+    return {n: {"moepress": mine.get(n, {}).get("type"), "llamacpp": theirs.get(n, {}).get("type")}
+            for n in sorted(set(mine) | set(theirs)) if mine.get(n, {}).get("type") != theirs.get(n, {}).get("type")}
+
+
 def compare_files(a: str, b: str) -> dict:
     """Tensor by tensor: the same names, types, shapes and bytes? (and which metadata keys differ)."""
     import gguf
@@ -290,7 +296,7 @@ class Bench:
         return {"file": path, "file_bytes": os.path.getsize(path), "types": type_summary(types),
                 "tensor_types": {n: t["type"] for n, t in types.items()}, **self.score(path, f"llamacpp-{preset}-{variant}")}
 
-    def moepress(self, preset: str, kind: str, llama_file: str) -> dict:
+    def moepress(self, preset: str, kind: str, stock_file: str, body_file: str) -> dict:
         """moepress's GGUF at ``preset``'s size, GPTQ on the calibration text, then exported:
 
         * ``mix``: ``compress --target llamacpp --ggml-type <preset>``: every unit the type
@@ -298,19 +304,18 @@ class Bench:
           there should be none);
         * ``budget``: ``compress --target llamacpp --budget <B>B --scope all``: moepress's allocator
           chooses the types (``--strategy ilp``, ``--estimator`` of the command line), at B = the bytes
-          of the quantized tensors of llama-quantize's file with F16 embedding and head (its body);
+          of the quantized tensors of ``body_file``, llama-quantize's file with F16 embedding and head;
           the embedding and head stay F16. The cost table is measured once per model, for every preset;
         * ``mix+budget``: both: the body's types chosen by the allocator within B, the embedding and
           head in the preset's types, as llama-quantize's stock file holds them."""
         from moepress.export.gguf import export_gguf
 
         a = self.args
-        llama_types = tensor_types(llama_file)
         out = self.path(f"moepress-{preset}-{kind}")
         started = time.time()
         options = {"ggml_type": preset} if kind in ("mix", "mix+budget") else {}
         if kind in ("budget", "mix+budget"):
-            body = sum(t["bytes"] for t in llama_types.values() if t["type"] not in ("F16", "F32"))
+            body = sum(t["bytes"] for t in tensor_types(body_file).values() if t["type"] not in ("F16", "F32"))
             options.update({"budget": f"{body}B", "planning": {
                 "scope": "all", "target": "llamacpp", "strategy": "ilp", "estimator": a.estimator,
                 "calib": self.path("calib.txt"), "calib_samples": a.calib_samples, "seq_len": a.seq_len,
@@ -324,9 +329,8 @@ class Bench:
                ({"planning": {k: v for k, v in options["planning"].items() if k not in ("calib", "table")}}
                 if "planning" in options else {}),
                "compress_seconds": round(seconds, 1), **self.score(path, f"moepress-{preset}-{kind}")}
-        if kind == "mix":  # the same mix: every tensor of the body in llama-quantize's type
-            row["types_unlike_llamacpp"] = {n: {"moepress": types[n]["type"], "llamacpp": t["type"]}
-                                            for n, t in llama_types.items() if n in types and types[n]["type"] != t["type"]}
+        if kind == "mix":  # the same mix: every tensor in the type of llama-quantize's stock file
+            row["types_unlike_llamacpp"] = types_unlike(types, tensor_types(stock_file))
         else:
             row["body_bytes"] = {"moepress": sum(t["bytes"] for t in types.values() if t["type"] not in ("F16", "F32")),
                                  "budget": body}
@@ -375,7 +379,8 @@ def run_model(name: str, args, payload: dict, save) -> None:
             # the two llama.cpp files differ in the embedding and head only (checked): one moepress file serves both
             bodies = [{n: t for n, t in llama[v].pop("tensor_types").items()
                        if n not in ("token_embd.weight", "output.weight")} for v in VARIANTS]
-            ours = {kind: bench.moepress(preset, kind, llama["f16-embed-head"]["file"]) for kind in args.moepress}
+            ours = {kind: bench.moepress(preset, kind, llama["stock"]["file"], llama["f16-embed-head"]["file"])
+                    for kind in args.moepress}
             k_quants = payload["models"][name]["k_quants_apply"]
             row.update({"status": "ok", "llamacpp": llama, "moepress": ours,
                         "llamacpp_bodies_equal": bodies[0] == bodies[1],
