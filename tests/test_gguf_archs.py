@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -211,11 +210,7 @@ def _both_perplexities(checkpoint: str, path: str, tmp_path, n_ctx: int, chunks:
 
     text = load_text("builtin:eval")[:40_000]
     (tmp_path / "eval.txt").write_text(text)
-    done = subprocess.run([str(llamacpp_tools.tool("llama-perplexity")), "-m", path, "-f", str(tmp_path / "eval.txt"),
-                           "-c", str(n_ctx), "--chunks", str(chunks), "-t", "1"], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    theirs = float(re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr).group(1))
+    theirs = llamacpp_tools.perplexity(path, str(tmp_path / "eval.txt"), n_ctx, chunks)
     ids = AutoTokenizer.from_pretrained(checkpoint)(text, add_special_tokens=False)["input_ids"]
     return theirs, _llamacpp_protocol_ppl(moepress.load(checkpoint).eval(), ids, n_ctx, chunks)
 

@@ -166,9 +166,6 @@ def test_llama_perplexity_equals_moepress_on_the_exported_file(arch, request, tm
     to q4_1 and exported: llama-perplexity's figure on a text is within 1% of moepress's own on the
     same checkpoint, the same tokens and the same scoring (llama.cpp multiplies with 8-bit
     activations and an f16 KV cache; measured 0.02% apart on both)."""
-    import re
-    import subprocess
-
     from transformers import AutoTokenizer
 
     from moepress.data import load_text
@@ -181,11 +178,7 @@ def test_llama_perplexity_equals_moepress_on_the_exported_file(arch, request, tm
     text = load_text("builtin:eval")[:100_000]
     (tmp_path / "eval.txt").write_text(text)
     n_ctx, chunks = 128, 20
-    done = subprocess.run([str(llamacpp_tools.tool("llama-perplexity")), "-m", path, "-f", str(tmp_path / "eval.txt"),
-                           "-c", str(n_ctx), "--chunks", str(chunks), "-t", "1"], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    theirs = float(re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr).group(1))
+    theirs = llamacpp_tools.perplexity(path, str(tmp_path / "eval.txt"), n_ctx, chunks)
     ids = AutoTokenizer.from_pretrained(out)(text, add_special_tokens=False)["input_ids"]
     ours = _llamacpp_protocol_ppl(moepress.load(out).eval(), ids, n_ctx, chunks)
     assert abs(theirs - ours) / ours < 0.01, (theirs, ours)
@@ -239,9 +232,6 @@ def test_an_interrupted_export_leaves_nothing(checkpoints, tmp_path, monkeypatch
 def test_k_quants_where_rows_are_256_wide(bits, types, tokenizer, tmp_path):
     """A tiny Mixtral whose hidden and expert sizes are multiples of 256: --bits picks the k-quant
     for every unit, the GGUF holds it, and llama-perplexity agrees with moepress within 1%."""
-    import re
-    import subprocess
-
     from transformers import AutoTokenizer
 
     from moepress.data import load_text
@@ -261,11 +251,7 @@ def test_k_quants_where_rows_are_256_wide(bits, types, tokenizer, tmp_path):
     text = load_text("builtin:eval")[:30_000]
     (tmp_path / "eval.txt").write_text(text)
     n_ctx, chunks = 128, 8
-    done = subprocess.run([str(llamacpp_tools.tool("llama-perplexity")), "-m", path, "-f", str(tmp_path / "eval.txt"),
-                           "-c", str(n_ctx), "--chunks", str(chunks), "-t", "1"], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    theirs = float(re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr).group(1))
+    theirs = llamacpp_tools.perplexity(path, str(tmp_path / "eval.txt"), n_ctx, chunks)
     ids = AutoTokenizer.from_pretrained(out)(text, add_special_tokens=False)["input_ids"]
     ours = _llamacpp_protocol_ppl(moepress.load(out).eval(), ids, n_ctx, chunks)
     assert abs(theirs - ours) / ours < 0.01, (theirs, ours)

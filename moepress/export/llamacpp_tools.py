@@ -87,4 +87,37 @@ def convert_reference(model_dir: str, out: str, outtype: str = "f16", pre: str |
     return str(out)
 
 
-__all__ = ["ENV", "TOOLS", "convert_reference", "converter", "llamacpp_dir", "missing", "source_tree", "tool"]
+def run_tool(command: list, need: str, tries: int = 5, timeout: float = 600) -> str:
+    """Run a llama.cpp tool and return its output (stdout and stderr), which must match ``need``.
+
+    llama.cpp's logger prints from a thread of its own that the process does not wait for at exit
+    (common/log.cpp), so on a busy machine the last lines (llama-perplexity's "Final estimate") are
+    now and then lost though the tool succeeded; the tool then runs again (the same inputs give the
+    same figures), up to ``tries`` times. RuntimeError with the last lines when it fails."""
+    import re
+    import subprocess
+
+    for _ in range(tries):
+        done = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=timeout)
+        output = done.stdout + done.stderr
+        if done.returncode != 0:
+            tail = "\n".join(output.strip().splitlines()[-6:])
+            raise RuntimeError(f"{Path(str(command[0])).name} failed:\n{tail}")
+        if re.search(need, output):
+            return output
+    raise RuntimeError(f"{Path(str(command[0])).name} printed no {need!r} in {tries} runs")
+
+
+def perplexity(gguf: str, text_file: str, n_ctx: int, chunks: int, threads: int = 1) -> float:
+    """llama-perplexity's final estimate for ``gguf`` on ``text_file`` (``-c n_ctx --chunks chunks``)."""
+    import re
+
+    if tool("llama-perplexity") is None:
+        raise RuntimeError(missing("llama-perplexity"))
+    output = run_tool([tool("llama-perplexity"), "-m", gguf, "-f", text_file, "-c", n_ctx, "--chunks", chunks,
+                       "-t", threads], need=r"Final estimate: PPL = [0-9.]+")
+    return float(re.search(r"Final estimate: PPL = ([0-9.]+)", output).group(1))
+
+
+__all__ = ["ENV", "TOOLS", "convert_reference", "converter", "llamacpp_dir", "missing", "perplexity", "run_tool",
+           "source_tree", "tool"]
