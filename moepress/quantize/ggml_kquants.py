@@ -15,16 +15,23 @@ A super-block holds float16 super-scales and small integer scales of its sub-blo
 q3_K and signed int8 for q6_K. q2_K/q3_K keep their codes' low two bits in 2-bit planes (``qs``),
 q3_K the third bit in ``hmask``. Bits per weight: 2.625, 3.4375, 4.5, 5.5, 6.5625.
 
-Parameters are chosen from the super-block's weights: each sub-block's own grid, the candidate of
-least squared rounding error among min/max (the extreme weight on an end code) and the stretched,
-least-squares-refitted grids llama.cpp's ``make_qkx2_quants``/``make_qx_quants`` try; then the
-integer scales against the float16 super-scales (``d = max / 63``, ``/ 15`` for q2_K,
-``-max / 128`` for q6_K, ``-max / 32`` for q3_K, as ``quantize_row_*_ref``), each moved by one step
-where that lowers its sub-block's error; codes are the nearest points of the stored grid. On 8192
-rows of 256 trained weights (moefied-smollm2, tiny-mixtral) this rounding has 0.77-0.79x the squared
-error of llama.cpp's ``quantize_row_q2_K_ref``, 0.90-0.91x for q3_K and 0.90-0.96x for q4_K..q6_K
-(min/max alone: 1.05-1.24x). GPTQ (:mod:`moepress.quantize.gptq`) asks these formats for a
-super-block's parameters when it reaches it and rounds every column to the sub-block grid it falls in.
+Parameters are chosen from the super-block's weights: each sub-block's own grid from its min/max
+(the extreme weight on an end code, as the ``_0``/``_1`` types do), then the integer scales against
+the float16 super-scales (``d = max / 63``, ``/ 15`` for q2_K, ``-max / 128`` for q6_K, ``-max / 32``
+for q3_K, as ``quantize_row_*_ref``), and codes are the nearest points of the stored grid. GPTQ
+(:mod:`moepress.quantize.gptq`) asks these formats for a super-block's parameters when it reaches
+it and rounds every column to the sub-block grid it falls in.
+
+Why min/max and not a search for the grid of least squared error (as llama.cpp's
+``make_qkx2_quants``/``make_qx_quants`` do): measured on tiny-qwen3moe (``--target llamacpp``, KL
+against the bf16 model), grids chosen by squared error clip the extreme weights, and after GPTQ's
+error feedback, which moves the not-yet-quantized weights of a super-block, those clip more: such
+a search raised GPTQ's KL 1.7x at q2_K (0.00150 vs 0.00089) and 1.1x at q3_K, and RTN's at q2_K
+was worse with it than with min/max and ``refine`` (0.00499 vs 0.00403). ``refine`` (each integer scale and
+minimum moved by one step where its sub-block's squared error drops) helps rounding to nearest
+(KL 0.77x at q2_K; squared error 0.89-0.91x llama.cpp's ``quantize_row_q2_K_ref`` on trained
+weights, 0.97x q3_K, where min/max alone is 1.05-1.24x) but not GPTQ (1.1-1.2x KL at q2_K), so it
+is off by default: ``dataclasses.replace(Q2_K, refine=True)`` for RTN.
 """
 
 from __future__ import annotations
@@ -45,7 +52,9 @@ class KQuantFormat(BlockFormat):
     block: int = SUPER
     sub: int = 32
     scale_bits: int = 6  # width of each sub-block's integer scale (and minimum): 4 for q2_K, 8 for q6_K
-    search: bool = True  # choose each grid by its rounding error (False: min/max; see find_params)
+    # Move each integer scale (and minimum) by one step where its sub-block's squared rounding error
+    # drops (find_params). Off by default: it lowers RTN's error but raises GPTQ's (see the module doc).
+    refine: bool = False
 
     @property
     def n_sub(self) -> int:
@@ -76,83 +85,33 @@ class KQuantFormat(BlockFormat):
         ``[d, sc_0..]`` and ``[dmin, m_0..]`` (q6_K, q3_K: ``[d, sc_0..]`` with signed ``sc``, and
         zeros), float32 values the file holds exactly (d in float16, sc and m integers).
 
-        Each sub-block's grid first (``search``: the candidate of least squared rounding error, see
-        :meth:`_sub_grids`), then the integer scales against the float16 super-scales; with
-        ``search`` each integer scale (and minimum) is also moved by one step where that lowers
-        its sub-block's error on the stored grid."""
+        Each sub-block's grid from its own min/max (the extreme weight on an end code), then the
+        integer scales against the float16 super-scales; with ``refine`` each integer scale (and
+        minimum) is moved by one step where that lowers its sub-block's squared error."""
         x = x.float()
         subs = x.reshape(*x.shape[:-1], self.n_sub, self.sub)
-        scale, mins = self._sub_grids(subs)
         if not self.has_min:
+            peak = subs.gather(-1, subs.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+            scale = peak / -self.offset
             top = scale.gather(-1, scale.abs().argmax(dim=-1, keepdim=True))  # [..., 1]
             half = 2 ** (self.scale_bits - 1)  # the largest scale lands on integer -128 (q6_K), -32 (q3_K)
             d = _fp16(top / -half)
             sc = torch.where(d == 0, torch.zeros_like(scale), torch.round(scale / torch.where(d == 0, 1, d)))
             sc = sc.clamp(-half, half - 1)
-            if self.search:
+            if self.refine:
                 sc, _ = self._refine(subs, d, sc, None, torch.zeros_like(sc), (-half, half - 1))
             return torch.cat([d, sc], -1), torch.zeros(*sc.shape[:-1], 1 + self.n_sub, device=x.device)
+        lo = subs.amin(dim=-1).clamp(max=0)
+        hi = subs.amax(dim=-1)
+        scale, mins = (hi - lo) / self.qmax, -lo  # both >= 0
         top = 2**self.scale_bits - 1  # 63, 15 for q2_K
         d = _fp16(scale.amax(dim=-1, keepdim=True) / top)
         dmin = _fp16(mins.amax(dim=-1, keepdim=True) / top)
         sc = torch.where(d > 0, torch.round(scale / torch.where(d > 0, d, 1)), 0).clamp(0, top)
         m = torch.where(dmin > 0, torch.round(mins / torch.where(dmin > 0, dmin, 1)), 0).clamp(0, top)
-        if self.search:
+        if self.refine:
             sc, m = self._refine(subs, d, sc, dmin, m, (0, top))
         return torch.cat([d, sc], -1), torch.cat([dmin, m], -1)
-
-    def _sub_grids(self, subs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each sub-block's float (scale, minimum) [..., n_sub]: min/max (the extreme weight on the
-        end code, as the ``_0``/``_1`` types do), or with ``search`` the best of that and the grids
-        llama.cpp's ``make_qkx2_quants``/``make_qx_quants`` try (the extreme weight put up to one
-        code step inside or outside the end code, each grid refitted by least squares to the codes
-        it rounds to), judged by the squared error of rounding the sub-block onto it. The
-        candidates are evaluated one at a time: memory stays a few times the weights'."""
-        if not self.has_min:
-            peak = subs.gather(-1, subs.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
-            best = peak / -self.offset
-            zero = torch.zeros_like(best)
-            if not self.search:
-                return best, zero
-            best_err = self._sub_error(subs, best, zero)
-            for t in [0.1 * i for i in range(-9, 10) if i]:
-                cand = peak / -(self.offset + t)
-                codes = self.quantize(subs, cand.unsqueeze(-1), 0.0) - self.offset
-                l2 = codes.square().sum(-1)
-                fit = torch.where(l2 > 0, (subs * codes).sum(-1) / torch.where(l2 > 0, l2, 1), 0)
-                for c in (cand, fit):
-                    err = self._sub_error(subs, c, zero)
-                    better = err < best_err
-                    best, best_err = torch.where(better, c, best), torch.where(better, err, best_err)
-            return best, zero
-        lo = subs.amin(dim=-1).clamp(max=0)
-        hi = subs.amax(dim=-1)
-        span = hi - lo
-        best, best_min = span / self.qmax, -lo  # both >= 0
-        if not self.search:
-            return best, best_min
-        best_err = self._sub_error(subs, best, best_min)
-        n = subs.shape[-1]
-        sum_x = subs.sum(-1)
-        for t in [-1 + 0.1 * i for i in range(21)]:  # make_qkx2_quants' rmin, rdelta, nstep of q4_K (q2_K: -0.5..1)
-            step = span / (self.qmax + t)
-            codes = self.quantize(subs, step.unsqueeze(-1), -lo.unsqueeze(-1))
-            sum_l, sum_l2, sum_xl = codes.sum(-1), codes.square().sum(-1), (subs * codes).sum(-1)
-            det = n * sum_l2 - sum_l * sum_l
-            ok = det > 0
-            safe = torch.where(ok, det, 1)
-            scale = (n * sum_xl - sum_x * sum_l) / safe
-            low = (sum_l2 * sum_x - sum_l * sum_xl) / safe
-            # a minimum above zero is not storable (dmin * m >= 0 is subtracted): fit the scale alone
-            pos = low > 0
-            scale = torch.where(pos, sum_xl / torch.where(sum_l2 > 0, sum_l2, 1), scale)
-            low = torch.where(pos, 0, low)
-            ok = ok & (scale > 0)
-            err = self._sub_error(subs, scale, -low)
-            better = ok & (err < best_err)
-            best, best_min = torch.where(better, scale, best), torch.where(better, -low, best_min)
-            best_err = torch.where(better, err, best_err)
-        return best, best_min
 
     def _sub_error(self, subs: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Squared error [..., n_sub] of rounding each sub-block onto the grid (s, z) [..., n_sub]."""
