@@ -181,3 +181,16 @@ def test_a_plan_in_llamacpp_types_per_projection(tiny_model_dir, calib_file, tmp
     assert labels["layers.0.attn.o_proj"] == "16b"
     model = load_model(out)
     assert model.get_submodule(MoEView(model).attention_units(0)[0].module_path).format == "q4_0"
+
+
+@pytest.mark.parametrize("arch, why", [("phimoe", "phimoe: llama.cpp"), ("qwen3_moe", "dense")])
+def test_a_model_the_export_cannot_write_is_refused_before_any_work(arch, why, tiny_model_dir, tmp_path, capsys):
+    """PhiMoE (llama.cpp's router is not its sparsemixer) and the tiny Qwen3-MoE with a dense layer
+    (llama.cpp's qwen3moe has none) cannot become a GGUF: --target llamacpp says so in one line,
+    from the config, and writes nothing."""
+    pytest.importorskip("gguf", reason="the gguf package is an optional extra: pip install moepress[gguf]")
+    out = tmp_path / "out"
+    line = run_cli(capsys, "compress", "--model", tiny_model_dir(arch), "--target", "llamacpp", "--bits", "4",
+                   "--out", str(out), "--quiet")
+    assert "--target llamacpp" in line and why in line, line
+    assert not out.exists()

@@ -213,10 +213,30 @@ def check_config(config) -> None:
             raise MoepressError(f"--target llamacpp: {why}")
 
 
+def check_exportable(view: MoEView) -> None:
+    """The model is one the GGUF export can write (an architecture llama.cpp runs as transformers
+    does): asked from its config before any work, so a model llama.cpp would run differently does not
+    cost a compression first. Skipped without the gguf package (the export itself then says so)."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        return
+    from .gguf import architecture
+
+    config = getattr(view.model, "config", None)
+    if config is not None:
+        try:
+            architecture(config.to_dict())
+        except MoepressError as exc:
+            raise MoepressError(f"--target llamacpp: {exc}") from None
+
+
 def check_units(view: MoEView, treatment_of, trimming=None) -> None:
     """Every unit is kept or in a llama.cpp type, and each projection of a layer's routed experts has
     one treatment for all its experts (those a ``trimming`` keeps; ``treatment_of`` speaks the source
-    model's names); one line naming the first unit that breaks a rule."""
+    model's names); one line naming the first unit that breaks a rule. First, the model must be one
+    the export can write (:func:`check_exportable`)."""
+    check_exportable(view)
     dropped_blocks = set(trimming.dropped_blocks) if trimming is not None else set()
     for layer in range(view.num_layers):
         if layer in dropped_blocks:
