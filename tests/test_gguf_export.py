@@ -255,3 +255,23 @@ def test_k_quants_where_rows_are_256_wide(bits, types, tokenizer, tmp_path):
     ids = AutoTokenizer.from_pretrained(out)(text, add_special_tokens=False)["input_ids"]
     ours = _llamacpp_protocol_ppl(moepress.load(out).eval(), ids, n_ctx, chunks)
     assert abs(theirs - ours) / ours < 0.01, (theirs, ours)
+
+
+def test_a_template_adding_no_special_token_means_no_bos(checkpoints, tmp_path):
+    """A tokenizer whose post-processor template adds no special token (SmolLM2's) makes llama.cpp add
+    no BOS either (tokenizer.ggml.add_bos_token false, as the converter writes for SmolLM2): else
+    llama.cpp would prepend a token the model never saw."""
+    import json
+    import shutil
+
+    _, _, out = checkpoints
+    assert "tokenizer.ggml.add_bos_token" in metadata(export_gguf(out[16], str(tmp_path / "byte-level.gguf")))
+    templated = tmp_path / "templated"
+    shutil.copytree(out[16], templated)
+    tok = json.loads((templated / "tokenizer.json").read_text())
+    tok["post_processor"] = {"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}}],
+                             "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                             "special_tokens": {}}
+    (templated / "tokenizer.json").write_text(json.dumps(tok))
+    found = metadata(export_gguf(str(templated), str(tmp_path / "templated.gguf")))
+    assert found["tokenizer.ggml.add_bos_token"] is False

@@ -486,6 +486,11 @@ def _write_vocab(writer, path: Path, vocab_size: int, pre: str, gguf) -> None:
     if processors and all(p.get("type") == "ByteLevel" for p in processors):
         special.add_special_token.setdefault("bos", False)
         special.add_special_token.setdefault("eos", False)
+    elif processors and all(p.get("type") == "TemplateProcessing" and not any("SpecialToken" in part for part in
+                                                                              p.get("single", [])) for p in processors):
+        # a template adding no special token (SmolLM2's): no BOS either. The converter writes this
+        # key only (for Llama-architecture vocabularies of 49,152 tokens, SmolLM2's and Granite's)
+        special.add_special_token.setdefault("bos", False)
     special.add_to_gguf(writer)
 
 
