@@ -195,15 +195,15 @@ def test_compress_projects_a_plan_or_refuses_it(wide, calib_file, tmp_path, caps
 
 
 def test_a_vllm_plan_keeps_its_schemes_tied(wide):
-    """The same allocator under --target vllm: symmetric 4/8-bit options, one scheme per layer's
-    experts and per fused q/k/v, as vLLM's loader needs (its own check_units passes)."""
+    """The same allocator under --target vllm: symmetric 4/8-bit options (the target's own, not given),
+    one scheme per layer's experts and per fused q/k/v, as vLLM's loader needs (its check_units passes)."""
     from moepress.allocate.command import PlanOptions, plan_model
     from moepress.costs import model_rows
     from moepress.export import vllm_target
     from moepress.loading import load_model
 
-    plan, _ = plan_model(wide, PlanOptions(budget="5bits", scope="all", target="vllm", options="4,8,16", symmetric=True,
-                                           calib_samples=4, seq_len=64), progress=False)
+    plan, _ = plan_model(wide, PlanOptions(budget="5bits", scope="all", target="vllm", calib_samples=4, seq_len=64),
+                         progress=False)
     view = MoEView(load_model(wide))
     resolved = plan.resolve(model_rows(view))
     vllm_target.check_units(view, resolved.__getitem__)
@@ -211,3 +211,23 @@ def test_a_vllm_plan_keeps_its_schemes_tied(wide):
     assert plan.totals["bytes"] <= plan.budget["bytes"]
     for names in vllm_target.tied_units(view):
         assert len({resolved[n] for n in names}) == 1
+
+
+def test_project_onto_vllm_gives_symmetric_tied_schemes(wide):
+    """--project onto vLLM: each layer's experts (3/4-bit mixed, asymmetric) become one symmetric
+    scheme, the smallest vLLM holds (4-bit: over the plan's bytes, which the change says); the
+    asymmetric 4-bit attention, which vLLM holds, is left as planned."""
+    from moepress.allocate.project import project
+    from moepress.costs import model_rows
+    from moepress.export import vllm_target
+    from moepress.loading import load_model
+
+    view = MoEView(load_model(wide))
+    rows = model_rows(view)
+    projected, changes = project(_moepress_plan(view), rows, "vllm", vllm_target.tied_units(view))
+    resolved = projected.resolve(rows)
+    vllm_target.check_units(view, resolved.__getitem__)
+    experts = {t for n, t in resolved.items() if ".experts." in n}
+    assert len(experts) == 1 and all(t.symmetric and t.bits == 4 for t in experts)
+    assert all(resolved[u.name] == Treatment.parse("4b-g128") for layer in range(2) for u in view.linear_units(layer))
+    assert len(changes) == 2 and all("over the plan: no type of the target is smaller" in c for c in changes)

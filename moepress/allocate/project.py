@@ -33,7 +33,8 @@ def project(plan, rows, target: str, tied: list[tuple[str, ...]], keep_element_s
         raise MoepressError(f"--project needs the types --target {target} holds (its PLAN_OPTIONS); write the plan in "
                             "them instead")
     keep = int(plan.info.get("keep_element_size", 2)) if keep_element_size is None else keep_element_size
-    types = [Treatment.parse(int(t) if t.isdigit() else t, settings=plan.settings)
+    settings = {**plan.settings, **getattr(rules, "PLAN_SETTINGS", {})}  # what every option must be (vLLM: symmetric)
+    types = [Treatment.parse(int(t) if t.isdigit() else t, settings=settings)
              for t in rules.PLAN_OPTIONS.split(",")]
     resolved = plan.resolve(rows)
     by_name = {r.name: r for r in rows if r.name in resolved}

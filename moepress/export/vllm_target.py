@@ -40,6 +40,10 @@ TARGET = "vllm"
 BITS = (4, 8)  # vLLM's WNA16 MoE kernels
 ZERO_POINT_BITS = (4,)  # asymmetric linears vLLM's WNA16 kernels take (never routed experts)
 GROUP_SIZES = (32, 64, 128)
+# What `plan/compress --target vllm --budget` chooses from (and `--project` projects onto): 4- and
+# 8-bit at the plan's group size, or kept; every option symmetric (routed experts must be)
+PLAN_OPTIONS = "4,8,16"
+PLAN_SETTINGS = {"symmetric": True}
 # Linears vLLM fuses into one module with one scheme, per attention or MLP block
 FUSED = {
     "attn": (("q_proj", "k_proj", "v_proj"), ("q_a_proj", "kv_a_proj_with_mqa")),
@@ -194,5 +198,5 @@ def check_tied(view: MoEView, treatment_of, what: str, kinds=None) -> None:
                                     f"{describe(first)}; {why}")
 
 
-__all__ = ["BITS", "GROUP_SIZES", "TARGET", "WHY_TIED", "check_config", "check_tied", "check_trimming",
+__all__ = ["BITS", "GROUP_SIZES", "PLAN_OPTIONS", "PLAN_SETTINGS", "TARGET", "WHY_TIED", "check_config", "check_tied", "check_trimming",
            "check_units", "describe", "refusal", "resolve", "scheme_key", "tied_units"]
