@@ -1,16 +1,17 @@
 """Routing-aware expert Hessians and the clipping search, measured: KL against the uncompressed model.
 
-    OMP_NUM_THREADS=1 python benchmarks/grids.py --models zoo/models/tiny-mixtral --bits 2 3 \\
-        --seeds 0 1 --settings plain g g2 plain@off plain+clip@off
+    OMP_NUM_THREADS=1 python benchmarks/grids.py --models zoo/models/tiny-mixtral zoo/models/tiny-deepseek \\
+        --bits 2 3 --seeds 0 1 --settings plain g g2 plain@off plain+clip@off plain@dynamic plain+clip@dynamic
 
 Each setting is ``EXPERT_HESSIAN[+clip][@ACT_ORDER]`` (``--expert-hessian``, ``--clip-search`` and
-``--act-order`` of ``moepress compress``; act-order static, the default, when not given). Every row quantizes the model from its folder with GPTQ (group 128, static
-act-order: the defaults) on calibration windows chosen with its seed, and is scored on the same
-seeded evaluation windows as the quality benchmark's workers (benchmarks/workers/common.py):
-KL(reference || compressed) per token, top-1 agreement, perplexity. The reference and the windows
-are loaded once per model; rows run one after another in this process, each saved and loaded back
-as the worker does. Writes
-benchmarks/results/grids-<date>.json and prints a markdown table.
+``--act-order`` of ``moepress compress``; static act-order, the default, when not given). Every row
+quantizes the model (GPTQ, ``--group-size``, 128 by default) on calibration windows chosen with its
+seed and is scored on the same seeded evaluation windows as the quality benchmark's workers
+(benchmarks/workers/common.py): KL(reference || compressed) per token, top-1 agreement, perplexity.
+The reference and the windows are loaded once per model; rows run one after another in this
+process, each saved and loaded back as the worker does. bits_per_param counts the linear weights'
+stored bytes (codes, scales, zeros and dynamic act-order's group index). Writes
+benchmarks/results/grids-<date>.json (grids-2026-12-01.json: the first run) and prints a markdown table.
 """
 
 from __future__ import annotations
