@@ -196,7 +196,8 @@ def _search_grid(codebook, x: torch.Tensor, U: torch.Tensor, window: int) -> tup
 
     Static act-order grids are fixed before the column loop from the original weights, which GPTQ
     then moves: scored on those (alone, or on a first pass's values), a search raised the layer
-    error by 5-28% at group 32, so the spec refuses that combination."""
+    error by 5-28% at group 32, and fitted when GPTQ first reaches a group (its other columns still
+    to move) by 7-45%, so the spec refuses that combination."""
     best_scale = best_zero = best_loss = None
     for shrink in CLIP_SHRINKS:
         scale, zero = codebook.find_params(x * shrink)
