@@ -80,6 +80,8 @@ def main(argv=None) -> int:
                 row = {"model": os.path.basename(os.path.normpath(model_dir)), "bits": bits,
                        "group_size": args.group_size or None, "refine": steps, "refine_from": start,
                        "frozen_routing": args.frozen_routing, "seed": args.seed,
+                       "expert_hessian": getattr(config, "expert_hessian", "plain"),
+                       "clip_search": getattr(config, "clip_search", False),
                        "compress_seconds": round(seconds, 2), "layer_output_error": layer_errors}
                 with tempfile.TemporaryDirectory(prefix="moepress-refine-") as work:
                     folder = os.path.join(work, "out")
