@@ -178,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the calibration activations in memory-mapped files beside --out instead of in memory")
     c.add_argument("--target", choices=("llamacpp", "vllm"), default=None,
                    help="the engine that will serve the result: llamacpp quantizes every unit onto llama.cpp's own "
-                        "block format (--bits 4: q4_K, or q4_1 where a row is not a multiple of 256; 5: q5_K/q5_1; "
-                        "6: q6_K/q8_0; 8: q8_0; 16: f16) with GPTQ and refuses what a GGUF cannot hold (pruning, "
+                        "block format (--bits 2: q2_K, 3: q3_K, 4: q4_K, or where a row is not a multiple of 256 "
+                        "q4_0 for 2 and 3 bits, q4_1 for 4; 5: q5_K/q5_1; 6: q6_K/q8_0; 8: q8_0; 16: f16) with GPTQ and refuses what a GGUF cannot hold (pruning, "
                         "per-expert mixed types, unequal expert counts); then `moepress export --format gguf`. "
                         "vllm: symmetric 4- or 8-bit weights with --group-size (vLLM's W4A16/W8A16), one scheme per "
                         "layer's experts and per fused q/k/v or gate/up, refusing what vLLM cannot load; then "

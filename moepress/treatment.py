@@ -61,8 +61,8 @@ class Treatment:
                 magnitude masks quantize the kept weights by round-to-nearest (method "rtn"),
                 SparseGPT by its own error feedback (method "gptq"); pruned units have no
                 act-order.
-    format:     a llama.cpp block format ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_K", "q5_K",
-                "q6_K": :mod:`moepress.quantize.ggml_blocks`) instead of moepress's own grid, or
+    format:     a llama.cpp block format ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K",
+                "q4_K", "q5_K", "q6_K": :mod:`moepress.quantize.ggml_blocks`) instead of moepress's own grid, or
                 None. It fixes ``bits``, ``group_size`` (its block: 32, 256 for the k-quants) and
                 ``symmetric`` (no stored minimum); act-order is off or static, and nothing is
                 pruned. Its label is the format's name.

@@ -228,7 +228,7 @@ def test_an_interrupted_export_leaves_nothing(checkpoints, tmp_path, monkeypatch
 
 @pytest.mark.skipif(llamacpp_tools.missing("llama-perplexity") is not None,
                     reason=str(llamacpp_tools.missing("llama-perplexity")))
-@pytest.mark.parametrize("bits, types", [(4, {"q4_K"}), (6, {"q6_K"}), (5, {"q5_K"})])
+@pytest.mark.parametrize("bits, types", [(4, {"q4_K"}), (6, {"q6_K"}), (5, {"q5_K"}), (3, {"q3_K"}), (2, {"q2_K"})])
 def test_k_quants_where_rows_are_256_wide(bits, types, tokenizer, tmp_path):
     """A tiny Mixtral whose hidden and expert sizes are multiples of 256: --bits picks the k-quant
     for every unit, the GGUF holds it, and llama-perplexity agrees with moepress within 1%."""

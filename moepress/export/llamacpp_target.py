@@ -263,7 +263,7 @@ def _check_unit(name: str, treatment) -> None:
     if treatment.keep or (treatment.kind == "quantize" and treatment.format is not None):
         return
     raise MoepressError(f"--target llamacpp: {name} is {treatment.label}, which llama.cpp cannot store; write one of "
-                        "q4_0, q4_1, q5_0, q5_1, q8_0 or 16b")
+                        "q2_K..q6_K, q4_0, q4_1, q5_0, q5_1, q8_0 or 16b")
 
 
 # ---------------------------------------------------------------------- token embeddings and output head
