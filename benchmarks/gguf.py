@@ -10,7 +10,11 @@ are skipped, saying why), in one work folder:
 
 * **f16**: llama.cpp's ``convert_hf_to_gguf.py`` on the Hugging Face model (the file every KL is
   measured against), and moepress's ``compress --target llamacpp --bits 16`` + ``export --format
-  gguf``; the two are compared tensor by tensor (names, types, shapes, bytes) and the result recorded.
+  gguf``; the two are compared tensor by tensor (names, types, shapes, bytes) and the result recorded,
+  with both files' perplexities where they differ. ``--f16-from moepress`` makes moepress's file the
+  base (and llama-quantize's input) where the converter writes the model wrongly (tiny-deepseek:
+  transformers 5's DeepseekV3Config has no ``scoring_func``, so the converter writes no
+  ``expert_gating_func`` and llama.cpp routes with softmax instead of the sigmoid).
 * **the same texts for both tools**: the calibration text is the first ``--calib-samples`` x
   ``--seq-len`` tokens of ``builtin:calib`` (whole lines), given to ``moepress compress --calib``
   (which cuts it into exactly those windows) and to ``llama-imatrix -f -c <seq-len> --chunks
@@ -257,16 +261,24 @@ class Bench:
         self.info["eval_text"] = write_text("builtin:eval", tok, a.eval_chunks * a.ctx, self.path("eval.txt"),
                                             slack=a.ctx // 2)
         log(f"{self.name}: f16 GGUF (llama.cpp's converter, and moepress --bits 16)")
-        llamacpp_tools.convert_reference(self.model_dir, self.f16)
-        own = self.path("moepress-f16")
-        self.compress(own, bits=16)
-        export_gguf(own, self.path("moepress-f16.gguf"))
-        self.info["f16_agreement"] = compare_files(self.f16, self.path("moepress-f16.gguf"))
+        converted, own = self.path("converter-f16.gguf"), self.path("moepress-f16.gguf")
+        llamacpp_tools.convert_reference(self.model_dir, converted)
+        self.compress(self.path("moepress-f16"), bits=16)
+        export_gguf(self.path("moepress-f16"), own)
+        self.info["f16_agreement"] = compare_files(converted, own)
+        # the KL base (and llama-quantize's input): the converter's file unless --f16-from moepress
+        os.replace(converted if a.f16_from == "converter" else own, self.f16)
+        self.info["f16_from"] = a.f16_from
         log(f"{self.name}: KL base and imatrix")
         out = run([llamacpp_tools.tool("llama-perplexity"), "-m", self.f16, "-f", self.path("eval.txt"), "-c", a.ctx,
                    "--chunks", a.eval_chunks, "-t", a.threads, "--kl-divergence-base", self.base], self.path("base.log"),
                   need=r"Final estimate: PPL")
         self.info["f16_perplexity"] = float(re.search(r"Final estimate: PPL = ([0-9.]+)", out).group(1))
+        if self.info["f16_agreement"]["tensors_differing"] or self.info["f16_agreement"]["metadata_differing"]:
+            other = converted if a.f16_from != "converter" else own  # how far apart the two files score
+            out = run([llamacpp_tools.tool("llama-perplexity"), "-m", other, "-f", self.path("eval.txt"), "-c", a.ctx,
+                       "--chunks", a.eval_chunks, "-t", a.threads], self.path("other-f16.log"), need=r"Final estimate: PPL")
+            self.info["other_f16_perplexity"] = float(re.search(r"Final estimate: PPL = ([0-9.]+)", out).group(1))
         out = run([llamacpp_tools.tool("llama-imatrix"), "-m", self.f16, "-f", self.path("calib.txt"), "-c", a.seq_len,
                    "--chunks", a.calib_samples, "-t", a.threads, "-o", self.imatrix], self.path("imatrix.log"))
         m = re.search(r"computing over (\d+) chunks", out)
@@ -340,7 +352,7 @@ class Bench:
 # ------------------------------------------------------------------ rows and table
 
 def settings_of(args) -> dict:
-    keys = ("calib_samples", "seq_len", "eval_chunks", "ctx", "threads", "estimator", "moepress")
+    keys = ("calib_samples", "seq_len", "eval_chunks", "ctx", "threads", "estimator", "moepress", "f16_from")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -355,7 +367,7 @@ def run_model(name: str, args, payload: dict, save) -> None:
     payload["skipped"].pop(name, None)
     settings = settings_of(args)
     done = {(r["preset"]) for r in payload["rows"] if r["model"] == name and r.get("status") == "ok"
-            and r.get("settings") == settings}
+            and {"f16_from": "converter", **r.get("settings", {})} == settings}
     todo = [p for p in args.presets if p not in done]
     if not todo:
         return
@@ -446,6 +458,9 @@ def main(argv=None) -> int:
                         "mix+budget (both)")
     p.add_argument("--estimator", default="gptq_routed",
                    help="the budget rows' damage estimate (default gptq_routed; kl_scaled does not combine with --target yet)")
+    p.add_argument("--f16-from", default="converter", choices=("converter", "moepress"),
+                   help="the f16 file every KL is measured against and llama-quantize reads: llama.cpp's converter's "
+                        "(default) or moepress's --bits 16 export (where the converter writes the model wrongly)")
     p.add_argument("--threads", type=int, default=1, help="threads for llama.cpp's tools and torch (default 1)")
     p.add_argument("--work", default=None, help="work folder (default: a new temp folder)")
     p.add_argument("--out", default=None, help="JSON (default benchmarks/results/gguf-<date>.json)")
