@@ -172,8 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "--act-order off or dynamic; the stored format is the same (default off)")
     c.add_argument("--refine", type=int, default=0, metavar="STEPS",
                    help="after GPTQ, refine each layer's rounding and group scales/zeros on the layer's output for "
-                        "STEPS signed-gradient steps (SignRound, started from GPTQ's codes; same stored format); "
-                        "0: off (default)")
+                        "STEPS signed-gradient steps (SignRound; same stored format), keeping GPTQ's codes for a "
+                        "layer whose calibration output error does not go down; 0: off (default)")
+    c.add_argument("--refine-from", choices=("gptq", "rtn"), default="gptq",
+                   help="--refine's start: GPTQ's codes (default) or nearest rounding on the weights' min/max grid "
+                        "(auto-round's start; needs --act-order static or off)")
     c.add_argument("--offload-activations", action="store_true",
                    help="keep the calibration activations in memory-mapped files beside --out instead of in memory")
     c.add_argument("--target", choices=("llamacpp", "vllm"), default=None,
@@ -292,6 +295,7 @@ def run_compress(args) -> None:
         drop_blocks=args.drop_blocks, drop_moe_layers=args.drop_moe_layers, dynamic_pruning=args.dynamic_pruning,
         offload_activations=args.offload_activations, target=args.target, ggml_type=args.ggml_type,
         expert_hessian=args.expert_hessian, clip_search=args.clip_search, refine=args.refine,
+        refine_from=args.refine_from,
     )
     if args.save_profile:
         from .preflight import check_writable_file
