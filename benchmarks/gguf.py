@@ -70,7 +70,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -96,25 +95,13 @@ def log(msg: str) -> None:
     print(f"[gguf {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def run(command: list[str], log_path: str, need: str | None = None, tries: int = 5, timeout: float = 3600) -> str:
-    """Run a llama.cpp tool, its output kept in ``log_path``; RuntimeError with the last lines on failure.
-
-    ``need``: a pattern the output must hold, else the tool runs again (up to ``tries`` times).
-    llama.cpp's logger prints from a thread of its own that the process does not wait for at exit
-    (common/log.cpp, llama.cpp issue 22142), so on a busy machine the last lines (llama-perplexity's
-    final statistics) are now and then lost though the tool succeeded; a rerun computes the same
-    figures (the inputs are the same and the tools deterministic)."""
-    for attempt in range(1, tries + 1):
-        done = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=timeout)
-        output = done.stdout + done.stderr
-        with open(log_path, "w") as f:
-            f.write(" ".join(map(str, command)) + f"\n(attempt {attempt})\n\n" + output)
-        if done.returncode != 0:
-            tail = "\n".join(output.strip().splitlines()[-6:])
-            raise RuntimeError(f"{os.path.basename(str(command[0]))} failed (see {log_path}):\n{tail}")
-        if need is None or re.search(need, output):
-            return output
-    raise RuntimeError(f"{os.path.basename(str(command[0]))} printed no {need!r} in {tries} runs (see {log_path})")
+def run(command: list, log_path: str, need: str = "", timeout: float = 3600) -> str:
+    """Run a llama.cpp tool with :func:`moepress.export.llamacpp_tools.run_tool` (which reruns it when
+    llama.cpp's logger thread lost the last lines, ``need``), its output kept in ``log_path``."""
+    output = llamacpp_tools.run_tool(command, need=need, timeout=timeout)
+    with open(log_path, "w") as f:
+        f.write(" ".join(map(str, command)) + "\n\n" + output)
+    return output
 
 
 # ------------------------------------------------------------------ the model and its texts
