@@ -3,7 +3,7 @@
 with every row a multiple of 256 so llama.cpp's k-quants (Q2_K..Q6_K, super-blocks of 256) apply.
 
 The other tiny models have hidden size 128, where ``llama-quantize`` falls back from k-quants to
-Q5_0/Q5_1; this one exists so the GGUF benchmark (``benchmarks/gguf.py``) can compare moepress with
+Q5_0/Q5_1; this one exists so the GGUF benchmark (``benchmarks/gguf_vs_llamacpp.py``) can compare moepress with
 llama.cpp's Q4_K_M, Q3_K_M and Q2_K as they are meant to run.
 
 4 layers, hidden 256, 4 query / 2 key-value heads of head dim 64 (Qwen3's per-head q/k RMSNorm),

@@ -2,8 +2,8 @@
 """The GGUF benchmark: moepress's GGUF against llama.cpp's own ``llama-quantize`` with an importance
 matrix, at the same file size, scored by llama.cpp itself.
 
-    python benchmarks/gguf.py --models tiny-mixtral tiny-qwen3moe
-    python benchmarks/gguf.py --models moefied-smollm2 --calib-samples 16 --eval-chunks 32
+    python benchmarks/gguf_vs_llamacpp.py --models tiny-mixtral tiny-qwen3moe
+    python benchmarks/gguf_vs_llamacpp.py --models moefied-smollm2 --calib-samples 16 --eval-chunks 32
 
 For every zoo model (``zoo/models/<name>``) whose architecture moepress's GGUF export writes (others
 are skipped, saying why), in one work folder:
@@ -76,9 +76,6 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-# Run as a script, this file's folder is first on sys.path and this file would be `import gguf`
-# (the gguf package the export and this benchmark read files with): drop the folder.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 sys.path.insert(0, ROOT)
 
 import moepress  # noqa: E402
