@@ -53,7 +53,7 @@ import torch  # noqa: E402
 import moepress  # noqa: E402
 
 EXPERT_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")  # transformers 5's CPU choices
-ZOO = ("tiny-mixtral", "tiny-deepseek", "moefied-smollm2")
+ZOO = ("tiny-mixtral", "tiny-deepseek", "tiny-qwen3moe", "moefied-smollm2")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, None: None}
 
 
@@ -304,8 +304,18 @@ def gguf_files(source: str, work: str, args) -> dict[str, str]:
         except MoepressError as exc:
             print(f"  {os.path.basename(source)} llama.cpp {kind}: left out ({exc})")
             continue
-        files[kind] = gguf
+        files[f"{kind} ({'/'.join(_unit_types(out))})"] = gguf
     return files
+
+
+def _unit_types(checkpoint: str) -> list[str]:
+    """The llama.cpp types a ``--target llamacpp`` checkpoint's units hold (``--bits 3`` is q4_0 on rows
+    that are no multiple of 256), as a row label says them."""
+    from moepress.treatment import Treatment
+
+    with open(os.path.join(checkpoint, "moepress.json")) as f:
+        units = json.load(f)["units"].values()
+    return sorted({Treatment.from_unit_map(u).label for u in units})
 
 
 def llamacpp_tokens_per_second(gguf: str, args) -> dict[int, list[float]]:
@@ -346,8 +356,9 @@ def llamacpp_rows(name: str, source: str, work: str, rows: list[dict], args) -> 
                    "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
                    "tokens_per_second": round(tps, 1), "all_tokens_per_second": [round(t, 1) for t in by_batch[batch]],
                    "vs_bf16": round(tps / bf16[batch], 3) if batch in bf16 else None}
-            if "f16" in speeds:
-                row["vs_llamacpp_f16"] = round(tps / statistics.median(speeds["f16"][batch]), 3)
+            f16 = next((k for k in speeds if k.startswith("f16")), None)
+            if f16 is not None:
+                row["vs_llamacpp_f16"] = round(tps / statistics.median(speeds[f16][batch]), 3)
             out.append(row)
     return out
 
