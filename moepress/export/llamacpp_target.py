@@ -298,7 +298,8 @@ def quantize_outer(model, config) -> dict:
     """Under a llama-quantize mix, replace the (loaded) token embeddings and output head of ``model``
     by their llama.cpp types (:func:`outer_types`), rounded to nearest onto the block grid (RTN:
     token_embd is read by row, no Hessian applies; the head's inputs, the final hidden states, are
-    not kept by the layer-by-layer pass, so it is RTN too), so that the checkpoint holds the GGUF's
+    not kept by the layer-by-layer pass, so it is RTN too), each block's parameters searched for a
+    lower squared error (``rtn_quantize_blocks(search=True)``, llama.cpp's formats unchanged), so that the checkpoint holds the GGUF's
     bytes and moepress computes with its values. Returns what ``moepress.json`` records of it
     (``ggml_type`` and ``embeddings``: name -> type), or {} when nothing is quantized."""
     from ..model.view import set_submodule
@@ -317,7 +318,7 @@ def quantize_outer(model, config) -> dict:
             model.config.tie_word_embeddings = False  # (the loader then builds a head of its own: this one)
             continue
         weight = old.weight.detach()
-        quantized = rtn_quantize_blocks(weight.float(), block_format(types[key]), name=path)
+        quantized = rtn_quantize_blocks(weight.float(), block_format(types[key]), name=path, search=True)
         if key == "token_embd":
             new = BlockEmbedding(quantized, weight.dtype)
         else:

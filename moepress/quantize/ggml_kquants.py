@@ -31,7 +31,9 @@ was worse with it than with min/max and ``refine`` (0.00499 vs 0.00403). ``refin
 minimum moved by one step where its sub-block's squared error drops) helps rounding to nearest
 (KL 0.77x at q2_K; squared error 0.89-0.91x llama.cpp's ``quantize_row_q2_K_ref`` on trained
 weights, 0.97x q3_K, where min/max alone is 1.05-1.24x) but not GPTQ (1.1-1.2x KL at q2_K), so it
-is off by default: ``dataclasses.replace(Q2_K, refine=True)`` for RTN.
+is off by default: ``dataclasses.replace(Q2_K, refine=True)`` for RTN. The token embeddings and
+output head (RTN, no GPTQ) take :meth:`KQuantFormat.search_params` instead (``rtn_quantize_blocks(...,
+search=True)``): a least-squares grid search per sub-block from q4_K up, ``refine`` alone for q2_K/q3_K.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ggml_blocks import FORMATS, BlockFormat, _fp16, _fp16_bytes, _fp16_from_bytes
+from .ggml_blocks import FORMATS, BlockFormat, _fp16, _fp16_bytes, _fp16_from_bytes, least_squares_grid
 
 SUPER = 256  # ggml's QK_K
 
@@ -92,24 +94,62 @@ class KQuantFormat(BlockFormat):
         subs = x.reshape(*x.shape[:-1], self.n_sub, self.sub)
         if not self.has_min:
             peak = subs.gather(-1, subs.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
-            scale = peak / -self.offset
+            return self._integer_params(subs, peak / -self.offset, None, self.refine)
+        lo = subs.amin(dim=-1).clamp(max=0)
+        return self._integer_params(subs, (subs.amax(dim=-1) - lo) / self.qmax, -lo, self.refine)
+
+    def search_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored parameters as :meth:`find_params`, for a lower squared rounding error (RTN of the
+        outer tensors only: see the module doc on GPTQ). From 4 bits: each sub-block's float grid by
+        :func:`~.ggml_blocks.least_squares_grid` (min/max among its candidates), the integer scales
+        against the float16 super-scales and ``refine``d; per super-block, whichever of that and
+        min/max with ``refine`` rounds with the lower squared error. q2_K and q3_K: min/max with
+        ``refine`` alone, since the search's grids clip the extreme weights, which costs more KL than
+        their lower squared error gains at 2-3 bits (see :func:`~.ggml_blocks.rtn_quantize_blocks`)."""
+        x = x.float()
+        subs = x.reshape(*x.shape[:-1], self.n_sub, self.sub)
+        if not self.has_min:
+            peak = subs.gather(-1, subs.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+            start = self._integer_params(subs, peak / -self.offset, None, True)
+            if self.bits <= 3:
+                return start
+            d, _ = least_squares_grid(subs, -self.offset, self.qmax - self.offset, False, lambda t: t,
+                                      (peak / -self.offset, torch.zeros_like(peak)))
+            searched = self._integer_params(subs, d, None, True)
+        else:
+            lo = subs.amin(dim=-1).clamp(max=0)
+            start = self._integer_params(subs, (subs.amax(dim=-1) - lo) / self.qmax, -lo, True)
+            if self.bits <= 3:
+                return start
+            d, m = least_squares_grid(subs, 0, self.qmax, True, lambda t: t,
+                                      ((subs.amax(dim=-1) - lo) / self.qmax, lo), max_min=0.0)
+            searched = self._integer_params(subs, d, -m, True)
+
+        def error(params):
+            s, z = self.effective(*params)
+            return self._sub_error(subs, s, z).sum(-1, keepdim=True)
+
+        better = error(searched) < error(start)
+        return (torch.where(better, searched[0], start[0]), torch.where(better, searched[1], start[1]))
+
+    def _integer_params(self, subs, scale, mins, refine):
+        """Stored parameters from each sub-block's float scale (and non-negative minimum, None for
+        the types without minima): float16 super-scales, integer scales rounded against them."""
+        if not self.has_min:
             top = scale.gather(-1, scale.abs().argmax(dim=-1, keepdim=True))  # [..., 1]
             half = 2 ** (self.scale_bits - 1)  # the largest scale lands on integer -128 (q6_K), -32 (q3_K)
             d = _fp16(top / -half)
             sc = torch.where(d == 0, torch.zeros_like(scale), torch.round(scale / torch.where(d == 0, 1, d)))
             sc = sc.clamp(-half, half - 1)
-            if self.refine:
+            if refine:
                 sc, _ = self._refine(subs, d, sc, None, torch.zeros_like(sc), (-half, half - 1))
-            return torch.cat([d, sc], -1), torch.zeros(*sc.shape[:-1], 1 + self.n_sub, device=x.device)
-        lo = subs.amin(dim=-1).clamp(max=0)
-        hi = subs.amax(dim=-1)
-        scale, mins = (hi - lo) / self.qmax, -lo  # both >= 0
+            return torch.cat([d, sc], -1), torch.zeros(*sc.shape[:-1], 1 + self.n_sub, device=subs.device)
         top = 2**self.scale_bits - 1  # 63, 15 for q2_K
         d = _fp16(scale.amax(dim=-1, keepdim=True) / top)
         dmin = _fp16(mins.amax(dim=-1, keepdim=True) / top)
         sc = torch.where(d > 0, torch.round(scale / torch.where(d > 0, d, 1)), 0).clamp(0, top)
         m = torch.where(dmin > 0, torch.round(mins / torch.where(dmin > 0, dmin, 1)), 0).clamp(0, top)
-        if self.refine:
+        if refine:
             sc, m = self._refine(subs, d, sc, dmin, m, (0, top))
         return torch.cat([d, sc], -1), torch.cat([dmin, m], -1)
 
