@@ -141,8 +141,16 @@ def _linear_weights(model) -> dict[str, torch.Tensor]:
 
 
 def _logits(model, ids) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids).logits.float()
+    """On one thread: with several, a float32 matmul's summation order depends on the weight's memory
+    layout (decompressed weights and moepress's are equal but laid out differently), so equal
+    weights would give logits differing in the last bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return model(ids).logits.float()
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dequantize", [False, True])
