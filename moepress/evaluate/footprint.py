@@ -10,7 +10,6 @@ from torch import nn
 from ..model.view import EXPERT_LINEARS, MoEView
 from ..runtime import PackedExperts, PackedWeight, SparsePackedWeight, SplitWeight
 from ..runtime.fast import FastExperts, FastLinear
-from ..runtime.triton_moe import TritonExperts
 from ..runtime.kernels import Matmul, ReferenceMatmul, SplitMatmul
 from ..runtime.block_weight import BlockWeight
 
@@ -166,7 +165,9 @@ def measure_footprint(model: nn.Module, stored_dtype: torch.dtype | None = None)
         for linear in EXPERT_LINEARS:
             out_features, in_features = store.shape(linear)
             p = store.num_experts * out_features * in_features
-            if isinstance(module, (FastExperts, TritonExperts)):  # the kernels' layouts, as held
+            if isinstance(module, FastExperts) or type(module).__name__ == "TritonExperts":  # kernels' layouts, as held
+                # (TritonExperts by name: importing moepress.runtime.triton_moe imports triton, which
+                # must not happen before a test can set TRITON_INTERPRET)
                 b = sum(module.linear_bytes(e, linear) for e in range(store.num_experts))
             elif isinstance(module, PackedExperts):
                 b = sum(_weight_bytes(module.packed_weight(e, linear), None) for e in range(store.num_experts))

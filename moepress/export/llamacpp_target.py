@@ -302,7 +302,7 @@ def quantize_outer(model, config) -> dict:
     lower squared error (``rtn_quantize_blocks(search=True)``, llama.cpp's formats unchanged), so that the checkpoint holds the GGUF's
     bytes and moepress computes with its values. Returns what ``moepress.json`` records of it
     (``ggml_type`` and ``embeddings``: name -> type), or {} when nothing is quantized."""
-    from ..model.view import set_submodule
+    from ..runtime.install import install_outer as install_module
     from ..quantize.ggml_blocks import block_format, rtn_quantize_blocks
     from ..runtime.block_weight import BlockEmbedding, BlockLinear, TiedBlockHead
 
@@ -314,7 +314,7 @@ def quantize_outer(model, config) -> dict:
             continue
         old = model.get_submodule(path)
         if types[key] == "token_embd":  # tied: the head reads the (already replaced) embeddings' table
-            set_submodule(model, path, TiedBlockHead(model.get_input_embeddings()))
+            install_module(model, path, TiedBlockHead(model.get_input_embeddings()))
             model.config.tie_word_embeddings = False  # (the loader then builds a head of its own: this one)
             continue
         weight = old.weight.detach()
@@ -323,14 +323,14 @@ def quantize_outer(model, config) -> dict:
             new = BlockEmbedding(quantized, weight.dtype)
         else:
             new = BlockLinear(quantized, getattr(old, "bias", None))
-        set_submodule(model, path, new)
+        install_module(model, path, new)
     return {"ggml_type": config.ggml_type, **({"embeddings": types} if types else {})}
 
 
 def install_outer(model, types: dict[str, str]) -> None:
     """Empty block modules for the token embeddings and head a checkpoint stores in llama.cpp types
     (``quantization_config.embeddings``), for loading to fill."""
-    from ..model.view import set_submodule
+    from ..runtime.install import install_outer as install_module
     from ..quantize.ggml_blocks import BlockQuantizedWeight, block_format
     from ..runtime.block_weight import BlockEmbedding, BlockLinear, TiedBlockHead
 
@@ -339,7 +339,7 @@ def install_outer(model, types: dict[str, str]) -> None:
             continue
         old = model.get_submodule(path)
         if types[key] == "token_embd":  # a tied head: the embeddings' table (token_embd comes first)
-            set_submodule(model, path, TiedBlockHead(model.get_input_embeddings()))
+            install_module(model, path, TiedBlockHead(model.get_input_embeddings()))
             continue
         rows, width = old.weight.shape
         fmt = block_format(types[key])
@@ -349,7 +349,7 @@ def install_outer(model, types: dict[str, str]) -> None:
         else:
             bias = getattr(old, "bias", None)
             new = BlockLinear(empty, None if bias is None else torch.zeros_like(bias, device="cpu"))
-        set_submodule(model, path, new)
+        install_module(model, path, new)
 
 
 # What `moepress plan --target llamacpp` measures and chooses from by default: every type moepress writes.

@@ -86,6 +86,12 @@ def install_stand_in(model: nn.Module, path: str, module: nn.Module) -> None:
     set_submodule(model, path, module)
 
 
+def install_outer(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` (the token embeddings or output head in a llama.cpp block format, see
+    :func:`moepress.export.llamacpp_target.quantize_outer`) at ``path``: compression and loading alike."""
+    set_submodule(model, path, module)
+
+
 # ------------------------------------------------------------------ loading
 
 
