@@ -9,9 +9,7 @@ moepress's own perplexity. Tools that are not built are skipped, saying how to b
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -24,6 +22,8 @@ import moepress
 from moepress.errors import MoepressError
 from moepress.export import llamacpp_tools
 from moepress.export.gguf import architecture, export_gguf
+
+from .gguf_helpers import converter_missing, llamacpp_protocol_ppl, metadata, tensors
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is an optional extra: pip install moepress[gguf]")
 
@@ -62,20 +62,10 @@ DIFFER = {
 SMALL = {"calib_samples": 4, "seq_len": 64}
 
 
-def _converter_missing() -> str | None:
-    reason = llamacpp_tools.missing("convert")
-    if reason is None and importlib.util.find_spec("sentencepiece") is None:
-        reason = "llama.cpp's converter imports sentencepiece: pip install sentencepiece"
-    return reason
 
 
-def metadata(path) -> dict:
-    reader = gguf.GGUFReader(str(path))
-    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
-def tensors(path) -> dict:
-    return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +89,7 @@ def tiny(tokenizer, calib_file, tmp_path_factory):
                 moepress.compress(str(source), target="llamacpp", bits=bits, calib=calib_file, out=out[bits],
                                   progress=False, **SMALL)
                 files[bits] = export_gguf(out[bits], str(root / f"q{bits}.gguf"))
-            reference = None if _converter_missing() else \
+            reference = None if converter_missing() else \
                 llamacpp_tools.convert_reference(str(source), root / "reference-f16.gguf", "f16")
             cache[name] = (str(source), out, files, reference)
         return cache[name]
@@ -107,7 +97,7 @@ def tiny(tokenizer, calib_file, tmp_path_factory):
     return make
 
 
-@pytest.mark.skipif(_converter_missing() is not None, reason=str(_converter_missing()))
+@pytest.mark.skipif(converter_missing() is not None, reason=str(converter_missing()))
 @pytest.mark.parametrize("arch", ARCHS + ["deepseek_v3-wide", "deepseek_v3-yarn"])
 def test_metadata_and_tensors_equal_the_converters(arch, tiny):
     """Against convert_hf_to_gguf.py on the same float model: every key and value equal but
@@ -129,7 +119,7 @@ def test_metadata_and_tensors_equal_the_converters(arch, tiny):
     assert shapes == {n: list(t.shape) for n, t in tensors(theirs_path).items()}
 
 
-@pytest.mark.skipif(_converter_missing() is not None, reason=str(_converter_missing()))
+@pytest.mark.skipif(converter_missing() is not None, reason=str(converter_missing()))
 @pytest.mark.parametrize("arch", ARCHS)
 def test_16_bit_export_is_the_converters_f16_file(arch, tiny):
     """Every unit kept: each tensor has the converter's type and exactly its values (the MLA split
@@ -193,14 +183,6 @@ def test_the_checkpoints_block_bytes_are_written_unchanged(arch, tiny):
         assert np.array_equal(k_b, weight.view(n_head, nope + v, -1)[:, :nope].transpose(1, 2).numpy())
 
 
-def _llamacpp_protocol_ppl(model, ids: list[int], n_ctx: int, chunks: int) -> float:
-    """Perplexity as llama-perplexity computes it: chunks of n_ctx tokens, each scored on its second half."""
-    x = torch.tensor(ids[: n_ctx * chunks]).reshape(chunks, n_ctx)
-    with torch.no_grad():
-        logp = torch.log_softmax(model(x).logits.float(), dim=-1)
-    first = n_ctx // 2
-    nll = -logp[:, first:n_ctx - 1].gather(-1, x[:, first + 1:].unsqueeze(-1))
-    return math.exp(nll.mean().item())
 
 
 def _both_perplexities(checkpoint: str, path: str, tmp_path, n_ctx: int, chunks: int) -> tuple[float, float]:
@@ -212,7 +194,7 @@ def _both_perplexities(checkpoint: str, path: str, tmp_path, n_ctx: int, chunks:
     (tmp_path / "eval.txt").write_text(text)
     theirs = llamacpp_tools.perplexity(path, str(tmp_path / "eval.txt"), n_ctx, chunks)
     ids = AutoTokenizer.from_pretrained(checkpoint)(text, add_special_tokens=False)["input_ids"]
-    return theirs, _llamacpp_protocol_ppl(moepress.load(checkpoint).eval(), ids, n_ctx, chunks)
+    return theirs, llamacpp_protocol_ppl(moepress.load(checkpoint).eval(), ids, n_ctx, chunks)
 
 
 @pytest.mark.skipif(llamacpp_tools.missing("llama-perplexity") is not None,

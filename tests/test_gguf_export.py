@@ -7,8 +7,6 @@ need them are skipped, saying so, when they are not built.
 
 from __future__ import annotations
 
-import importlib.util
-import math
 import os
 
 import numpy as np
@@ -22,6 +20,7 @@ from moepress.export.gguf import export_gguf
 from moepress.loading import load_model
 from moepress.model.view import MoEView
 
+from .gguf_helpers import converter_missing, llamacpp_protocol_ppl, metadata, tensors
 from .helpers import run_cli
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is an optional extra: pip install moepress[gguf]")
@@ -29,20 +28,10 @@ gguf = pytest.importorskip("gguf", reason="the gguf package is an optional extra
 SMALL = {"calib_samples": 4, "seq_len": 64}
 
 
-def _converter_missing() -> str | None:
-    reason = llamacpp_tools.missing("convert")
-    if reason is None and importlib.util.find_spec("sentencepiece") is None:
-        reason = "llama.cpp's converter imports sentencepiece: pip install sentencepiece"
-    return reason
 
 
-def metadata(path) -> dict:
-    reader = gguf.GGUFReader(str(path))
-    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
-def tensors(path) -> dict:
-    return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
 
 
 def _compressed(source, calib_file, root):
@@ -125,7 +114,7 @@ def test_gguf_holds_the_checkpoints_bytes(checkpoints, exported):
             assert np.array_equal(values.reshape(weight.shape), weight.numpy())
 
 
-@pytest.mark.skipif(_converter_missing() is not None, reason=str(_converter_missing()))
+@pytest.mark.skipif(converter_missing() is not None, reason=str(converter_missing()))
 @pytest.mark.parametrize("arch", ["mixtral", "olmoe"])
 def test_metadata_equal_llamacpps_converter_key_by_key(arch, request, tmp_path):
     """Against convert_hf_to_gguf.py on the same float model (with the pre-tokenizer the converter
@@ -148,14 +137,6 @@ def test_metadata_equal_llamacpps_converter_key_by_key(arch, request, tmp_path):
     assert {n: list(t.shape) for n, t in tensors(exported[4]).items()} == {n: list(t.shape) for n, t in theirs.items()}
 
 
-def _llamacpp_protocol_ppl(model, ids: list[int], n_ctx: int, chunks: int) -> float:
-    """Perplexity as llama-perplexity computes it: chunks of n_ctx tokens, each scored on its second half."""
-    x = torch.tensor(ids[: n_ctx * chunks]).reshape(chunks, n_ctx)
-    with torch.no_grad():
-        logp = torch.log_softmax(model(x).logits.float(), dim=-1)
-    first = n_ctx // 2
-    nll = -logp[:, first:n_ctx - 1].gather(-1, x[:, first + 1:].unsqueeze(-1))
-    return math.exp(nll.mean().item())
 
 
 @pytest.mark.skipif(llamacpp_tools.missing("llama-perplexity") is not None,
@@ -180,7 +161,7 @@ def test_llama_perplexity_equals_moepress_on_the_exported_file(arch, request, tm
     n_ctx, chunks = 128, 20
     theirs = llamacpp_tools.perplexity(path, str(tmp_path / "eval.txt"), n_ctx, chunks)
     ids = AutoTokenizer.from_pretrained(out)(text, add_special_tokens=False)["input_ids"]
-    ours = _llamacpp_protocol_ppl(moepress.load(out).eval(), ids, n_ctx, chunks)
+    ours = llamacpp_protocol_ppl(moepress.load(out).eval(), ids, n_ctx, chunks)
     assert abs(theirs - ours) / ours < 0.01, (theirs, ours)
 
 
@@ -253,7 +234,7 @@ def test_k_quants_where_rows_are_256_wide(bits, types, tokenizer, tmp_path):
     n_ctx, chunks = 128, 8
     theirs = llamacpp_tools.perplexity(path, str(tmp_path / "eval.txt"), n_ctx, chunks)
     ids = AutoTokenizer.from_pretrained(out)(text, add_special_tokens=False)["input_ids"]
-    ours = _llamacpp_protocol_ppl(moepress.load(out).eval(), ids, n_ctx, chunks)
+    ours = llamacpp_protocol_ppl(moepress.load(out).eval(), ids, n_ctx, chunks)
     assert abs(theirs - ours) / ours < 0.01, (theirs, ours)
 
 
