@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
 
 import pytest
 
+# Without a GPU, the Triton expert kernel runs in Triton's interpreter. Triton reads this when a
+# kernel is decorated, at the first import of moepress.runtime.triton_moe, which any test may cause
+# (moepress.load prepares models through it): so it is set here, before any test module is imported.
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
