@@ -177,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--refine-from", choices=("gptq", "rtn"), default="gptq",
                    help="--refine's start: GPTQ's codes (default) or nearest rounding on the weights' min/max grid "
                         "(auto-round's start; needs --act-order static or off)")
+    c.add_argument("--activations", choices=("int8",), default=None,
+                   help="also quantize activations: every quantized unit's input (attention, shared experts, dense "
+                        "MLP, each routed expert's gate/up/down) rounded per token onto a symmetric int8 grid, "
+                        "scale max|x|/127 (W8A8 with --bits 8, W4A8 with --bits 4); recorded in the checkpoint and "
+                        "applied by moepress's runtime (fake-quantized: exact quality, no int8 speed-up). The router "
+                        "and 16-bit units keep float inputs; with --plan/--budget the plan's costs stay weight-only")
     c.add_argument("--offload-activations", action="store_true",
                    help="keep the calibration activations in memory-mapped files beside --out instead of in memory")
     c.add_argument("--target", choices=("llamacpp", "vllm"), default=None,
@@ -295,7 +301,7 @@ def run_compress(args) -> None:
         drop_blocks=args.drop_blocks, drop_moe_layers=args.drop_moe_layers, dynamic_pruning=args.dynamic_pruning,
         offload_activations=args.offload_activations, target=args.target, ggml_type=args.ggml_type,
         expert_hessian=args.expert_hessian, clip_search=args.clip_search, refine=args.refine,
-        refine_from=args.refine_from,
+        refine_from=args.refine_from, activations=args.activations,
     )
     if args.save_profile:
         from .preflight import check_writable_file

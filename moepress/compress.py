@@ -73,6 +73,8 @@ class CompressConfig:
     refine: int = 0  # SignRound steps on each layer's output after GPTQ (moepress.refine); 0: off
     refine_from: str = "gptq"  # the refinement's start: GPTQ's codes, or "rtn" (auto-round's start)
     refine_frozen_routing: bool = False  # refine with the unquantized layer's expert choices and weights
+    # "int8": every quantized unit's input rows fake-quantized per token (W8A8/W4A8, moepress.quantize.activations)
+    activations: str | None = None
 
     def __post_init__(self):
         try:
@@ -94,6 +96,7 @@ class CompressConfig:
         from .refine import check_config as check_refine
 
         check_refine(self)
+        self._check_activations()
         self.pruned_treatment()
         self._drop_amount()
         DynamicPruning.parse(self.dynamic_pruning)  # a bad value fails here, before any work
@@ -112,6 +115,24 @@ class CompressConfig:
             raise MoepressError(f"expert-chunk must be at least 1 (got {self.expert_chunk})")
         if self.rare_experts not in ("all_tokens", "routed_only"):
             raise MoepressError(f"rare-experts must be 'all_tokens' or 'routed_only' (got {self.rare_experts!r})")
+
+    def _check_activations(self) -> None:
+        """``activations`` is a scheme moepress applies, with weights and an engine that can say it."""
+        from .quantize.activations import check_scheme
+
+        check_scheme(self.activations)
+        if self.activations is None:
+            return
+        if self.target == "llamacpp":
+            raise MoepressError("--target llamacpp: --activations: a GGUF stores weight types only (llama.cpp "
+                                "picks its own activation types); drop --activations")
+        if self.target == "vllm":
+            raise MoepressError("--target vllm: --activations: the compressed-tensors export writes weight-only "
+                                "schemes (W4A16/W8A16), not W8A8/W4A8's dynamic per-token input_activations; drop "
+                                "--activations or serve with moepress's runtime")
+        if self.bits == KEEP.bits and self.prune is None:
+            raise MoepressError("--activations quantizes the inputs of quantized units, and --bits 16 quantizes none; "
+                                "give --bits 8 (W8A8) or 4 (W4A8)")
 
     def treatment(self) -> Treatment:
         """The one treatment every unit gets without a plan (``--bits``, ``--group-size``, ...);
@@ -233,6 +254,7 @@ class CompressResult:
             "refine": None if not self.config.refine else {"steps": self.config.refine, "from": self.config.refine_from,
                                                            "frozen_routing": self.config.refine_frozen_routing},
             "clip_search": self.config.clip_search,
+            "activations": self.config.activations,  # int8: per-token dynamic inputs of every quantized unit
             "prune": None if self.config.prune is None else {"pattern": self.config.prune, "pruner": self.config.pruner,
                                                              "scope": self.config.prune_scope},
             "drop_experts": None if self.config.drop_experts is None else {
@@ -461,6 +483,7 @@ class QuantizeStep:
             _quantize_linear_units(view.model, attention, stats["linear"], treatment_of, records, runner.device)
             for unit in attention:
                 part.record_linear(unit, stats["linear"][unit])
+            _quantize_inputs(view, layer, records, config)  # the MLP's calibration sees W+A-quantized attention
         if layer in trim.dropped_moe_layers:
             from .trim.layer_drop import drop_moe_layer
 
@@ -499,9 +522,21 @@ class QuantizeStep:
             part.record_linear(unit, stats["linear"][unit])
         if refinement is not None:
             part.tensors.update(refinement.finish())
+        _quantize_inputs(view, layer, records, config)  # (after refinement, which reinstalls the packed modules)
         runner.run_layer(layer, update=True)
         units = {name: treatment for name, (treatment, _) in records.items()}
         return unit_records(units, {name: error for name, (_, error) in records.items()}), part.tensors
+
+
+def _quantize_inputs(view: MoEView, layer: int, records: dict, config: CompressConfig) -> None:
+    """``--activations``: the inputs of layer ``layer``'s quantized units so far, quantized per token
+    (the next layers are calibrated on what the W+A-quantized model computes)."""
+    if config.activations is None:
+        return
+    from .quantize.activations import apply_activations
+
+    quantized = {name for name, (treatment, _) in records.items() if not treatment.keep}
+    apply_activations(view.model, config.activations, quantized.__contains__, layers=range(layer, layer + 1))
 
 
 def _renumbered(treatment_of, layer: int, kept: list[int]):

@@ -31,7 +31,7 @@ class MoepressConfig(QuantizationConfigMixin):
                  format_version: int = 1, expert_counts: dict | None = None, experts_kept: dict | None = None,
                  top_k: dict | None = None, dropped_blocks: list | None = None,
                  dropped_moe_layers: list | None = None, dynamic_pruning: dict | None = None,
-                 embeddings: dict | None = None, **kwargs):
+                 embeddings: dict | None = None, activations: str | None = None, **kwargs):
         self.quant_method = "moepress"
         self.units = units or {}
         self.bits = bits
@@ -44,6 +44,7 @@ class MoepressConfig(QuantizationConfigMixin):
         self.dropped_moe_layers = dropped_moe_layers or []  # MoE sublayers a layer drop removed
         self.dynamic_pruning = dynamic_pruning  # ODP settings the loaders install (moepress.trim.dynamic)
         self.embeddings = embeddings or {}  # token_embd/output -> llama.cpp type (moepress.export.llamacpp_target)
+        self.activations = activations  # "int8": quantized units' inputs per token (moepress.quantize.activations)
 
     def to_dict(self) -> dict:
         return {
@@ -58,6 +59,7 @@ class MoepressConfig(QuantizationConfigMixin):
             **({"dropped_moe_layers": self.dropped_moe_layers} if self.dropped_moe_layers else {}),
             **({"dynamic_pruning": self.dynamic_pruning} if self.dynamic_pruning else {}),
             **({"embeddings": self.embeddings} if self.embeddings else {}),
+            **({"activations": self.activations} if self.activations else {}),
         }
 
 
@@ -89,7 +91,10 @@ class MoepressHfQuantizer(HfQuantizer):
             from .trim.expert_drop import restore_expert_counts
 
             restore_expert_counts(model, qc.expert_counts)
-        install_skeleton(model, read_unit_map(qc.units, name))
+        from .quantize.activations import check_scheme
+
+        check_scheme(qc.activations, f"moepress checkpoint {name}: config.json's quantization_config.activations")
+        install_skeleton(model, read_unit_map(qc.units, name), activations=qc.activations)
         if qc.embeddings:  # token embeddings and head in llama.cpp block types
             from .export.llamacpp_target import install_outer
 

@@ -146,6 +146,8 @@ def quantization_config_dict(record: dict) -> dict:
         **({"top_k": record["top_k"]} if record.get("top_k") else {}),  # layers routed to fewer experts
         **({k: record[k] for k in ("dropped_blocks", "dropped_moe_layers", "dynamic_pruning") if record.get(k)}),
         **({"embeddings": record["embeddings"]} if record.get("embeddings") else {}),  # in llama.cpp types
+        # compress --activations: every quantized unit's inputs quantized per token (moepress.quantize.activations)
+        **({"activations": record["activations"]} if record.get("activations") else {}),
     }
 
 

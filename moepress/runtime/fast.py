@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import MoepressError
+from ..quantize.activations import carry_input_quantization, fake_quantize
 from .kernels import Int4Matmul, Matmul, ReferenceMatmul, build_fused, build_matmul, join_nibbles
 from .packed_experts import EXPERT_LINEARS, PackedExperts
 from .packed_linear import PackedLinear
@@ -106,10 +107,14 @@ class FastExpert(nn.Module):
     """One expert's kernels: ``gate_up`` (gate and up projections in one kernel, when they share
     a format that reaches the int4/int8 kernels) or ``gate_proj`` and ``up_proj``; ``down_proj``."""
 
-    def __init__(self, gate_proj, up_proj, down_proj, dtype: torch.dtype, options: FastOptions):
+    def __init__(self, gate_proj, up_proj, down_proj, dtype: torch.dtype, options: FastOptions,
+                 activations: dict[str, str | None] | None = None):
         super().__init__()
         widen, exact = options.widens(routed_expert=True), options.exact
-        self.gate_up = build_fused([gate_proj, up_proj], dtype, widen, exact)
+        # linear -> the scheme its input is fake-quantized with (compress --activations), or None
+        self.activations = activations or dict.fromkeys(EXPERT_LINEARS)
+        fusable = self.activations["gate_proj"] == self.activations["up_proj"]
+        self.gate_up = build_fused([gate_proj, up_proj], dtype, widen, exact) if fusable else None
         if self.gate_up is None:
             self.gate_proj = build_matmul(gate_proj, dtype, widen, exact)
             self.up_proj = build_matmul(up_proj, dtype, widen, exact)
@@ -118,12 +123,16 @@ class FastExpert(nn.Module):
 
     def forward(self, x: torch.Tensor, act_fn, gate_up_weight=None, down_weight=None) -> torch.Tensor:
         """The expert on rows ``x``; ``*_weight``: kernel layouts a :class:`PlaneGroup` rebuilt."""
+        acts = self.activations
         if self.gate_up is not None:
+            x = fake_quantize(x, acts["gate_proj"])
             gate_up = self.gate_up.forward(x, weight=gate_up_weight) if gate_up_weight is not None \
                 else self.gate_up.forward(x)
             hidden = act_fn(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate:]
         else:
-            hidden = act_fn(self.gate_proj.forward(x)) * self.up_proj.forward(x)
+            hidden = act_fn(self.gate_proj.forward(fake_quantize(x, acts["gate_proj"]))) * \
+                self.up_proj.forward(fake_quantize(x, acts["up_proj"]))
+        hidden = fake_quantize(hidden, acts["down_proj"])
         if down_weight is not None:
             return self.down_proj.forward(hidden, weight=down_weight)
         return self.down_proj.forward(hidden)
@@ -188,9 +197,12 @@ class FastExperts(nn.ModuleList):
 
     def __init__(self, packed: PackedExperts, dtype: torch.dtype, options: FastOptions):
         super().__init__(
-            FastExpert(*(packed.packed_weight(e, lin) for lin in EXPERT_LINEARS), dtype, options)
+            FastExpert(*(packed.packed_weight(e, lin) for lin in EXPERT_LINEARS), dtype, options,
+                       {lin: packed.activations if (e, lin) in packed.quantized_inputs else None
+                        for lin in EXPERT_LINEARS})
             for e in range(packed.num_experts)
         )
+        self.activations = packed.activations  # (compress --activations: each expert applies it)
         self.num_experts = packed.num_experts
         self.hidden_size = packed.hidden_size
         self.intermediate_size = packed.intermediate_size
@@ -204,6 +216,19 @@ class FastExperts(nn.ModuleList):
                     by_key.setdefault(key, []).append(e)
             self.plane_groups += [PlaneGroup(slot, members, [getattr(self[e], slot) for e in members])
                                   for members in by_key.values() if len(members) > 1]
+
+    def set_activations(self, scheme: str | None, linears) -> None:
+        """As :meth:`PackedExperts.set_activations`: quantize the inputs of ``linears`` ((expert,
+        linear) pairs) with ``scheme``. A fused gate/up kernel takes one input, so its two halves
+        must agree."""
+        chosen = set(linears) if scheme is not None else set()
+        for e in range(self.num_experts):
+            acts = {lin: scheme if (e, lin) in chosen else None for lin in EXPERT_LINEARS}
+            if self[e].gate_up is not None and acts["gate_proj"] != acts["up_proj"]:
+                raise MoepressError(f"expert {e}: gate and up share one fast kernel, so their inputs are quantized "
+                                    "alike; load with runtime='reference' to quantize one of them only")
+            self[e].activations = acts
+        self.activations = scheme if chosen else None
 
     def packed_weight(self, expert: int, linear: str) -> nn.Module:
         """The kernel computing ``linear`` of ``expert`` (gate and up share one when fused), or the
@@ -300,7 +325,12 @@ def prepare(model: nn.Module, options: FastOptions | None = None) -> nn.Module:
     prepared is left as it is. Pruned (sparse) linears keep the reference runtime."""
     options = options or FastOptions()
     if not _on_cpu(model):
-        from .triton_moe import prepare_cuda
+        from .triton_moe import prepare_cuda, triton_available
+
+        if triton_available() and not options.exact and any(
+                type(m) is PackedExperts and m.activations for m in model.modules()):
+            raise MoepressError("the Triton experts kernel does not quantize activations, and this checkpoint's "
+                                "experts take int8 ones (compress --activations); load it with runtime='reference'")
 
         return prepare_cuda(model, options)
     dtype = _float_dtype(model)
@@ -316,6 +346,7 @@ def prepare(model: nn.Module, options: FastOptions | None = None) -> nn.Module:
         elif type(module) in (PackedLinear, SplitLinear) and _known(module):
             kernel = build_matmul(module, dtype, options.widens(name in routed), options.exact)
             fast = FastLinear(kernel, module.bias, module.bits, getattr(module, "group_size", None))
+            carry_input_quantization(module, fast)  # (compress --activations: the same hook on the kernel)
         else:
             continue
         parent, _, child = name.rpartition(".")  # swapped at once: the stored form is freed as we go

@@ -109,13 +109,14 @@ def empty_weight(treatment: Treatment, out_features: int, in_features: int, kept
     return PackedWeight.empty(treatment, out_features, in_features)
 
 
-def install_skeleton(model: nn.Module, units: dict[str, Treatment]) -> nn.Module:
+def install_skeleton(model: nn.Module, units: dict[str, Treatment], activations: str | None = None) -> nn.Module:
     """Replace every unit named in ``units`` with an empty packed module of the right shape.
 
     ``units`` maps canonical names to treatments (the checkpoint's unit map, read with
     :meth:`Treatment.from_unit_map`). Loading the
     checkpoint's state dict then fills the packed buffers. A unit the model does not have is an error
-    (the checkpoint does not belong to this architecture/config).
+    (the checkpoint does not belong to this architecture/config). ``activations`` (the checkpoint's
+    ``compress --activations`` scheme) quantizes the inputs of every quantized unit, as compression did.
     """
     view = MoEView(model)
     remaining = set(units)
@@ -154,6 +155,10 @@ def install_skeleton(model: nn.Module, units: dict[str, Treatment]) -> nn.Module
             f"the checkpoint names {len(remaining)} unit(s) this model does not have (e.g. {example}); "
             "it was made for another architecture or config"
         )
+    if activations is not None:
+        from ..quantize.activations import apply_activations, quantized_units
+
+        apply_activations(model, activations, quantized_units(units))
     return model
 
 

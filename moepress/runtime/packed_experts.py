@@ -34,6 +34,11 @@ class PackedExperts(nn.ModuleList):
     loads into either layout. Experts may carry different bit widths (mixed precision per expert and
     per linear), and a linear may be a :class:`SplitWeight` (per neuron group). The forward follows transformers' eager expert loop: tokens are grouped by expert
     and only the experts a batch hits are dequantized.
+
+    With :meth:`set_activations` (``compress --activations int8``) the chosen linears' inputs are
+    fake-quantized per token (:func:`moepress.quantize.activations.fake_quantize`): gate's and up's
+    input is the token's hidden state, down's is ``act(gate) * up``, which only this module sees.
+    The setting is not in the state dict; the checkpoint's metadata restores it on load.
     """
 
     holds_packed_experts = True  # what moepress.model.view recognises, without importing this module
@@ -66,15 +71,34 @@ class PackedExperts(nn.ModuleList):
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.act_fn = act_fn
+        self.activations: str | None = None  # the scheme of the quantized inputs, if any
+        self.quantized_inputs: frozenset[tuple[int, str]] = frozenset()  # (expert, linear) it applies to
+
+    def set_activations(self, scheme: str | None, linears) -> None:
+        """Quantize the inputs of ``linears`` ((expert, linear) pairs) with ``scheme`` (None: none)."""
+        from ..quantize.activations import check_scheme
+
+        check_scheme(scheme)
+        self.activations = scheme
+        self.quantized_inputs = frozenset(linears) if scheme is not None else frozenset()
+
+    def input_of(self, expert: int, linear: str, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as ``linear`` of ``expert`` takes it: fake-quantized where activations apply."""
+        if (expert, linear) not in self.quantized_inputs:
+            return x
+        from ..quantize.activations import fake_quantize
+
+        return fake_quantize(x, self.activations)
 
     def packed_weight(self, expert: int, linear: str) -> PackedWeight | KeptWeight | SplitWeight:
         return getattr(self[expert], linear)
 
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         weights = self[expert]
-        gate = F.linear(x, weights.gate_proj.dequantize(x.dtype))
-        up = F.linear(x, weights.up_proj.dequantize(x.dtype))
-        return F.linear(self.act_fn(gate) * up, weights.down_proj.dequantize(x.dtype))
+        gate = F.linear(self.input_of(expert, "gate_proj", x), weights.gate_proj.dequantize(x.dtype))
+        up = F.linear(self.input_of(expert, "up_proj", x), weights.up_proj.dequantize(x.dtype))
+        hidden = self.act_fn(gate) * up
+        return F.linear(self.input_of(expert, "down_proj", hidden), weights.down_proj.dequantize(x.dtype))
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         output = torch.zeros_like(hidden_states)
@@ -93,4 +117,6 @@ class PackedExperts(nn.ModuleList):
 
     def extra_repr(self) -> str:
         bits = sorted({self.packed_weight(e, lin).bits for e in range(len(self)) for lin in EXPERT_LINEARS})
-        return f"num_experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, bits={bits}"
+        acts = f", activations={self.activations}" if self.activations else ""
+        return (f"num_experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
+                f"bits={bits}{acts}")
