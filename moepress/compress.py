@@ -75,6 +75,7 @@ class CompressConfig:
     refine_frozen_routing: bool = False  # refine with the unquantized layer's expert choices and weights
     # "int8": every quantized unit's input rows fake-quantized per token (W8A8/W4A8, moepress.quantize.activations)
     activations: str | None = None
+    activations_hessian: bool = False  # GPTQ's Hessians from the int8-rounded inputs too (routed down: float)
 
     def __post_init__(self):
         try:
@@ -478,7 +479,9 @@ class QuantizeStep:
                                config.refine_from)
         if config.quantize_attention:
             attention = view.attention_units(layer)
+            rounded = _round_calibration_inputs(view, attention, None, treatment_of, config)
             stats, handles = collect_layer_stats(view, layer, runner, 0, "routed_only", units=attention, experts=False)
+            handles += rounded
             _run_and_unhook(runner, layer, handles)
             _quantize_linear_units(view.model, attention, stats["linear"], treatment_of, records, runner.device)
             for unit in attention:
@@ -507,9 +510,11 @@ class QuantizeStep:
         mlp_units = view.mlp_units(layer) if config.quantize_mlp else []
         store = view.experts(layer)
         chunks = _expert_chunks(store, config.expert_chunk)
+        rounded = _round_calibration_inputs(view, mlp_units, store, treatment_of, config)
         stats, handles = collect_layer_stats(view, layer, runner, config.min_expert_tokens, config.rare_experts,
                                              units=mlp_units, experts_chunk=chunks[0] if chunks else None,
                                              token_weighting=config.expert_hessian)
+        handles += rounded
         captured: list = []
         if len(chunks) > 1:  # the experts' inputs, kept for the chunks after the first
             handles.append(store.module.register_forward_pre_hook(_capture_expert_inputs(captured), with_kwargs=True))
@@ -537,6 +542,33 @@ def _quantize_inputs(view: MoEView, layer: int, records: dict, config: CompressC
 
     quantized = {name for name, (treatment, _) in records.items() if not treatment.keep}
     apply_activations(view.model, config.activations, quantized.__contains__, layers=range(layer, layer + 1))
+
+
+def _round_calibration_inputs(view: MoEView, units, store: ExpertStore | None, treatment_of,
+                              config: CompressConfig) -> list:
+    """``--activations`` with ``activations_hessian``: the float inputs of the ``units`` (and of the
+    routed experts in ``store``) about to be quantized are int8-rounded while their Hessians are
+    gathered, so GPTQ minimises the error on the inputs the runtime will give them. The hooks come
+    before the statistics' own; the linears' go with the float modules quantization replaces, the
+    experts' handle is returned for the caller to remove. (The routed down projection's Hessian is
+    still formed from the float ``act(gate) * up`` the statistics compute.)"""
+    if config.activations is None or not config.activations_hessian:
+        return []
+    from .quantize.activations import fake_quantize, quantize_linear_inputs
+
+    scheme = config.activations
+    for unit in units:
+        if not treatment_of(unit.name).keep:
+            quantize_linear_inputs(view.model.get_submodule(unit.module_path), scheme)
+    if store is None or store.layout == "per_expert" or all(treatment_of(n).keep for n in store.unit_names()):
+        return []
+
+    def hook(_module, args, kwargs):
+        if args:
+            return (fake_quantize(args[0], scheme), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": fake_quantize(kwargs["hidden_states"], scheme)}
+
+    return [store.module.register_forward_pre_hook(hook, with_kwargs=True)]
 
 
 def _renumbered(treatment_of, layer: int, kept: list[int]):

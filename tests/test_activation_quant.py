@@ -187,6 +187,55 @@ def test_cli_refuses_before_work(capsys, tiny_model_dir, tmp_path):
     assert "--bits 16 quantizes none" in line and not (tmp_path / "o").exists()
 
 
+def test_cli_w8a8_streamed_from_a_folder_loads_with_int8_inputs(tiny_model_dir, calib_file, tmp_path):
+    from moepress.cli import main
+
+    out = str(tmp_path / "w8a8")
+    assert main(["compress", "--model", tiny_model_dir("qwen2_moe"), "--out", out, "--bits", "8", "--group-size", "0",
+                 "--activations", "int8", "--calib", calib_file, "--calib-samples", "4", "--seq-len", "64",
+                 "--quiet"]) == 0
+    model = moepress.load(out)
+    view = MoEView(model)
+    experts = [view.experts(i).module for i in range(view.num_layers) if view.experts(i) is not None]
+    assert experts and all(isinstance(m, FastExperts) and m.activations == "int8" for m in experts)
+    units = [u for i in range(view.num_layers) for u in view.linear_units(i)]
+    assert units and all(input_scheme(model.get_submodule(u.module_path)) == "int8" for u in units)
+    assert input_scheme(view.router(1)) is None
+
+
+def test_hessians_from_int8_inputs(tiny_model_dir, tokenizer, calib_file, monkeypatch):
+    """With ``activations_hessian`` an attention projection's GPTQ Hessian is the Gram matrix of its
+    int8-rounded inputs (without it, of the float ones)."""
+    import importlib
+
+    compress_module = importlib.import_module("moepress.compress")  # (moepress.compress is the function)
+    hessians, inputs = {}, []
+    treat = compress_module.treat_batch
+
+    def recording(weight, hessian, treatment, name):
+        hessians.setdefault(name, hessian.clone())
+        return treat(weight, hessian, treatment, name)
+
+    monkeypatch.setattr(compress_module, "treat_batch", recording)
+    for rounded in (False, True):
+        hessians.clear()
+        inputs.clear()
+        model = moepress.load(tiny_model_dir("mixtral"), runtime="reference")
+        q_proj = MoEView(model).attention_units(0)[0]
+        # registered before compress's own hooks: sees the float inputs
+        model.get_submodule(q_proj.module_path).register_forward_pre_hook(
+            lambda _m, args: inputs.append(args[0].reshape(-1, args[0].shape[-1]).float()))
+        moepress.compress(model, tokenizer, bits=8, group_size=None, activations="int8", activations_hessian=rounded,
+                          calib=calib_file, **SMALL)
+        x = torch.cat(inputs)
+        xq = fake_quantize(x)
+        got = hessians[q_proj.name]
+        want, other = (xq.T @ xq, x.T @ x) if rounded else (x.T @ x, xq.T @ xq)
+        scale = want.abs().max()
+        assert (got * x.shape[0] - want).abs().max() <= 1e-4 * scale
+        assert (got * x.shape[0] - other).abs().max() > 1e-3 * (want - other).abs().max()
+
+
 def test_the_triton_path_refuses_instead_of_skipping(w8a8, monkeypatch):
     from moepress.runtime import fast, triton_moe
 
