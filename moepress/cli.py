@@ -171,12 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "GPTQ loss on the group's columns (RTN: squared rounding error), instead of min/max; needs "
                         "--act-order off or dynamic; the stored format is the same (default off)")
     c.add_argument("--refine", type=int, default=0, metavar="STEPS",
-                   help="after GPTQ, refine each layer's rounding and group scales/zeros on the layer's output for "
-                        "STEPS signed-gradient steps (SignRound; same stored format), keeping GPTQ's codes for a "
-                        "layer whose calibration output error does not go down; 0: off (default)")
+                   help="after GPTQ, refine each layer on the layer's output for STEPS steps (see --refine-params; "
+                        "same stored format), keeping GPTQ's result for a layer whose calibration output error does "
+                        "not go down; 0: off (default)")
+    c.add_argument("--refine-params", choices=("scales", "rounding"), default="scales",
+                   help="what --refine learns: every group's scale with GPTQ's codes held (default; Adam) or, as "
+                        "SignRound, every weight's rounding offset and the groups' scale/zero corrections")
     c.add_argument("--refine-from", choices=("gptq", "rtn"), default="gptq",
-                   help="--refine's start: GPTQ's codes (default) or nearest rounding on the weights' min/max grid "
-                        "(auto-round's start; needs --act-order static or off)")
+                   help="--refine-params rounding's start: GPTQ's codes (default) or nearest rounding on the weights' "
+                        "min/max grid (auto-round's start; needs --act-order static or off)")
     c.add_argument("--activations", choices=("int8",), default=None,
                    help="also quantize activations: every quantized unit's input (attention, shared experts, dense "
                         "MLP, each routed expert's gate/up/down) rounded per token onto a symmetric int8 grid, "
@@ -301,7 +304,7 @@ def run_compress(args) -> None:
         drop_blocks=args.drop_blocks, drop_moe_layers=args.drop_moe_layers, dynamic_pruning=args.dynamic_pruning,
         offload_activations=args.offload_activations, target=args.target, ggml_type=args.ggml_type,
         expert_hessian=args.expert_hessian, clip_search=args.clip_search, refine=args.refine,
-        refine_from=args.refine_from, activations=args.activations,
+        refine_from=args.refine_from, refine_params=args.refine_params, activations=args.activations,
     )
     if args.save_profile:
         from .preflight import check_writable_file

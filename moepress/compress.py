@@ -72,6 +72,7 @@ class CompressConfig:
     clip_search: bool = False  # each group's range searched for the least GPTQ loss instead of min/max
     refine: int = 0  # SignRound steps on each layer's output after GPTQ (moepress.refine); 0: off
     refine_from: str = "gptq"  # the refinement's start: GPTQ's codes, or "rtn" (auto-round's start)
+    refine_params: str = "scales"  # what refinement learns: "scales" (codes held) or "rounding" (SignRound)
     refine_frozen_routing: bool = False  # refine with the unquantized layer's expert choices and weights
     # "int8": every quantized unit's input rows fake-quantized per token (W8A8/W4A8, moepress.quantize.activations)
     activations: str | None = None
@@ -253,6 +254,7 @@ class CompressResult:
             "act_order": self.config.act_order if self.config.method == "gptq" else "off",
             "damp": self.config.damp,
             "refine": None if not self.config.refine else {"steps": self.config.refine, "from": self.config.refine_from,
+                                                           "params": self.config.refine_params,
                                                            "frozen_routing": self.config.refine_frozen_routing},
             "clip_search": self.config.clip_search,
             "activations": self.config.activations,  # int8: per-token dynamic inputs of every quantized unit
@@ -476,7 +478,7 @@ class QuantizeStep:
             from .refine import begin
 
             refinement = begin(view, layer, runner, config.refine, config.expert_chunk, config.refine_frozen_routing,
-                               config.refine_from)
+                               config.refine_from, config.refine_params)
         if config.quantize_attention:
             attention = view.attention_units(layer)
             rounded = _round_calibration_inputs(view, attention, None, treatment_of, config)

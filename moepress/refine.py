@@ -1,9 +1,11 @@
-"""Rounding refined on a decoder layer's output after GPTQ (SignRound, arXiv 2309.05516; ``--refine STEPS``).
+"""A GPTQ solution refined on the decoder layer's output (``--refine STEPS``, ``--refine-params``).
 
 GPTQ minimises each linear's own output error; the layer's output is what the next layer sees. After a
-layer's units are quantized, :func:`begin`/:meth:`LayerRefinement.finish` learn every packed weight's
-rounding offsets and per-group scale/zero corrections (:mod:`moepress.quantize.signround`) by signed
-gradient descent on ``||layer_q(x) - layer(x)||^2``, where ``x`` are the layer's calibration inputs (the
+layer's units are quantized, :func:`begin`/:meth:`LayerRefinement.finish` learn, on
+``||layer_q(x) - layer(x)||^2`` (:mod:`moepress.quantize.signround`), either every group's scale with
+GPTQ's codes held (``scales``, the default: Adam, smooth in the scales) or, as SignRound (arXiv
+2309.05516), every weight's rounding offset and the groups' scale/zero corrections by signed gradient
+descent (``rounding``), where ``x`` are the layer's calibration inputs (the
 outputs of the already-compressed layers before it, as auto-round does) and ``layer(x)`` the unquantized
 layer's output on those same inputs, recorded before anything of the layer is quantized.
 
@@ -14,7 +16,9 @@ layer's output on those same inputs, recorded before anything of the layer is qu
   the routing weights too. ``freeze_routing=True`` (``CompressConfig.refine_frozen_routing``) feeds the
   unquantized layer's expert choices and weights to the experts instead; on tiny random models it
   reached the same held-out layer error (within 3%), so the simpler, inference-faithful way is the default.
-- The start (``init``): GPTQ's codes (default), or nearest rounding on the weights' own min/max grid
+- With ``scales`` the layer's error falls from the first step (the codes do not move); with
+  ``rounding`` from GPTQ's codes it rose first and on the zoo never ended below GPTQ's (below).
+- The start (``init``, ``rounding`` only): GPTQ's codes (default), or nearest rounding on the weights' own min/max grid
   (``--refine-from rtn``, auto-round's start). From GPTQ's codes the straight-through sign steps first
   undo GPTQ's error compensation (the loss rises, then falls back), and on the trained zoo no layer ended
   below GPTQ within 200 steps; from nearest rounding one of tiny-mixtral's four layers did at 200 steps.
@@ -39,7 +43,7 @@ from torch import nn
 from .model.view import EXPERT_LINEARS, MoEView
 from .pipeline.runner import LayerwiseRunner, _to_device
 from .quantize import QuantizedWeight
-from .quantize.signround import SignRoundWeight, learning_rate
+from .quantize.signround import LEARN, SignRoundWeight
 
 
 def _layer_output(runner: LayerwiseRunner, module: nn.Module, batch: int) -> torch.Tensor:
@@ -104,6 +108,7 @@ class LayerRefinement:
     expert_chunk: int | None
     freeze_routing: bool
     init: str  # "gptq": start from GPTQ's codes; "rtn": from nearest rounding (auto-round's start)
+    learn: str  # "scales": the groups' scales with the codes held; "rounding": SignRound
     originals: dict[str, torch.Tensor]  # module path -> float weight of every nn.Linear of the layer
     expert_originals: dict[str, torch.Tensor] | None  # fused experts: linear -> [E, out, in]
     targets: list[torch.Tensor]  # the unquantized layer's output per calibration batch (CPU)
@@ -141,7 +146,8 @@ class LayerRefinement:
         for path, module in layer_module.named_modules():
             full = prefix + path
             if isinstance(module, PackedLinear) and full in self.originals:
-                linears[full] = (SignRoundWeight(self.originals[full].to(self.runner.device), module.quantized(), self.init),
+                linears[full] = (SignRoundWeight(self.originals[full].to(self.runner.device), module.quantized(), self.init,
+                                                 self.learn),
                                  module.bias)
         store = self.view.experts(self.layer)
         packed_experts = store is not None and store.layout == "packed" and self.expert_originals is not None
@@ -234,7 +240,7 @@ class LayerRefinement:
                 key = (linear, fmt, tuple(experts))
                 start = _stack([experts_module.packed_weight(e, linear).quantized() for e in experts])
                 original = self.expert_originals[linear][list(experts)].to(self.runner.device)
-                out[key] = SignRoundWeight(original, start.to(self.runner.device), self.init)
+                out[key] = SignRoundWeight(original, start.to(self.runner.device), self.init, self.learn)
                 for row, e in enumerate(experts):
                     chunk_weights[e, linear] = (key, row)
         return out
@@ -285,9 +291,8 @@ class LayerRefinement:
             ratio = loss.item() / max(start_batches[i], 1e-30)
             if ratio < best_ratio:
                 best, best_ratio = {key: srw.state() for key, srw in weights.items()}, ratio
-            lr = learning_rate(step, self.steps)
             for srw in weights.values():
-                srw.step(lr)
+                srw.refine_step(step, self.steps)
         for key, srw in weights.items():
             srw.restore(best[key])
         refresh(False)
@@ -311,8 +316,12 @@ def check_config(config) -> None:
         raise MoepressError(f"--refine takes a number of steps >= 0, e.g. 50 (0: off; got {steps!r})")
     if config.refine_from not in ("gptq", "rtn"):
         raise MoepressError(f"refine-from must be 'gptq' or 'rtn' (got {config.refine_from!r})")
+    if config.refine_params not in LEARN:
+        raise MoepressError(f"refine-params must be one of {', '.join(LEARN)} (got {config.refine_params!r})")
     if not steps:
         return
+    if config.refine_from == "rtn" and config.refine_params != "rounding":
+        raise MoepressError("--refine-from rtn re-learns the rounding: add --refine-params rounding")
     if config.refine_from == "rtn" and config.act_order == "dynamic":
         raise MoepressError("refining from nearest rounding needs groups in storage order; use --act-order static or off")
     if config.target == "llamacpp":
@@ -325,7 +334,7 @@ def check_config(config) -> None:
 
 @torch.no_grad()
 def begin(view: MoEView, layer: int, runner: LayerwiseRunner, steps: int, expert_chunk: int | None = None,
-          freeze_routing: bool = False, init: str = "gptq") -> LayerRefinement:
+          freeze_routing: bool = False, init: str = "gptq", learn: str = "scales") -> LayerRefinement:
     """Record what refinement needs before layer ``layer`` (on the device, unquantized) is touched: the
     float weights of its linears and experts (references: the layer holds them anyway) and its output
     on the current calibration inputs."""
@@ -350,8 +359,8 @@ def begin(view: MoEView, layer: int, runner: LayerwiseRunner, steps: int, expert
     finally:
         if handle is not None:
             handle.remove()
-    return LayerRefinement(view, layer, runner, steps, expert_chunk, freeze_routing and store is not None, init, originals,
-                           expert_originals, targets, routing)
+    return LayerRefinement(view, layer, runner, steps, expert_chunk, freeze_routing and store is not None, init, learn,
+                           originals, expert_originals, targets, routing)
 
 
 __all__ = ["LayerRefinement", "begin", "check_config"]

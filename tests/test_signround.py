@@ -84,6 +84,52 @@ def test_sign_steps_lower_the_output_error_of_a_linear():
     assert error().item() < start
 
 
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_scale_refinement_holds_gptqs_codes(spec):
+    """learn="scales": whatever the scale factors become, the stored codes, zeros and g_idx are GPTQ's
+    and only the fp16 scales differ; what is optimised is what is stored."""
+    w, _, q = _gptq(spec)
+    srw = SignRoundWeight(w, q, learn="scales")
+    assert torch.equal(srw.dequantize(), q.dequantize()) and srw.round_offset is None
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        srw.scale_factor.copy_(SCALE_RANGE[0] + torch.rand(srw.scale_factor.shape, generator=g)
+                               * (SCALE_RANGE[1] - SCALE_RANGE[0]))
+    refined = srw.quantized()
+    assert torch.equal(refined.codes(), q.codes())
+    for name in ("zeros", "g_idx"):
+        a, b = getattr(refined, name), getattr(q, name)
+        assert (a is None and b is None) or torch.equal(a, b), name
+    assert not torch.equal(refined.scales, q.scales)
+    stored = QuantizedWeight.from_tensors(refined.tensors(), refined.meta())
+    assert torch.equal(stored.dequantize(), srw.dequantize().detach())
+
+
+def test_scale_steps_lower_a_linears_output_error_from_the_first_step():
+    """With the codes held the loss is smooth in the scales: Adam's steps lower it monotonically on a
+    fixed batch (SignRound's signed steps from GPTQ's codes first raise it)."""
+    spec = QuantSpec(bits=2, group_size=64)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 128, generator=g) @ (torch.randn(128, 128, generator=g) * 0.3 + torch.eye(128))
+    w = torch.randn(64, 128, generator=g) * 0.05
+    q = gptq_quantize(w, x.T @ x / len(x), spec).weight
+    srw = SignRoundWeight(w, q, learn="scales")
+
+    def error():
+        return ((x @ (w - srw.dequantize()).T) ** 2).mean()
+
+    losses = []
+    for step in range(20):
+        loss = error()
+        losses.append(loss.item())
+        loss.backward()
+        srw.refine_step(step, 20)
+    assert error().item() < 0.97 * losses[0]
+    assert losses[1] < losses[0]
+    with pytest.raises(ValueError, match="refine_step"):
+        srw.step(0.01)
+
+
 def _held_out_layer_error(reference, compressed, tokens, layer):
     """Mean squared difference between ``compressed``'s and ``reference``'s decoder layer ``layer`` on
     the unquantized model's inputs to that layer for ``tokens``."""
@@ -107,7 +153,8 @@ def _held_out_layer_error(reference, compressed, tokens, layer):
     ("mixtral", 0, {}),
     ("mixtral", 0, {"expert_chunk": 2}),
     ("mixtral", 0, {"refine_frozen_routing": True}),
-    ("mixtral", 0, {"refine_from": "rtn"}),
+    ("mixtral", 0, {"refine_params": "rounding"}),
+    ("mixtral", 0, {"refine_params": "rounding", "refine_from": "rtn"}),
     ("deepseek_v3", 1, {}),  # a shared expert and MLA attention beside the routed experts
 ])
 def test_refinement_lowers_the_held_out_layer_error(arch, layer, options):
@@ -158,7 +205,11 @@ def test_refine_options_are_checked_up_front():
     with pytest.raises(MoepressError, match="refine-from"):
         CompressConfig(bits=4, refine=10, refine_from="hqq")
     with pytest.raises(MoepressError, match="act-order"):
-        CompressConfig(bits=4, refine=10, refine_from="rtn", act_order="dynamic")
+        CompressConfig(bits=4, refine=10, refine_from="rtn", refine_params="rounding", act_order="dynamic")
+    with pytest.raises(MoepressError, match="refine-params rounding"):
+        CompressConfig(bits=4, refine=10, refine_from="rtn")
+    with pytest.raises(MoepressError, match="refine-params"):
+        CompressConfig(bits=4, refine=10, refine_params="codes")
 
 
 def test_memory_formula_counts_the_refinement():
