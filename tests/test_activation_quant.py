@@ -144,6 +144,14 @@ def test_checkpoint_records_the_scheme_and_loading_applies_it(w8a8, tmp_path, ti
         del config["quantization_config"]["activations"]
         json.dump(config, open(os.path.join(out, "config.json"), "w"))
         assert not torch.allclose(moepress.load(out)(ids).logits, expected, atol=1e-4)
+        config["quantization_config"]["activations"] = "int8"
+        json.dump(config, open(os.path.join(out, "config.json"), "w"))
+    # the exports write weight-only formats: they refuse rather than drop the activations
+    for module, export in (("compressed_tensors", "export_compressed_tensors"), ("gguf", "export_gguf")):
+        pytest.importorskip(module)
+        exporter = getattr(__import__(f"moepress.export.{module}", fromlist=[export]), export)
+        with pytest.raises(MoepressError, match="quantizes activations"):
+            exporter(out, str(tmp_path / f"export-{module}"))
     config["quantization_config"]["activations"] = "int4"
     json.dump(config, open(os.path.join(out, "config.json"), "w"))
     with pytest.raises(MoepressError, match="quantization_config.activations must be one of int8"):

@@ -331,6 +331,9 @@ def export_compressed_tensors(checkpoint: str, out: str, overwrite: bool = False
     if trimmed:
         raise MoepressError(f"the checkpoint is trimmed ({', '.join(trimmed)}); the compressed-tensors export does "
                             "not rewrite a trimmed model's config yet")
+    if record.get("activations"):  # (moepress.quantize.activations) rather than serve it as weight-only
+        raise MoepressError(f"the checkpoint quantizes activations ({record['activations']}, compress --activations); "
+                            "the compressed-tensors export writes weight-only schemes: compress again without it")
     check_output_dir(out, overwrite)
     model = _skeleton(checkpoint)
     view = MoEView(model)

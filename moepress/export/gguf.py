@@ -240,6 +240,9 @@ def _check_expressible(ckpt: _Checkpoint) -> None:
     from ..treatment import Treatment
 
     record = ckpt.record
+    if record.get("activations"):
+        raise MoepressError(f"the checkpoint quantizes activations ({record['activations']}, compress --activations); "
+                            "a GGUF stores weight types only: compress again without it")
     for name, entry in record.get("units", {}).items():
         t = Treatment.from_unit_map(entry, name)
         if not (t.keep or (t.kind == "quantize" and t.format is not None)):
