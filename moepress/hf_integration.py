@@ -73,7 +73,7 @@ class MoepressHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         from .runtime.install import install_skeleton
-        from .runtime.skeleton import check_stored_tensors
+        from .runtime.skeleton import check_stored_tensors, expect_stored_zeros
 
         files = [str(f) for f in checkpoint_files or () if str(f).endswith(".safetensors")]
         name = getattr(model.config, "_name_or_path", "") or (os.path.dirname(files[0]) if files else "")
@@ -99,6 +99,7 @@ class MoepressHfQuantizer(HfQuantizer):
             from .export.llamacpp_target import install_outer
 
             install_outer(model, qc.embeddings)
+        expect_stored_zeros(model, qc.format_version)  # formats 1 and 2: one uint8 zero point per group
         if files:  # (a state dict handed to from_pretrained has no files to check first)
             check_stored_tensors(model, stored_tensors(files, name), name)
 

@@ -414,8 +414,9 @@ class Treatment:
 
     def nbytes(self, out_features: int, in_features: int, keep_element_size: int = 2) -> int:
         """Exact bytes of one [out, in] weight stored with this treatment, as moepress packs it:
-        codes packed 8 per ``bits`` bytes, fp16 scales, uint8 zeros (asymmetric), an int16 g_idx
-        (dynamic act-order); a kept weight costs ``keep_element_size`` bytes per parameter."""
+        codes packed 8 per ``bits`` bytes, fp16 scales, zeros at ``bits`` bits (asymmetric; the
+        matrix's out*groups zeros packed as one run, see :mod:`moepress.quantize.packed`), an int16
+        g_idx (dynamic act-order); a kept weight costs ``keep_element_size`` bytes per parameter."""
         if self.kind == "keep":
             return out_features * in_features * keep_element_size
         if self.kind == "split":
@@ -433,7 +434,7 @@ class Treatment:
         groups = 1 if self.group_size is None else math.ceil(in_features / self.group_size)
         total = mask + out_features * packed_width(kept, self.bits) + out_features * groups * 2
         if not self.symmetric:
-            total += out_features * groups
+            total += packed_width(out_features * groups, self.bits)
         if self.stores_group_index:
             total += in_features * 2
         return total

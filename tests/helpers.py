@@ -55,3 +55,29 @@ def interrupt(monkeypatch, point: str, run) -> None:
     with pytest.raises(InjectedFault):
         run()
     monkeypatch.delenv("MOEPRESS_FAULT")
+
+
+def legacy_copy(src: str, dst: str, version: int = 2) -> str:
+    """``src`` rewritten as moepress format ``version`` (1 or 2) stored it: every zeros tensor one
+    uint8 per group [out, n_groups], and the version in config.json and moepress.json."""
+    import glob
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from moepress.quantize.packing import unpack_matrix
+
+    shutil.copytree(src, dst)
+    for file in sorted(glob.glob(os.path.join(dst, "*.safetensors"))):
+        state = load_file(file)
+        for key in [k for k in state if k.endswith(".zeros")]:
+            out_f, n_groups = state[key.removesuffix("zeros") + "scales"].shape
+            bits = state[key].shape[-1] // -(-out_f * n_groups // 8)  # ceil(out*groups/8)*bits bytes
+            state[key] = unpack_matrix(state[key], bits, out_f, n_groups)
+        save_file(state, file, metadata={"format": "pt"})
+    for name in ("config.json", "moepress.json"):
+        path = os.path.join(dst, name)
+        data = json.load(open(path))
+        (data["quantization_config"] if name == "config.json" else data)["format_version"] = version
+        json.dump(data, open(path, "w"))
+    return dst

@@ -182,7 +182,7 @@ def test_half_the_neurons_at_two_bits_and_half_at_three_is_a_two_and_a_half_bit_
     at_three = sum(three.nbytes(r.out_features, r.in_features) for r in rows)
     expert_bytes = (plan.accounting(table.rows)["bytes"] - uniform.accounting(table.rows)["bytes"]) + at_three
     params = sum(r.params for r in rows)
-    codes_bits = 8 * expert_bytes / params - (8 * 3 / 32)  # fp16 scale + uint8 zero per 32 weights
+    codes_bits = 8 * expert_bytes / params - (16 + 2.5) / 32  # fp16 scale + a 2/3-bit zero per 32 weights
     assert codes_bits == pytest.approx(2.5)
 
 

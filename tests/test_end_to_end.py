@@ -87,7 +87,7 @@ def test_bytes_on_disk_match_bits(tiny_model_dir, calib_file, tmp_path):
         fp = moepress.evaluate(result.model, tokenizer=result.tokenizer, text=calib_file, seq_len=64, samples=2,
                                progress=False).footprint
         groups_per_weight = 1 / (group or 128)  # per-channel: at most one group per 128-wide row here
-        overhead = (16 + 8) * groups_per_weight  # fp16 scale + uint8 zero per group
+        overhead = (16 + bits) * groups_per_weight  # fp16 scale + a zero point at `bits` bits per group
         assert bits <= fp["bits_per_param"] <= bits + overhead + 1e-9
         # The file holds the packed linears plus the untouched 32-bit tensors (embeddings, norms, routers).
         float_bytes = fp["model_bytes"] - fp["linear_bytes"]

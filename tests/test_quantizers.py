@@ -103,9 +103,9 @@ def test_nbytes_3bit_group128_overhead():
     qw = rtn_quantize(rand_weight(8, 256, 512), QuantSpec(3, 128, method="rtn"))
     n_weights = 8 * 256 * 512
     bits_per_weight = qw.nbytes() * 8 / n_weights
-    # exactly 3 bits per weight of codes + (16-bit scale + 8-bit zero) per 128 weights
+    # exactly 3 bits per weight of codes + (16-bit scale + 3-bit zero) per 128 weights
     assert qw.qweight.shape == (8, 256, 192)
-    assert bits_per_weight == pytest.approx(3 + 24 / 128, abs=1e-9)
+    assert bits_per_weight == pytest.approx(3 + 19 / 128, abs=1e-9)
     assert bits_per_weight < 3.25
     # symmetric drops the zeros
     qs = rtn_quantize(rand_weight(8, 256, 512), QuantSpec(3, 128, symmetric=True, method="rtn"))

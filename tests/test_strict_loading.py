@@ -22,7 +22,7 @@ import moepress
 from moepress.errors import MoepressError
 from moepress.loading import load_model
 
-from .helpers import run_cli
+from .helpers import legacy_copy, run_cli
 
 SMALL = dict(calib_samples=4, seq_len=64, batch_size=4, progress=False)
 
@@ -146,19 +146,21 @@ def test_unit_map_entry_without_bits_is_one_line(checkpoint, tmp_path, capsys, c
     assert_refused_everywhere(path, capsys, "unit layers.0.attn.q_proj of config.json's unit map: 'bits' is missing", calib_file)
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_known_format_versions_load(checkpoint, tmp_path, version):
     def set_version(config):
         config["quantization_config"]["format_version"] = version
-    path = broken_copy(checkpoint, tmp_path / f"v{version}", edit_config=set_version)
+    # formats 1 and 2 stored one uint8 zero point per group
+    path = (broken_copy(checkpoint, tmp_path / f"v{version}", edit_config=set_version) if version >= 3
+            else legacy_copy(checkpoint, str(tmp_path / f"v{version}"), version=version))
     assert moepress.load(path) is not None
 
 
 def test_unknown_format_version_is_refused(checkpoint, tmp_path, capsys, calib_file):
     def set_version(config):
-        config["quantization_config"]["format_version"] = 3
-    path = broken_copy(checkpoint, tmp_path / "v3", edit_config=set_version)
-    assert_refused_everywhere(path, capsys, "has moepress format version 3", calib_file)
+        config["quantization_config"]["format_version"] = 4
+    path = broken_copy(checkpoint, tmp_path / "v4", edit_config=set_version)
+    assert_refused_everywhere(path, capsys, "has moepress format version 4", calib_file)
     from moepress.export.format import KNOWN_FORMAT_VERSIONS
 
     line = run_cli(capsys, "eval", "--model", path, "--quiet")

@@ -11,9 +11,12 @@ and either the kept values in float (prune only)
 or their quantization codes (joint pruning and quantization)
     qvalues  uint8   [*lead, out, ceil(k/8)*bits]   codes of the kept weights, `pack_bits` layout
     scales   float16 [*lead, out, groups]           groups over the ORIGINAL input columns:
-    zeros    uint8   [*lead, out, groups] | None    a kept value in column j uses group j // group_size
-                                                    (one group per row when per-channel);
-                                                    None = symmetric, zero (maxq+1)/2
+    zeros    uint8   [*lead, ceil(out*groups/8)*bits] | None
+                                                    a kept value in column j uses group j // group_size
+                                                    (one group per row when per-channel); the zero
+                                                    points at `bits` bits, packed as a dense weight's
+                                                    (`quantize.packed`; in memory, unpacked
+                                                    [*lead, out, groups]); None = symmetric, zero (maxq+1)/2
 
 Because k is the same in every row the kept values form a rectangle: no row offsets are stored,
 and the i-th kept value of a row belongs to the i-th set bit of its mask. Groups keep their
@@ -30,7 +33,8 @@ from dataclasses import dataclass
 import torch
 
 from ..quantize.grid import find_params, quantize_codes, symmetric_zero
-from ..quantize.packing import pack_bits, packed_width, unpack_bits
+from ..quantize.packed import read_stored_zeros
+from ..quantize.packing import pack_bits, pack_matrix, packed_width, unpack_bits
 from ..quantize.spec import QuantSpec
 
 MASK_BITS = 1
@@ -231,12 +235,22 @@ class SparseWeight:
 
     # ---------------------------------------------------------------- storage
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors to save: "mask" and "values", or "mask", "qvalues", "scales" (and "zeros")."""
-        return {key: getattr(self, key) for key in _TENSOR_NAMES if getattr(self, key) is not None}
+        """The tensors to save: "mask" and "values", or "mask", "qvalues", "scales" (and "zeros",
+        packed at `bits` bits)."""
+        out = {key: getattr(self, key) for key in _TENSOR_NAMES if getattr(self, key) is not None}
+        if self.zeros is not None:
+            out["zeros"] = pack_matrix(self.zeros, self.bits)
+        return out
 
     def nbytes(self) -> int:
-        """Bytes actually held by the stored tensors (measured, not a bits-per-weight formula)."""
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+        """Bytes of the stored tensors, zero points packed at `bits` bits (the sizes `tensors()`
+        gives, without packing the zeros to find out)."""
+        held = [getattr(self, key) for key in _TENSOR_NAMES if key != "zeros" and getattr(self, key) is not None]
+        total = sum(t.numel() * t.element_size() for t in held)
+        if self.zeros is not None:
+            *lead, out_f, n_groups = self.zeros.shape
+            total += math.prod(lead) * packed_width(out_f * n_groups, self.bits)
+        return total
 
     def meta(self) -> dict:
         """JSON-able metadata that, with `tensors()`, fully describes the weight."""
@@ -279,10 +293,8 @@ class SparseWeight:
         _check_tensor(name, "scales", scales, torch.float16, (*rows, n_groups))
         if not torch.isfinite(scales).all():
             _corrupt(name, "scales contain inf or nan")
-        if zeros is not None:
-            _check_tensor(name, "zeros", zeros, torch.uint8, (*rows, n_groups))
-            if zeros.numel() and int(zeros.max()) > 2**bits - 1:
-                _corrupt(name, f"zeros exceed the {bits}-bit range")
+        if zeros is not None:  # packed, or formats 1/2's one uint8 per group
+            zeros = read_stored_zeros(zeros, lead, meta["out_features"], n_groups, bits, lambda msg: _corrupt(name, msg))
         return cls(mask, None, qvalues, scales, zeros, bits, gs, in_f, meta["out_features"], k)
 
 

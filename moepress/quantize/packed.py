@@ -2,14 +2,28 @@
 
 A weight of shape [*lead, out, in] (lead = [] for an nn.Linear, [E] for fused
 experts) is stored as
-    qweight  uint8   [*lead, out, ceil(in/8)*bits]   codes, see `packing`
+    qweight  uint8   [*lead, out, ceil(in/8)*bits]     codes, see `packing`
     scales   float16 [*lead, out, n_groups]
-    zeros    uint8   [*lead, out, n_groups] | None   None = symmetric, zero (maxq+1)/2
-    g_idx    int16   [*lead, in] | None              group of each input column;
-                                                     None = column j in group j // group_size
+    zeros    uint8   [*lead, ceil(out*n_groups/8)*bits] | None
+                                                       zero points at the codes' own width: each
+                                                       matrix's out*n_groups zeros, row-major, packed
+                                                       as one run (`packing.pack_matrix`); None =
+                                                       symmetric, zero (maxq+1)/2
+    g_idx    int16   [*lead, in] | None                group of each input column;
+                                                       None = column j in group j // group_size
 and dequantizes as W[..., o, j] = scales[..., o, g(j)] * (q[..., o, j] - zero[..., o, g(j)]).
 g_idx is only needed with GPTQ act_order, where groups are contiguous in the
 permuted column order (IST-DASLab/gptq) and therefore scattered in the original one.
+
+Zero points. A group's zero is an integer code in [0, 2**bits - 1], so it takes `bits` bits, as
+llm-compressor and auto-round store it; moepress formats 1 and 2 stored one uint8 per group
+((8 - bits)/group_size bits/param more: 0.047 at 2 bits, group 128). Each matrix's zeros are
+packed as one run, padded once to a multiple of 8 zeros (none when out*n_groups is a multiple of
+8, at most 7): padding each row's n_groups to 8 instead would give a per-channel weight 8 zeros
+per row. `from_tensors` reads the packed layout and formats 1/2's [*lead, out, n_groups] (told
+apart by their number of dimensions). In memory `QuantizedWeight.zeros` holds the zeros unpacked,
+uint8 [*lead, out, n_groups], since dequantizing, the GPTQ/SignRound starts and the kernels read
+them per group; `tensors()` and `nbytes()` are the packed, stored form.
 """
 
 from __future__ import annotations
@@ -20,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from .grid import symmetric_zero
-from .packing import pack_bits, packed_width, unpack_bits
+from .packing import pack_bits, pack_matrix, packed_width, unpack_bits
 
 
 @dataclass
@@ -146,18 +160,28 @@ class QuantizedWeight:
         )
 
     # ---------------------------------------------------------------- storage
+    def stored_zeros(self) -> torch.Tensor | None:
+        """The zero points as stored: uint8 [*lead, ceil(out*n_groups/8)*bits] (see the module doc)."""
+        return None if self.zeros is None else pack_matrix(self.zeros, self.bits)
+
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors to save, keyed "qweight", "scales" and, when present, "zeros", "g_idx"."""
+        """The tensors to save, keyed "qweight", "scales" and, when present, "zeros" (packed at
+        `bits` bits), "g_idx"."""
         out = {"qweight": self.qweight, "scales": self.scales}
         if self.zeros is not None:
-            out["zeros"] = self.zeros
+            out["zeros"] = self.stored_zeros()
         if self.g_idx is not None:
             out["g_idx"] = self.g_idx
         return out
 
     def nbytes(self) -> int:
-        """Bytes actually held by the stored tensors (measured, not a bits-per-weight formula)."""
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+        """Bytes of the stored tensors, zero points packed at `bits` bits (the sizes of what
+        `tensors()` returns, without packing the zeros to find out)."""
+        held = [t for t in (self.qweight, self.scales, self.g_idx) if t is not None]
+        total = sum(t.numel() * t.element_size() for t in held)
+        if self.zeros is not None:
+            total = total + math.prod(self.lead_shape) * packed_width(self.out_features * self.n_groups, self.bits)
+        return total
 
     def meta(self) -> dict:
         """JSON-able metadata that, with `tensors()`, fully describes the weight."""
@@ -173,7 +197,10 @@ class QuantizedWeight:
     def from_tensors(cls, tensors: dict, meta: dict, name: str = "weight") -> "QuantizedWeight":
         """Rebuild from `tensors()` + `meta()`, validating everything a corrupt file could break.
 
-        Raises ValueError with one line naming `name` and the offending tensor.
+        The zeros may be packed (this format) or one uint8 per group (moepress formats 1 and 2);
+        the two layouts differ in their number of dimensions, so the shape says which, and a
+        shape that is neither is refused. Raises ValueError with one line naming `name` and the
+        offending tensor.
         """
 
         def bad(msg: str):
@@ -216,9 +243,7 @@ class QuantizedWeight:
         if not sym:
             if zeros is None:
                 bad("metadata says asymmetric but the zeros tensor is missing")
-            check("zeros", zeros, torch.uint8, (*lead, out_f, n_groups))
-            if zeros.numel() and int(zeros.max()) > 2**bits - 1:
-                bad(f"zeros exceed the {bits}-bit range")
+            zeros = read_stored_zeros(zeros, lead, out_f, n_groups, bits, bad)
         if g_idx is not None:
             if gs is None:
                 bad("g_idx is present but group_size is null (per-channel)")
@@ -228,3 +253,25 @@ class QuantizedWeight:
         if not torch.isfinite(scales).all():
             bad("scales contain inf or nan")
         return cls(qweight, scales, zeros, g_idx, bits, gs, in_f, out_f)
+
+
+def read_stored_zeros(zeros: torch.Tensor, lead: tuple, out_f: int, n_groups: int, bits: int, bad) -> torch.Tensor:
+    """Stored zero points -> uint8 [*lead, out, n_groups], from the packed layout or format 1/2's
+    (one uint8 per group), checked; `bad(message)` raises for anything else (dense and sparse
+    weights share this layout)."""
+    packed_shape = (*lead, packed_width(out_f * n_groups, bits))
+    legacy_shape = (*lead, out_f, n_groups)
+    if zeros.dtype != torch.uint8:
+        bad(f"zeros has dtype {zeros.dtype}, expected {torch.uint8}")
+    if tuple(zeros.shape) == legacy_shape:  # formats 1 and 2: one byte per group
+        if zeros.numel() and int(zeros.max()) > 2**bits - 1:
+            bad(f"zeros exceed the {bits}-bit range")
+        return zeros
+    if tuple(zeros.shape) != packed_shape:
+        bad(f"zeros has shape {tuple(zeros.shape)}, expected {packed_shape} (zero points packed at {bits} bits) "
+            f"or {legacy_shape} (one uint8 per group, moepress formats 1 and 2)")
+    n = out_f * n_groups
+    padded = unpack_bits(zeros, bits, packed_width(n, bits) // bits * 8)
+    if padded[..., n:].any():  # the padding of a packed run is zero codes (pack_bits)
+        bad("zeros' padding codes are not 0: the packed zero points are corrupt")
+    return padded[..., :n].reshape(legacy_shape)

@@ -37,7 +37,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if codes.ndim == 0:
         raise ValueError("codes must have at least one dimension")
     n = codes.shape[-1]
-    if codes.numel() and int(codes.max()) >= 2**bits:
+    if codes.numel() and not codes.is_meta and int(codes.max()) >= 2**bits:  # (meta: a skeleton's shapes)
         raise ValueError(f"codes do not fit in {bits} bits (max code {int(codes.max())})")
     lead = codes.shape[:-1]
     pad = (-n) % 8
@@ -78,3 +78,22 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
     codes = (word >> shifts) & (2**bits - 1)
     return codes.reshape(*lead, (want // bits) * 8)[..., :n].to(torch.uint8)
+
+
+def pack_matrix(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes [..., rows, cols] of each trailing matrix as one run of rows*cols codes
+    (row-major) into uint8 [..., ceil(rows*cols/8)*bits].
+
+    For small per-row counts (the zero points of a weight: one per group, a handful per row) this
+    pads each matrix once to a multiple of 8 codes instead of each row: per-channel zero points
+    at 2 bits cost 2 bits each, not the 16 a row padded to 8 codes would.
+    """
+    if codes.ndim < 2:
+        raise ValueError(f"pack_matrix needs codes with at least 2 dims (got shape {tuple(codes.shape)})")
+    return pack_bits(codes.reshape(*codes.shape[:-2], codes.shape[-2] * codes.shape[-1]), bits)
+
+
+def unpack_matrix(packed: torch.Tensor, bits: int, rows: int, cols: int) -> torch.Tensor:
+    """Inverse of `pack_matrix`: uint8 [..., ceil(rows*cols/8)*bits] -> uint8 [..., rows, cols]."""
+    codes = unpack_bits(packed, bits, rows * cols)
+    return codes.reshape(*codes.shape[:-1], rows, cols)

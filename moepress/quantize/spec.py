@@ -29,7 +29,7 @@ class QuantSpec:
     group_size:  input columns sharing one (scale, zero); None = per-channel
                  (one group per output row). -1 and 0 are accepted as None.
     symmetric:   absmax grid with an implicit zero point (maxq+1)/2, no stored
-                 zeros; otherwise min/max grid with a stored uint8 zero.
+                 zeros; otherwise min/max grid with a stored zero (packed at `bits` bits).
     act_order:   GPTQ only: quantize columns in descending diag(H) order, so
                  the most activated inputs are quantized first while there is
                  the most freedom left to compensate (Frantar et al. 2022).

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quantize.grid import symmetric_zero
-from ..quantize.packing import unpack_bits
+from ..quantize.packing import unpack_bits, unpack_matrix
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the CPU int4 kernel accepts
 INT4_ROW_MULTIPLE = 16  # its packing wants out_features divisible by this
@@ -106,8 +106,8 @@ def _codes_and_params(weight):
     scales = weight.scales.float()
     if weight.zeros is None:
         zeros = torch.full_like(scales, symmetric_zero(weight.bits))
-    else:
-        zeros = weight.zeros.float()
+    else:  # (the kernels hold their own per-group copy; the stored zeros are packed)
+        zeros = weight.zero_points().float()
     group_size = weight.group_size or weight.in_features
     perm = None
     if weight.g_idx is not None:
@@ -323,12 +323,14 @@ def _relayout(codes: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Te
 class DequantMatmul(Matmul):
     """Codes at their stored width, dequantized per call as ``(q - zero[g]) * scale[g]`` in float32
     with the group scales broadcast (the reference runtime's arithmetic, fewer and byte-wide ops).
-    The scales and zero points are the stored tensors themselves (fp16, uint8), not copies."""
+    The scales and zero points are the stored tensors themselves (fp16; uint8 packed at the codes'
+    width, unpacked per call: out*G codes beside the out*in the planes give), not copies."""
 
     kind = "dequant"
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
                  group_size: int, perm: torch.Tensor | None):
+        """``zeros``: the stored (packed) zero points of a PackedWeight, or None when symmetric."""
         super().__init__()
         self.out_features, self.in_features = codes.shape
         self.bits, self.group_size = bits, group_size
@@ -336,7 +338,7 @@ class DequantMatmul(Matmul):
         for k, plane in enumerate(_relayout(codes, bits, group_size)):
             self.register_buffer(f"plane{k}", plane)
         self.register_buffer("scale", scales.unsqueeze(-1))  # [out, G, 1]
-        self.register_buffer("zero", None if zeros is None else zeros.unsqueeze(-1))
+        self.register_buffer("zero", zeros)  # packed, [ceil(out*G/8)*bits] (QuantizedWeight's stored form)
         self.symmetric_zero = symmetric_zero(bits)
         # act-order: the codes are held with contiguous groups; the weight is put back in column order
         # (not the input permuted) so the products are summed in the reference's order
@@ -366,7 +368,9 @@ class DequantMatmul(Matmul):
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight [out, in] in its original column order, the reference's values bit for bit."""
-        zero = self.symmetric_zero if self.zero is None else self.zero.float()
+        out_features, groups = self.scale.shape[:2]
+        zero = self.symmetric_zero if self.zero is None else \
+            unpack_matrix(self.zero, self.bits, out_features, groups).unsqueeze(-1).float()
         weight = ((self.codes().float() - zero) * self.scale.float()).view(self.out_features, self.in_features)
         if self.unperm is not None:
             weight = weight.index_select(1, self.unperm)
@@ -510,7 +514,8 @@ def build_fused(weights: list, dtype: torch.dtype, widen: bool = False, exact: b
     def cat(name):
         return None if getattr(first, name) is None else torch.cat([getattr(w, name) for w in weights])
 
-    joined = PackedWeight(QuantizedWeight(cat("qweight"), cat("scales"), cat("zeros"), first.g_idx, first.bits,
+    zeros = None if first.zeros is None else torch.cat([w.zero_points() for w in weights])  # rows, unpacked
+    joined = PackedWeight(QuantizedWeight(cat("qweight"), cat("scales"), zeros, first.g_idx, first.bits,
                                           first.group_size, first.in_features, sum(w.out_features for w in weights)))
     if exact:
         return None

@@ -34,7 +34,9 @@ _HINTS = {
     ("g_idx", "missing"): "the unit map says the unit stores a group index (act_order: dynamic)",
     ("qweight", "shape"): "the unit map's bits for the unit disagree with the stored codes",
     ("scales", "shape"): "the unit map's group size for the unit disagrees with the stored scales",
-    ("zeros", "shape"): "the unit map's group size for the unit disagrees with the stored zero points",
+    ("zeros", "shape"): "the unit map's bits or group size for the unit, or config.json's format_version (zero "
+                        "points packed at the codes' width from format 3 on, one uint8 per group before), disagree "
+                        "with the stored zero points",
 }
 
 
@@ -78,3 +80,16 @@ def check_stored_tensors(model: nn.Module, stored: dict[str, tuple[tuple[int, ..
             detail = (f"is stored as {list(shape)} {stored_dtype}, the unit map and config imply "
                       f"{list(want_shape)} {want or 'float'}")
             raise _problem(name, checkpoint, kind, detail, 0)
+
+
+def expect_stored_zeros(model: nn.Module, format_version: int) -> None:
+    """Give the skeleton's zero-point buffers the layout a checkpoint of ``format_version`` stores:
+    packed at the codes' width (format 3 on), or one uint8 per group (formats 1 and 2; packed after
+    loading, by :func:`validate_packed`). Call after ``install_skeleton``, before the shapes are checked."""
+    from ..export.format import packs_zeros
+
+    if packs_zeros(format_version):
+        return
+    for module in model.modules():
+        if isinstance(module, (PackedWeight, SparsePackedWeight)):
+            module.expect_legacy_zeros()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..prune.sparse import SparseWeight
-from ..quantize.packing import packed_width
+from ..quantize.packing import packed_width, unpack_matrix
 from ..quantize.spec import KEEP_BITS
 from ..treatment import Treatment
 
@@ -21,9 +21,10 @@ TENSOR_NAMES = ("mask", "values", "qvalues", "scales", "zeros")
 
 
 class SparsePackedWeight(nn.Module):
-    """The buffers of a :class:`SparseWeight`; answers ``dequantize``/``nbytes`` and the shape
-    attributes like :class:`~moepress.runtime.packed_weight.PackedWeight`, so expert loops and the
-    footprint do not care."""
+    """The stored tensors of a :class:`SparseWeight` as buffers (``zeros`` packed at the codes'
+    width, as :class:`~moepress.runtime.packed_weight.PackedWeight` holds them); answers
+    ``dequantize``/``nbytes`` and the shape attributes like it, so expert loops and the footprint
+    do not care."""
 
     def __init__(self, sparse: SparseWeight):
         super().__init__()
@@ -33,8 +34,11 @@ class SparsePackedWeight(nn.Module):
         self.in_features, self.out_features = sparse.in_features, sparse.out_features
         # From the unit map when built as a skeleton: a loaded mask is checked against it.
         self.kept_per_row = sparse.kept_per_row
+        self.n_groups = None if sparse.scales is None else int(sparse.scales.shape[-1])
+        self.legacy_zeros = False  # True while the buffer waits for format 1/2's zeros (expect_legacy_zeros)
+        stored = sparse.tensors()
         for name in TENSOR_NAMES:
-            self.register_buffer(name, getattr(sparse, name))
+            self.register_buffer(name, stored.get(name))
 
     @classmethod
     def empty(cls, treatment: Treatment, out_features: int, in_features: int,
@@ -68,15 +72,30 @@ class SparsePackedWeight(nn.Module):
         return self
 
     def sparse(self) -> SparseWeight:
+        """The buffers as a :class:`SparseWeight` (zero points unpacked; no validation)."""
+        zeros = self.zeros
+        if zeros is not None and not self.legacy_zeros:
+            zeros = unpack_matrix(zeros, self.quant_bits, self.out_features, self.n_groups)
         return SparseWeight(mask=self.mask, values=self.values, qvalues=self.qvalues, scales=self.scales,
-                            zeros=self.zeros, bits=self.quant_bits, group_size=self.group_size,
+                            zeros=zeros, bits=self.quant_bits, group_size=self.group_size,
                             in_features=self.in_features, out_features=self.out_features,
                             kept_per_row=self.kept_per_row)
 
+    def expect_legacy_zeros(self) -> None:
+        """Before loading a checkpoint of format 1 or 2: the ``zeros`` buffer takes their layout,
+        one uint8 per group [out, groups]; :meth:`validate` packs what was loaded."""
+        if self.zeros is not None:
+            self.zeros = torch.zeros(self.out_features, self.n_groups, dtype=torch.uint8, device=self.zeros.device)
+            self.legacy_zeros = True
+
     def validate(self, name: str) -> None:
-        """Check the loaded buffers (mask counts included); one-line ValueError naming ``name``."""
-        sparse = self.sparse()
-        SparseWeight.from_tensors(sparse.tensors(), sparse.meta(), name=name)
+        """Check the loaded buffers (mask counts included); one-line ValueError naming ``name``.
+        Zero points loaded in format 1/2's layout are packed here."""
+        tensors = {t: getattr(self, t) for t in TENSOR_NAMES if getattr(self, t) is not None}
+        checked = SparseWeight.from_tensors(tensors, self.sparse().meta(), name=name)
+        if self.legacy_zeros:
+            self.zeros = checked.tensors()["zeros"]
+            self.legacy_zeros = False
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.sparse().dequantize(dtype)

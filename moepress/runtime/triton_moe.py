@@ -195,9 +195,12 @@ class ExpertMatrices(nn.Module):
             offsets["codes"] += packed.numel()
             scales.append(w.scales.to(device).T.contiguous().reshape(-1))
             offsets["scales"] += scales[-1].numel()
-            if w.zeros is not None:
+            # the kernel reads one uint8 zero per group: a PackedWeight's stored zeros are packed at the
+            # codes' width, so they are unpacked here (an in-memory copy, as the codes are repacked)
+            zero_points = w.zero_points() if hasattr(w, "zero_points") else w.zeros
+            if zero_points is not None:
                 row[ZERO_OFFSET] = offsets["zeros"]
-                zeros.append(w.zeros.to(device).T.contiguous().reshape(-1))
+                zeros.append(zero_points.to(device).T.contiguous().reshape(-1))
                 offsets["zeros"] += zeros[-1].numel()
             if perm is not None:
                 row[PERM_OFFSET] = offsets["perms"]
