@@ -354,7 +354,8 @@ def run_compress(args) -> None:
     print("\nexpert coverage (calibration tokens routed per expert):", file=sys.stderr)
     print(result.profile.coverage_table(), file=sys.stderr)
     print(
-        f"\nquantized {len(result.units)} units to {what} ({config.method}) in {result.seconds:.1f} s on "
+        f"\nquantized {len(result.units)} units to {what} ({config.method}"
+        f"{f', {config.activations} activations' if config.activations else ''}) in {result.seconds:.1f} s on "
         f"{result.calibration_tokens:,} calibration tokens; linear weights {fp.linear_bytes:,} bytes "
         f"({fp.bits_per_param:.3f} bits/param); saved to {args.out}"
     )

@@ -76,7 +76,9 @@ class CompressConfig:
     refine_frozen_routing: bool = False  # refine with the unquantized layer's expert choices and weights
     # "int8": every quantized unit's input rows fake-quantized per token (W8A8/W4A8, moepress.quantize.activations)
     activations: str | None = None
-    activations_hessian: bool = False  # GPTQ's Hessians from the int8-rounded inputs too (routed down: float)
+    # GPTQ's Hessians from the int8-rounded inputs too (routed down: float). Off: within the calibration
+    # seeds' spread on the zoo (KL 0.86-1.03x, mean 0.98x; benchmarks/results/activations-2026-12-01.json)
+    activations_hessian: bool = False
 
     def __post_init__(self):
         try:
