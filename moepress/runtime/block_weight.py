@@ -129,6 +129,7 @@ class BlockExperts(PackedExperts):
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.act_fn = act_fn
+        self.set_activations(None, ())  # llama.cpp's formats are weight-only (--activations is refused with them)
 
 
 def holds_blocks(packed: dict[str, list]) -> bool:
