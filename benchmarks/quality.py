@@ -83,8 +83,11 @@ def main(argv=None) -> int:
                    help="moepress methods (rtn gptq); give none (a bare --methods) for peer rows only")
     p.add_argument("--act-order", default="static", choices=("off", "static", "dynamic"),
                    help="moepress GPTQ's column order (default static, moepress's default)")
+    p.add_argument("--refine", type=int, default=None,
+                   help="moepress rows: refinement steps per layer (default: moepress compress's, REFINE_STEPS)")
     p.add_argument("--peers", default="", help="comma-separated: " + ",".join(PEERS))
     p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-seed", type=int, default=0, help="the calibration windows' seed (the same for every tool)")
     p.add_argument("--eval-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--timeout", type=int, default=3600, help="seconds per row")
@@ -93,6 +96,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quality-<date>.json)")
     args = p.parse_args(argv)
 
+    if args.refine is None:
+        sys.path.insert(0, ROOT)
+        from moepress.refine import REFINE_STEPS
+
+        args.refine = REFINE_STEPS
     peers = [t for t in args.peers.split(",") if t]
     unknown = [t for t in peers if t not in PEERS]
     if unknown:
@@ -122,7 +130,8 @@ def main(argv=None) -> int:
         save()
 
     for model in args.models:
-        common = ["--model", model, "--calib-samples", str(args.calib_samples), "--eval-samples", str(args.eval_samples),
+        common = ["--model", model, "--calib-samples", str(args.calib_samples), "--calib-seed", str(args.calib_seed),
+                  "--eval-samples", str(args.eval_samples),
                   "--seq-len", str(args.seq_len)]
         name = os.path.basename(os.path.normpath(model))
         record({"model": name, "tool": "baseline", "bits": 16,
@@ -133,7 +142,8 @@ def main(argv=None) -> int:
                 for method in args.methods:
                     record({"model": name, "tool": "moepress", "method": method, "bits": bits, "group_size": group or None,
                             **run_worker(sys.executable, "benchmarks.workers.moepress_worker",
-                                       option + ["--method", method, "--act-order", args.act_order],
+                                       option + ["--method", method, "--act-order", args.act_order,
+                                                 "--refine", str(args.refine if method == "gptq" else 0)],
                                          args.timeout)})
                 for tool in peers:
                     python = peer_python(tool)

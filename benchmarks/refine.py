@@ -1,7 +1,7 @@
-"""SignRound refinement after GPTQ (``--refine STEPS``): KL and compress time against the step count.
+"""Refinement after GPTQ (``--refine STEPS``, ``--refine-params``): KL and compress time against the step count.
 
     OMP_NUM_THREADS=1 python benchmarks/refine.py --models zoo/models/tiny-mixtral zoo/models/tiny-deepseek \\
-        --bits 2 3 --steps 0 25 50 100 200
+        --bits 2 3 --steps 0 16 32 64 128 [--refine-params scales rounding] [--refine-from gptq rtn]
 
 Every row compresses the model in memory exactly as the quality benchmark's moepress worker does (the
 same calibration and evaluation windows: builtin:calib and the held-out builtin:eval), with
@@ -34,8 +34,10 @@ def main(argv=None) -> int:
     p.add_argument("--eval-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0, help="calibration windows' seed")
+    p.add_argument("--refine-params", nargs="+", default=["scales"], choices=("scales", "rounding"),
+                   help="what refinement learns (rows for each; 0 steps is run once)")
     p.add_argument("--refine-from", nargs="+", default=["gptq"], choices=("gptq", "rtn"),
-                   help="the refinement's start (rows for each; 0 steps is run once)")
+                   help="SignRound's start (rows for each with --refine-params rounding)")
     p.add_argument("--frozen-routing", action="store_true", help="refine with the unquantized layer's routing")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -65,12 +67,13 @@ def main(argv=None) -> int:
         tokens = calib_windows(tokenizer, "builtin:calib", args.seq_len, args.calib_samples, seed=args.seed)
         params = linear_params(reference)
         for bits in args.bits:
-            runs = [(steps, start) for start in args.refine_from for steps in args.steps
-                    if steps or start == args.refine_from[0]]
-            for steps, start in runs:
+            ways = [(learn, start) for learn in args.refine_params
+                    for start in (args.refine_from if learn == "rounding" else ["gptq"])]
+            runs = [(steps, learn, start) for learn, start in ways for steps in args.steps if steps or (learn, start) == ways[0]]
+            for steps, learn, start in runs:
                 config = CompressConfig(bits=bits, group_size=args.group_size or None, calib_samples=args.calib_samples,
                                         seq_len=args.seq_len, seed=args.seed, refine=steps, refine_from=start,
-                                        refine_frozen_routing=args.frozen_routing)
+                                        refine_params=learn, refine_frozen_routing=args.frozen_routing)
                 model = moepress.load(model_dir)
                 started = time.time()
                 units, errors, profile = quantize_model(model, tokens, config, progress=False)
@@ -78,7 +81,7 @@ def main(argv=None) -> int:
                 layer_errors = {k.split(".")[1]: [float(x) for x in v]
                                 for k, v in profile.tensors.items() if k.endswith(".refine.output_error")}
                 row = {"model": os.path.basename(os.path.normpath(model_dir)), "bits": bits,
-                       "group_size": args.group_size or None, "refine": steps, "refine_from": start,
+                       "group_size": args.group_size or None, "refine": steps, "refine_params": learn, "refine_from": start,
                        "frozen_routing": args.frozen_routing, "seed": args.seed,
                        "expert_hessian": getattr(config, "expert_hessian", "plain"),
                        "clip_search": getattr(config, "clip_search", False),
@@ -91,10 +94,11 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 save()
-    print("| model | bits | refine | from | KL | top-1 | ppl | bits/param | compress s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | bits | refine | learns | from | KL | top-1 | ppl | bits/param | compress s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['model']} | {r['bits']} | {r['refine']} | {r['refine_from']} | {r['kl_divergence']:.4f} | {r['top1_agreement']:.3f} | "
+        print(f"| {r['model']} | {r['bits']} | {r['refine']} | {r['refine_params']} | {r['refine_from']} | "
+              f"{r['kl_divergence']:.4f} | {r['top1_agreement']:.3f} | "
               f"{r['perplexity']:.2f} | {r['bits_per_param']:.3f} | {r['compress_seconds']:.1f} |")
     return 0
 

@@ -49,10 +49,12 @@ def _add_allocation(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scope", choices=("experts", "all"), default="experts",
                     help="what the budget covers: routed experts (others at --others; default) or all linear weights")
     p.add_argument("--strategy", choices=("uniform", "greedy", "heuristic", "ilp", "evolution"), default="ilp")
-    p.add_argument("--estimator", choices=("gptq", "gptq_routed", "hawq", "kl_scaled"), default="gptq_routed",
-                    help="damage estimate: GPTQ loss (001), x routing mass (003, default), Hessian trace x perturbation "
+    p.add_argument("--estimator", choices=("auto", "gptq", "gptq_routed", "hawq", "kl_scaled"), default="auto",
+                    help="damage estimate: GPTQ loss (001), x routing mass (003), Hessian trace x perturbation "
                          "(HAWQ), or gptq_routed rescaled per layer and kind by the output KL it adds, measured "
-                         "on top of a 4-bit model (kl_scaled: three extra evaluations per layer and kind)")
+                         "on top of a 4-bit model (kl_scaled: three extra evaluations per layer and kind; keeps the "
+                         "model in memory); auto (default): kl_scaled where the model fits in memory, else "
+                         "gptq_routed, streamed (said when it falls back)")
     p.add_argument("--granularity", choices=("expert", "linear", "channel"), default="expert",
                     help="a unit is a whole expert (default), one linear (gate/up/down) of an expert, or a group of "
                          "--channel-group intermediate neurons of an expert (its rows of gate/up, columns of down)")
@@ -170,10 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="choose each group's range among min/max shrunk by 1.0 down to 0.5, the one with the least "
                         "GPTQ loss on the group's columns (RTN: squared rounding error), instead of min/max; needs "
                         "--act-order off or dynamic; the stored format is the same (default off)")
-    c.add_argument("--refine", type=int, default=0, metavar="STEPS",
+    c.add_argument("--refine", type=int, default=None, metavar="STEPS",
                    help="after GPTQ, refine each layer on the layer's output for STEPS steps (see --refine-params; "
                         "same stored format), keeping GPTQ's result for a layer whose calibration output error does "
-                        "not go down; 0: off (default)")
+                        "not go down; 0: off; default 32 (0 with --target llamacpp and with trims, where it does "
+                        "not apply yet)")
     c.add_argument("--refine-params", choices=("scales", "rounding"), default="scales",
                    help="what --refine learns: every group's scale with GPTQ's codes held (default; Adam) or, as "
                         "SignRound, every weight's rounding offset and the groups' scale/zero corrections")
@@ -303,7 +306,7 @@ def run_compress(args) -> None:
         drop_experts=args.drop_experts, drop_criterion=args.drop_criterion, top_k=args.top_k,
         drop_blocks=args.drop_blocks, drop_moe_layers=args.drop_moe_layers, dynamic_pruning=args.dynamic_pruning,
         offload_activations=args.offload_activations, target=args.target, ggml_type=args.ggml_type,
-        expert_hessian=args.expert_hessian, clip_search=args.clip_search, refine=args.refine,
+        expert_hessian=args.expert_hessian, clip_search=args.clip_search, refine=args.refine or 0,
         refine_from=args.refine_from, refine_params=args.refine_params, activations=args.activations,
     )
     if args.save_profile:
@@ -334,6 +337,11 @@ def run_compress(args) -> None:
         q = plan.quantization
         config.method, config.symmetric = q.get("method", "gptq"), bool(q.get("symmetric", False))
         config.act_order, config.damp = q.get("act_order", "static"), float(q.get("damp", 0.01))
+        config.__post_init__()
+    if args.refine is None:  # the default: refine where it applies
+        from .refine import default_steps
+
+        config.refine = default_steps(config, plan, joint=args.active is not None)
         config.__post_init__()
     result = compress(args.model, config=config, out=args.out, overwrite=args.overwrite, restart=args.restart,
                       progress=not args.quiet, trust_remote_code=args.trust_remote_code, plan=plan,

@@ -307,6 +307,18 @@ class LayerRefinement:
         self.errors.append(end_error)
 
 
+REFINE_STEPS = 32  # ``moepress compress``'s default --refine (benchmarks/refine.py; the library's CompressConfig: 0)
+
+
+def default_steps(config, plan=None, joint: bool = False) -> int:
+    """``moepress compress``'s --refine when not given: :data:`REFINE_STEPS`, or 0 where refinement does
+    not apply yet (llama.cpp's block formats, trims, a plan that trims, the joint plan's removals),
+    so that the default never turns into a refusal."""
+    trims = (config.drop_experts is not None or config.top_k is not None or config.drop_blocks
+             or config.drop_moe_layers or joint or (plan is not None and not plan.trim.empty))
+    return 0 if config.target == "llamacpp" or config.bits >= 16 or trims else REFINE_STEPS
+
+
 def check_config(config) -> None:
     """Refuse what refinement cannot do yet, before any work (a :class:`~moepress.compress.CompressConfig`)."""
     from .errors import MoepressError
@@ -363,4 +375,4 @@ def begin(view: MoEView, layer: int, runner: LayerwiseRunner, steps: int, expert
                            originals, expert_originals, targets, routing)
 
 
-__all__ = ["LayerRefinement", "begin", "check_config"]
+__all__ = ["REFINE_STEPS", "LayerRefinement", "begin", "check_config", "default_steps"]

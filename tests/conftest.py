@@ -15,6 +15,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True)
+def _short_default_refinement(monkeypatch):
+    """``moepress compress`` refines 32 steps per layer by default; the CLI tests run 2, so that the
+    default path (refinement on) is exercised and the suite stays fast. Tests of refinement itself
+    give their step counts."""
+    import moepress.refine
+
+    monkeypatch.setattr(moepress.refine, "REFINE_STEPS", 2)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from moepress.data import load_text

@@ -123,3 +123,26 @@ def test_plan_command_with_kl_scaled_measures_once_then_reuses_the_table(tiny_mo
     assert "cost table: read" in err and "layer sensitivity:" not in err
     plan = load_plan(str(tmp_path / "a.yaml"))
     assert plan.estimator == "kl_scaled" and plan.totals["budget_scope_bytes"] <= plan.budget["bytes"]
+
+
+def test_auto_estimator_is_kl_scaled_where_the_model_fits_else_streamed_gptq_routed(monkeypatch, capsys):
+    """``--estimator auto`` (the default): kl_scaled (it keeps the model in memory) when that fits, else
+    gptq_routed, saying why; plans that do not read the damage, and targets, stay streamed."""
+    from types import SimpleNamespace
+
+    import moepress.pipeline.memory
+    from moepress.allocate.command import PlanOptions, _default_estimator, _resident_bytes
+    from moepress.model.tiny import build_tiny_model
+
+    source = SimpleNamespace(model=build_tiny_model("mixtral"))
+    needed = _resident_bytes(source)
+    assert PlanOptions().estimator == "auto"
+    monkeypatch.setattr(moepress.pipeline.memory, "memory_available", lambda: 10 * needed)
+    assert _default_estimator(source, PlanOptions()) == "kl_scaled"
+    assert _default_estimator(source, PlanOptions(strategy="heuristic")) == "gptq_routed"
+    assert _default_estimator(source, PlanOptions(target="vllm")) == "gptq_routed"
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(moepress.pipeline.memory, "memory_available", lambda: needed // 2)
+    assert _default_estimator(source, PlanOptions()) == "gptq_routed"
+    line = capsys.readouterr().err.strip().splitlines()
+    assert len(line) == 1 and "gptq_routed, streamed" in line[0] and "kl_scaled" in line[0]

@@ -224,3 +224,26 @@ def test_memory_formula_counts_the_refinement():
     assert plain.refinement == 0 and refined.peak == plain.peak + refined.refinement
     assert 0 < chunked.refinement < refined.refinement  # the chunk's share scales with --expert-chunk
     assert refined.refinement >= 4 * 16 * 64 * 128  # at least the unquantized layer's outputs
+
+
+def test_compress_command_refines_by_default_where_refinement_applies(tiny_model_dir, calib_file, tmp_path):
+    """``moepress compress`` without --refine refines (REFINE_STEPS; 2 in the tests, see conftest) and
+    records it; where refinement does not apply yet the default is 0, never a refusal."""
+    import json
+
+    import moepress.refine
+    from moepress.cli import main
+    from moepress.refine import default_steps
+
+    steps = moepress.refine.REFINE_STEPS
+    assert default_steps(CompressConfig(bits=3)) == steps
+    assert default_steps(CompressConfig(bits=4, target="llamacpp")) == 0
+    assert default_steps(CompressConfig(bits=4, drop_experts="25%")) == 0
+    assert default_steps(CompressConfig(bits=16, prune="2:4")) == 0
+    assert default_steps(CompressConfig(bits=4), joint=True) == 0
+    out = str(tmp_path / "out")
+    assert main(["compress", "--model", tiny_model_dir("mixtral"), "--calib", calib_file, "--bits", "3",
+                 "--calib-samples", "4", "--seq-len", "32", "--out", out, "--quiet"]) == 0
+    record = json.load(open(f"{out}/moepress.json"))
+    assert record["refine"]["steps"] == steps
+    assert record["refine"]["params"] == "scales"

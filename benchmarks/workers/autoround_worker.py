@@ -44,7 +44,7 @@ def main(args, row):
     reference, tokenizer = load_reference(args.model)
     windows = eval_windows(tokenizer, args.eval, args.seq_len, args.eval_samples)
     params = linear_params(reference)
-    tokens = calib_windows(tokenizer, args.calib, args.seq_len, args.calib_samples)
+    tokens = calib_windows(tokenizer, args.calib, args.seq_len, args.calib_samples, seed=args.calib_seed)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, use_safetensors=True).eval()
     out = os.path.join(args.workdir, "autoround")
 

@@ -30,6 +30,7 @@ def worker_args(extra=None) -> argparse.Namespace:
     p.add_argument("--method", default="gptq")
     p.add_argument("--calib", default="builtin:calib")
     p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-seed", type=int, default=0, help="which calibration windows (every tool the same)")
     p.add_argument("--eval", default="builtin:eval")
     p.add_argument("--eval-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256)

@@ -65,7 +65,7 @@ def main(args, row):
     reference, tokenizer = load_reference(args.model)
     windows = eval_windows(tokenizer, args.eval, args.seq_len, args.eval_samples)
     params = linear_params(reference)
-    tokens = calib_windows(tokenizer, args.calib, args.seq_len, args.calib_samples)
+    tokens = calib_windows(tokenizer, args.calib, args.seq_len, args.calib_samples, seed=args.calib_seed)
     calibration = [{"input_ids": t.tolist(), "attention_mask": [1] * t.numel()} for t in tokens]
     extra = {}
     skipped = unpackable(reference, args.bits)

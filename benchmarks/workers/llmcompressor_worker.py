@@ -87,7 +87,7 @@ def oneshot_in_memory(args, modifier):
 
     reference, tokenizer = load_reference(args.model)
     windows = eval_windows(tokenizer, args.eval, args.seq_len, args.eval_samples)
-    tokens = calib_windows(tokenizer, args.calib, args.seq_len, args.calib_samples)
+    tokens = calib_windows(tokenizer, args.calib, args.seq_len, args.calib_samples, seed=args.calib_seed)
     calib = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
     with moe_layout(AutoConfig.from_pretrained(args.model).model_type), hidden_module_aliases():
         with load_context():
@@ -158,7 +158,7 @@ def main(args, row):
 
     reference, tokenizer = load_reference(args.model)
     windows = eval_windows(tokenizer, args.eval, args.seq_len, args.eval_samples)
-    tokens = calib_windows(tokenizer, args.calib, args.seq_len, args.calib_samples)
+    tokens = calib_windows(tokenizer, args.calib, args.seq_len, args.calib_samples, seed=args.calib_seed)
     calib = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
     layout = moe_layout(AutoConfig.from_pretrained(args.model).model_type)
     out = os.path.join(args.workdir, "out")

@@ -14,7 +14,15 @@ from benchmarks.workers.common import (
     linear_params,
     load_reference,
     run,
+    worker_args,
 )
+
+
+def _args():
+    def extra(p):
+        p.add_argument("--refine", type=int, default=0, help="refinement steps per layer (moepress compress's "
+                                                             "default: moepress.refine.REFINE_STEPS)")
+    return worker_args(extra)
 
 
 def main(args, row):
@@ -31,8 +39,8 @@ def main(args, row):
     act_order = getattr(args, "act_order", None) or "static"  # moepress's default
     config = CompressConfig(bits=args.bits, group_size=args.group_size or None, method=args.method,
                             calib_samples=args.calib_samples, seq_len=args.seq_len, calib=args.calib,
-                            act_order=act_order)
-    tokens = calib_windows(tokenizer, args.calib, args.seq_len, args.calib_samples)
+                            act_order=act_order, refine=args.refine)
+    tokens = calib_windows(tokenizer, args.calib, args.seq_len, args.calib_samples, seed=args.calib_seed)
     # Load in the checkpoint's own dtype (as `moepress compress` does): the parts that stay unquantized
     # (embeddings, norms, routers) are saved in it; calibration still computes in float32 on CPU.
     model = moepress.load(args.model)
@@ -42,9 +50,9 @@ def main(args, row):
     out = os.path.join(args.workdir, "out")
     save_compressed(CompressResult(model, tokenizer, config, units, errors, profile, seconds, tokens.numel()), out, overwrite=True)
     row.update(tool="moepress", method=args.method, compress_seconds=round(seconds, 2),
-               act_order=act_order if args.method == "gptq" else "off")
+               act_order=act_order if args.method == "gptq" else "off", refine=args.refine)
     return evaluate_row(moepress.load(out, dtype=torch.float32), reference, windows, out, params, row)
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, _args)
