@@ -85,6 +85,9 @@ def main(argv=None) -> int:
                    help="moepress GPTQ's column order (default static, moepress's default)")
     p.add_argument("--refine", type=int, default=None,
                    help="moepress rows: refinement steps per layer (default: moepress compress's, REFINE_STEPS)")
+    p.add_argument("--budgets", nargs="*", default=[],
+                   help="also mixed-precision moepress rows: moepress compress --budget B --scope all (e.g. 3bits), "
+                        "planned with the command's defaults, per group size")
     p.add_argument("--peers", default="", help="comma-separated: " + ",".join(PEERS))
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seed", type=int, default=0, help="the calibration windows' seed (the same for every tool)")
@@ -155,6 +158,14 @@ def main(argv=None) -> int:
                     extra = ["--iters", str(args.autoround_iters)] if tool == "autoround" else []
                     row = run_worker(python, PEERS[tool][0], option + extra, args.timeout)
                     record({**base, **row})
+
+        for budget in args.budgets:
+            for group in args.group_sizes:
+                option = common + ["--bits", "4", "--group-size", str(group), "--budget", budget, "--scope", "all",
+                                   "--refine", str(args.refine), "--act-order", args.act_order]
+                row = run_worker(sys.executable, "benchmarks.workers.moepress_worker", option, args.timeout)
+                record({"model": name, "tool": "moepress", "method": "gptq", **row, "bits": f"mixed {budget}",
+                        "group_size": group or None})
 
     save()
     print(markdown(rows))

@@ -22,6 +22,9 @@ def _args():
     def extra(p):
         p.add_argument("--refine", type=int, default=0, help="refinement steps per layer (moepress compress's "
                                                              "default: moepress.refine.REFINE_STEPS)")
+        p.add_argument("--budget", default=None, help="mixed precision: plan within this budget (e.g. 3bits) with "
+                                                      "moepress plan's defaults, then compress (--bits is ignored)")
+        p.add_argument("--scope", default="all", choices=("experts", "all"), help="the budget's scope")
     return worker_args(extra)
 
 
@@ -39,7 +42,9 @@ def main(args, row):
     act_order = getattr(args, "act_order", None) or "static"  # moepress's default
     config = CompressConfig(bits=args.bits, group_size=args.group_size or None, method=args.method,
                             calib_samples=args.calib_samples, seq_len=args.seq_len, calib=args.calib,
-                            act_order=act_order, refine=args.refine)
+                            act_order=act_order, refine=args.refine, seed=args.calib_seed)
+    if args.budget:
+        return _mixed(args, row, config, reference, tokenizer, windows, params)
     tokens = calib_windows(tokenizer, args.calib, args.seq_len, args.calib_samples, seed=args.calib_seed)
     # Load in the checkpoint's own dtype (as `moepress compress` does): the parts that stay unquantized
     # (embeddings, norms, routers) are saved in it; calibration still computes in float32 on CPU.
@@ -51,6 +56,30 @@ def main(args, row):
     save_compressed(CompressResult(model, tokenizer, config, units, errors, profile, seconds, tokens.numel()), out, overwrite=True)
     row.update(tool="moepress", method=args.method, compress_seconds=round(seconds, 2),
                act_order=act_order if args.method == "gptq" else "off", refine=args.refine)
+    return evaluate_row(moepress.load(out, dtype=torch.float32), reference, windows, out, params, row)
+
+
+def _mixed(args, row, config, reference, tokenizer, windows, params):
+    """A planned mixed-precision row: ``moepress compress --budget`` (plan with the command's defaults,
+    then compress; the time includes the plan), on the same calibration windows (config.seed)."""
+    import moepress
+    from moepress.allocate.command import PlanOptions
+
+    planning = PlanOptions(budget=args.budget, scope=args.scope, group_size=args.group_size or None,
+                           calib=args.calib, calib_samples=args.calib_samples, seq_len=args.seq_len,
+                           seed=args.calib_seed)
+    out = os.path.join(args.workdir, "out")
+    started = time.time()
+    moepress.compress(args.model, config=config, out=out, budget=args.budget, planning=planning, progress=False)
+    seconds = time.time() - started
+    import json
+
+    record = json.load(open(os.path.join(out, "moepress.json")))
+    os.remove(os.path.join(out, "costs.safetensors"))  # the plan's cost table, saved beside the model: not the model's bytes
+    plan = record.get("plan") or {}
+    row.update(tool="moepress", method="gptq", budget=args.budget, scope=args.scope,
+               strategy=plan.get("strategy"), estimator=plan.get("estimator"), compress_seconds=round(seconds, 2),
+               act_order=config.act_order, refine=args.refine)
     return evaluate_row(moepress.load(out, dtype=torch.float32), reference, windows, out, params, row)
 
 
