@@ -38,6 +38,8 @@ def main(argv=None) -> int:
                    help="what refinement learns (rows for each; 0 steps is run once)")
     p.add_argument("--refine-from", nargs="+", default=["gptq"], choices=("gptq", "rtn"),
                    help="SignRound's start (rows for each with --refine-params rounding)")
+    p.add_argument("--expert-hessian", default="g2", choices=("plain", "g", "g2"),
+                   help="the routed experts' Hessian weighting (compress's --expert-hessian; default g2)")
     p.add_argument("--frozen-routing", action="store_true", help="refine with the unquantized layer's routing")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -73,7 +75,8 @@ def main(argv=None) -> int:
             for steps, learn, start in runs:
                 config = CompressConfig(bits=bits, group_size=args.group_size or None, calib_samples=args.calib_samples,
                                         seq_len=args.seq_len, seed=args.seed, refine=steps, refine_from=start,
-                                        refine_params=learn, refine_frozen_routing=args.frozen_routing)
+                                        refine_params=learn, refine_frozen_routing=args.frozen_routing,
+                                        expert_hessian=args.expert_hessian)
                 model = moepress.load(model_dir)
                 started = time.time()
                 units, errors, profile = quantize_model(model, tokens, config, progress=False)
