@@ -30,7 +30,8 @@ SMALL = dict(bits=3, group_size=32, calib_samples=8, seq_len=64, batch_size=4)
 
 
 def _cli(source: str, calib: str, out: str, *extra: str) -> list[str]:
-    args = ["compress", "--model", source, "--calib", calib, "--out", out, "--device", "cpu", "--quiet"]
+    # --refine 0: the library's references do not refine (the command does by default)
+    args = ["compress", "--model", source, "--calib", calib, "--out", out, "--device", "cpu", "--quiet", "--refine", "0"]
     for key, value in SMALL.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     return args + list(extra)
