@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from ..errors import MoepressError
 from ..model.view import EXPERT_LINEARS, MoEView
+from .hub_names import hub_names
 
 TARGET = "vllm"
 BITS = (4, 8)  # vLLM's WNA16 MoE kernels
@@ -172,8 +173,6 @@ def check_units(view: MoEView, treatment_of, trimming=None) -> None:
     """Every unit's treatment is one vLLM holds (:func:`refusal`) and every tied group agrees
     (:func:`tied_units`); one line naming the first unit that breaks a rule."""
     check_trimming(view, trimming)
-    from .compressed_tensors import hub_names
-
     try:  # the hub layout must hold one linear per expert (Granite-MoE's stores them fused)
         hub_names(view.model, view)
     except MoepressError as exc:
