@@ -88,6 +88,9 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", nargs="*", default=[],
                    help="also mixed-precision moepress rows: moepress compress --budget B --scope all (e.g. 3bits), "
                         "planned with the command's defaults, per group size")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="run each option's moepress and peer rows at the same time (one process each), so that "
+                        "their compress times are taken under the same load and compare as ratios")
     p.add_argument("--peers", default="", help="comma-separated: " + ",".join(PEERS))
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seed", type=int, default=0, help="the calibration windows' seed (the same for every tool)")
@@ -142,22 +145,30 @@ def main(argv=None) -> int:
         for bits in args.bits:
             for group in args.group_sizes:
                 option = common + ["--bits", str(bits), "--group-size", str(group)]
+                jobs = []  # (the row's fixed fields, the worker's python, module, arguments)
                 for method in args.methods:
-                    record({"model": name, "tool": "moepress", "method": method, "bits": bits, "group_size": group or None,
-                            **run_worker(sys.executable, "benchmarks.workers.moepress_worker",
-                                       option + ["--method", method, "--act-order", args.act_order,
-                                                 "--refine", str(args.refine if method == "gptq" else 0)],
-                                         args.timeout)})
+                    jobs.append(({"model": name, "tool": "moepress", "method": method, "bits": bits,
+                                  "group_size": group or None}, sys.executable, "benchmarks.workers.moepress_worker",
+                                 option + ["--method", method, "--act-order", args.act_order,
+                                           "--refine", str(args.refine if method == "gptq" else 0)]))
                 for tool in peers:
                     python = peer_python(tool)
-                    base = {"model": os.path.basename(os.path.normpath(model)), "tool": tool, "bits": bits,
-                            "group_size": group or None}
+                    base = {"model": name, "tool": tool, "bits": bits, "group_size": group or None}
                     if python is None:
                         record({**base, "status": "failed", "error": f"not installed: run {PEERS[tool][3]}"})
                         continue
                     extra = ["--iters", str(args.autoround_iters)] if tool == "autoround" else []
-                    row = run_worker(python, PEERS[tool][0], option + extra, args.timeout)
-                    record({**base, **row})
+                    jobs.append((base, python, PEERS[tool][0], option + extra))
+                if args.side_by_side:  # every tool's row at once: each sees the same load, so times compare
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    with ThreadPoolExecutor(len(jobs) or 1) as pool:
+                        results = list(pool.map(lambda job: run_worker(job[1], job[2], job[3], args.timeout), jobs))
+                    for (base, *_), row in zip(jobs, results):
+                        record({**base, **row, "side_by_side": len(jobs)})
+                else:
+                    for base, python, module, worker_args in jobs:
+                        record({**base, **run_worker(python, module, worker_args, args.timeout)})
 
         for budget in args.budgets:
             for group in args.group_sizes:
