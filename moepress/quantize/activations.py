@@ -145,12 +145,13 @@ def apply_activations(model: nn.Module, scheme: str | None, select: Callable[[st
 def _as_packed_experts(store) -> nn.Module:
     """A float (fused) experts module replaced by a :class:`PackedExperts` of the same float
     weights, which can quantize its linears' inputs; returns the new module."""
-    from ..model.view import EXPERT_LINEARS, set_submodule
+    from ..model.view import EXPERT_LINEARS
+    from ..runtime.install import swap_module
     from ..runtime.packed_experts import PackedExperts
 
     packed = {lin: list(store.weight(lin).detach().unbind(0)) for lin in EXPERT_LINEARS}
     module = PackedExperts(store.num_experts, store.hidden_size, store.intermediate_size, store.act_fn, packed)
-    set_submodule(store.model, store.module_path, module)
+    swap_module(store.model, store.module_path, module)  # (every module swap goes through runtime/install.py)
     return module
 
 
