@@ -316,7 +316,7 @@ def default_steps(config, plan=None, joint: bool = False) -> int:
     so that the default never turns into a refusal."""
     trims = (config.drop_experts is not None or config.top_k is not None or config.drop_blocks
              or config.drop_moe_layers or joint or (plan is not None and not plan.trim.empty))
-    return 0 if config.target == "llamacpp" or config.bits >= 16 or trims else REFINE_STEPS
+    return 0 if config.target == "llamacpp" or (config.bits or 0) >= 16 or trims else REFINE_STEPS
 
 
 def check_config(config) -> None:
