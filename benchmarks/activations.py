@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     from moepress.compress import CompressConfig, CompressResult, quantize_model
     from moepress.export import save_compressed
     from moepress.model import MoEView
-    from moepress.quantize.activations import apply_activations, quantized_units
+    from moepress.runtime.install import apply_activations, quantized_units
 
     date = datetime.date.today().isoformat()
     out = args.out or os.path.join(ROOT, "benchmarks", "results", f"activations-{date}.json")

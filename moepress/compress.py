@@ -542,7 +542,7 @@ def _quantize_inputs(view: MoEView, layer: int, records: dict, config: CompressC
     (the next layers are calibrated on what the W+A-quantized model computes)."""
     if config.activations is None:
         return
-    from .quantize.activations import apply_activations
+    from .runtime.install import apply_activations
 
     quantized = {name for name, (treatment, _) in records.items() if not treatment.keep}
     apply_activations(view.model, config.activations, quantized.__contains__, layers=range(layer, layer + 1))

@@ -21,10 +21,10 @@ import moepress
 from moepress.compress import CompressConfig
 from moepress.errors import MoepressError
 from moepress.model import MoEView
-from moepress.quantize.activations import (apply_activations, fake_quantize, input_scheme, quantize_linear_inputs,
-                                           token_scales)
+from moepress.quantize.activations import fake_quantize, input_scheme, quantize_linear_inputs, token_scales
 from moepress.runtime import PackedExperts, PackedLinear
 from moepress.runtime.fast import FastExperts, FastLinear
+from moepress.runtime.install import apply_activations
 
 from .helpers import run_cli
 

@@ -13,6 +13,8 @@ keeps in 16 bits.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -156,10 +158,67 @@ def install_skeleton(model: nn.Module, units: dict[str, Treatment], activations:
             "it was made for another architecture or config"
         )
     if activations is not None:
-        from ..quantize.activations import apply_activations, quantized_units
-
         apply_activations(model, activations, quantized_units(units))
     return model
 
 
-__all__ = ["KeptWeight", "empty_weight", "install_experts", "install_linear", "install_skeleton", "install_stand_in"]
+def apply_activations(model: nn.Module, scheme: str | None, select: Callable[[str], bool],
+                      layers: range | None = None) -> int:
+    """Quantize the inputs of every unit of ``model`` whose canonical name ``select`` accepts
+    (``layers.3.attn.q_proj``, ``layers.3.experts.5.down_proj``, ...); returns how many units.
+
+    Routed experts in a :class:`~moepress.runtime.packed_experts.PackedExperts` are told which of
+    their linears take quantized inputs; a float model's fused experts module (transformers' own)
+    is first replaced by a ``PackedExperts`` holding the same float weights (:class:`KeptWeight`:
+    the same numbers), since its down projection's input is only reachable inside it. ``layers``
+    limits the walk (compression applies each layer as it is done). ``scheme`` None does nothing.
+    """
+    from ..quantize.activations import check_scheme, quantize_linear_inputs
+
+    if scheme is None:
+        return 0
+    check_scheme(scheme)
+    view = MoEView(model)
+    count = 0
+    for layer in layers if layers is not None else range(view.num_layers):
+        for unit in view.linear_units(layer):
+            if select(unit.name):
+                quantize_linear_inputs(model.get_submodule(unit.module_path), scheme)
+                count += 1
+        store = view.experts(layer)
+        if store is None:
+            continue
+        chosen = {(e, lin) for e in range(store.num_experts) for lin in EXPERT_LINEARS
+                  if select(store.unit_name(e, lin))}
+        if not chosen:
+            continue
+        if store.layout == "per_expert":
+            for e, lin in chosen:
+                quantize_linear_inputs(model.get_submodule(store.per_expert_linear_path(e, lin)), scheme)
+        else:
+            module = store.module if store.layout == "packed" else _as_packed_experts(store)
+            if not hasattr(module, "set_activations"):
+                raise MoepressError(f"layers.{layer}: the experts module {type(module).__name__} cannot quantize its "
+                                    f"inputs (--activations {scheme}); load the checkpoint with runtime='reference'")
+            module.set_activations(scheme, chosen)
+        count += len(chosen)
+    return count
+
+
+def _as_packed_experts(store) -> nn.Module:
+    """A float (fused) experts module replaced by a :class:`PackedExperts` of the same float
+    weights, which can quantize its linears' inputs; returns the new module."""
+    packed = {lin: list(store.weight(lin).detach().unbind(0)) for lin in EXPERT_LINEARS}
+    module = PackedExperts(store.num_experts, store.hidden_size, store.intermediate_size, store.act_fn, packed)
+    swap_module(store.model, store.module_path, module)
+    return module
+
+
+def quantized_units(units: dict) -> Callable[[str], bool]:
+    """``select`` for :func:`apply_activations` from a unit map (name -> Treatment): the units
+    that are quantized (kept units stay in float, with float inputs)."""
+    return lambda name: name in units and not units[name].keep
+
+
+__all__ = ["KeptWeight", "apply_activations", "empty_weight", "install_experts", "install_linear", "install_skeleton",
+           "install_stand_in", "quantized_units"]
