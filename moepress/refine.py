@@ -28,6 +28,10 @@ layer's output on those same inputs, recorded before anything of the layer is qu
   further chunk with the rest held at their current codes, ``steps`` steps each.
 - The stored format does not change: codes stay on their grid, groups and g_idx as GPTQ stored them.
   Units that are not plain packed weights (kept, pruned, split into neuron groups) are held fixed.
+- llama.cpp's block formats (``--target llamacpp``) refine the same way with ``scales``: their float16
+  values (``d``, and ``m`` or ``dmin`` where the format has one) are learned with GPTQ's codes and the
+  k-quants' integer sub-block scales held (:class:`~moepress.quantize.block_scales.BlockScalesWeight`),
+  so the GGUF bytes llama.cpp reads are exactly what was optimised.
 - Each pass keeps its result only if the layer's output error over all calibration windows went down;
   otherwise GPTQ's codes stay, bit for bit.
 """
@@ -43,6 +47,8 @@ from torch import nn
 from .model.view import EXPERT_LINEARS, MoEView
 from .pipeline.runner import LayerwiseRunner, _to_device
 from .quantize import QuantizedWeight
+from .quantize.block_scales import BlockScalesWeight
+from .quantize.ggml_blocks import BlockQuantizedWeight
 from .quantize.signround import LEARN, SignRoundWeight
 
 
@@ -53,15 +59,26 @@ def _layer_output(runner: LayerwiseRunner, module: nn.Module, batch: int) -> tor
     return out[0] if isinstance(out, tuple) else out
 
 
-def _stack(weights: list[QuantizedWeight]) -> QuantizedWeight:
+def _stack(weights: list) -> QuantizedWeight | BlockQuantizedWeight:
     """Single-matrix quantized weights of one format as one [n, out, in] weight."""
     first = weights[0]
+    if isinstance(first, BlockQuantizedWeight):
+        return BlockQuantizedWeight(torch.stack([w.blocks for w in weights]), first.format, first.in_features,
+                                    first.out_features)
 
     def stack(name):
         return None if getattr(first, name) is None else torch.stack([getattr(w, name) for w in weights])
 
     return QuantizedWeight(stack("qweight"), stack("scales"), stack("zeros"), stack("g_idx"), first.bits,
                            first.group_size, first.in_features, first.out_features)
+
+
+def _refinable(original: torch.Tensor, start, init: str, learn: str):
+    """The learnable form of one quantized weight: moepress's grids (:class:`SignRoundWeight`), or a
+    llama.cpp block format's float16 values with its codes held (:class:`BlockScalesWeight`)."""
+    if isinstance(start, BlockQuantizedWeight):
+        return BlockScalesWeight(start.to(original.device))
+    return SignRoundWeight(original, start, init, learn)
 
 
 class _RefinedLinear(nn.Module):
@@ -135,6 +152,7 @@ class LayerRefinement:
     def finish(self) -> dict[str, torch.Tensor]:
         """Refine the quantized layer in place (its packed modules are reinstalled) and return the
         profile tensor ``layers.{l}.refine.output_error``: [before, after] mean squared output error."""
+        from .runtime.block_weight import BlockLinear
         from .runtime.install import install_experts, install_linear, swap_module
         from .runtime.packed_linear import PackedLinear
         from .runtime.packed_weight import PackedWeight
@@ -142,12 +160,12 @@ class LayerRefinement:
         model, layer_module = self.view.model, self.view.layers[self.layer]
         prefix = self.view.layer_path(self.layer) + "."
         current: dict = {}
-        linears: dict[str, tuple[SignRoundWeight, torch.Tensor | None]] = {}
+        linears: dict[str, tuple[SignRoundWeight | BlockScalesWeight, torch.Tensor | None]] = {}
         for path, module in layer_module.named_modules():
             full = prefix + path
-            if isinstance(module, PackedLinear) and full in self.originals:
-                linears[full] = (SignRoundWeight(self.originals[full].to(self.runner.device), module.quantized(), self.init,
-                                                 self.learn),
+            if isinstance(module, (PackedLinear, BlockLinear)) and full in self.originals:
+                linears[full] = (_refinable(self.originals[full].to(self.runner.device), module.quantized(), self.init,
+                                            self.learn),
                                  module.bias)
         store = self.view.experts(self.layer)
         packed_experts = store is not None and store.layout == "packed" and self.expert_originals is not None
@@ -184,7 +202,7 @@ class LayerRefinement:
 
                     hooks.append(model.get_submodule(store.module_path).register_forward_pre_hook(frozen, with_kwargs=True))
             chunks = self._chunks(store.num_experts if packed_experts else 0)
-            experts_refined: dict[object, SignRoundWeight] = {}
+            experts_refined: dict[object, SignRoundWeight | BlockScalesWeight] = {}
             for n, chunk in enumerate(chunks):
                 weights = {path: srw for path, (srw, _) in linears.items()} if n == 0 else {}
                 if packed_experts:
@@ -213,8 +231,9 @@ class LayerRefinement:
                       for linear in EXPERT_LINEARS}
             for (linear, _, experts), srw in experts_refined.items():
                 refined = srw.quantized()
-                for row, e in enumerate(experts):
-                    packed[linear][e] = PackedWeight(refined.select(row))
+                for row, e in enumerate(experts):  # (a block format's weight: BlockExperts wraps it)
+                    one = refined.select(row)
+                    packed[linear][e] = one if isinstance(one, BlockQuantizedWeight) else PackedWeight(one)
             install_experts(store, packed)
         before, after = self.errors[0], self.errors[-1]
         return {f"layers.{self.layer}.refine.output_error": torch.tensor([before, after], dtype=torch.float64)}
@@ -227,6 +246,7 @@ class LayerRefinement:
 
     def _expert_weights(self, experts_module, chunk: range, chunk_weights: dict) -> dict:
         """One SignRoundWeight per (linear, format) over the chunk's plain packed experts."""
+        from .runtime.block_weight import BlockWeight
         from .runtime.packed_weight import PackedWeight
 
         out = {}
@@ -236,11 +256,13 @@ class LayerRefinement:
                 w = experts_module.packed_weight(e, linear)
                 if type(w) is PackedWeight:  # kept, split or pruned experts are held fixed
                     groups.setdefault((w.bits, w.group_size, w.zeros is None, w.g_idx is not None), []).append(e)
+                elif type(w) is BlockWeight:  # a llama.cpp block format (--target llamacpp)
+                    groups.setdefault((w.format,), []).append(e)
             for fmt, experts in groups.items():
                 key = (linear, fmt, tuple(experts))
                 start = _stack([experts_module.packed_weight(e, linear).quantized() for e in experts])
                 original = self.expert_originals[linear][list(experts)].to(self.runner.device)
-                out[key] = SignRoundWeight(original, start.to(self.runner.device), self.init, self.learn)
+                out[key] = _refinable(original, start.to(self.runner.device), self.init, self.learn)
                 for row, e in enumerate(experts):
                     chunk_weights[e, linear] = (key, row)
         return out
@@ -312,11 +334,11 @@ REFINE_STEPS = 32  # ``moepress compress``'s default --refine (benchmarks/refine
 
 def default_steps(config, plan=None, joint: bool = False) -> int:
     """``moepress compress``'s --refine when not given: :data:`REFINE_STEPS`, or 0 where refinement does
-    not apply yet (llama.cpp's block formats, trims, a plan that trims, the joint plan's removals),
-    so that the default never turns into a refusal."""
+    not apply yet (trims, a plan that trims, the joint plan's removals), so that the default never
+    turns into a refusal."""
     trims = (config.drop_experts is not None or config.top_k is not None or config.drop_blocks
              or config.drop_moe_layers or joint or (plan is not None and not plan.trim.empty))
-    return 0 if config.target == "llamacpp" or (config.bits or 0) >= 16 or trims else REFINE_STEPS
+    return 0 if (config.bits or 0) >= 16 or trims else REFINE_STEPS
 
 
 def check_config(config) -> None:
@@ -336,9 +358,9 @@ def check_config(config) -> None:
         raise MoepressError("--refine-from rtn re-learns the rounding: add --refine-params rounding")
     if config.refine_from == "rtn" and config.act_order == "dynamic":
         raise MoepressError("refining from nearest rounding needs groups in storage order; use --act-order static or off")
-    if config.target == "llamacpp":
-        raise MoepressError("--refine works on moepress's own grids, not yet on llama.cpp's block formats; drop "
-                            "--refine or --target llamacpp")
+    if config.target == "llamacpp" and (config.refine_params != "scales" or config.refine_from != "gptq"):
+        raise MoepressError("llama.cpp's block formats refine their float16 scales with GPTQ's codes held: use "
+                            "--refine-params scales (the default) with --target llamacpp")
     if config.drop_experts is not None or config.top_k is not None or config.drop_blocks or config.drop_moe_layers:
         raise MoepressError("--refine does not combine with --drop-experts, --top-k, --drop-blocks or "
                             "--drop-moe-layers yet; trim first, then compress the trimmed model with --refine")

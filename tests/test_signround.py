@@ -198,8 +198,9 @@ def test_refine_zero_is_plain_gptq(monkeypatch):
 def test_refine_options_are_checked_up_front():
     with pytest.raises(MoepressError, match="--refine"):
         CompressConfig(bits=4, refine=-1)
+    CompressConfig(bits=4, refine=10, target="llamacpp")  # the block formats' float16 scales
     with pytest.raises(MoepressError, match="llama.cpp"):
-        CompressConfig(bits=4, refine=10, target="llamacpp")
+        CompressConfig(bits=4, refine=10, target="llamacpp", refine_params="rounding")
     with pytest.raises(MoepressError, match="--drop-experts"):
         CompressConfig(bits=4, refine=10, drop_experts="25%")
     with pytest.raises(MoepressError, match="refine-from"):
@@ -237,7 +238,7 @@ def test_compress_command_refines_by_default_where_refinement_applies(tiny_model
 
     steps = moepress.refine.REFINE_STEPS
     assert default_steps(CompressConfig(bits=3)) == steps
-    assert default_steps(CompressConfig(bits=4, target="llamacpp")) == 0
+    assert default_steps(CompressConfig(bits=4, target="llamacpp")) == steps
     assert default_steps(CompressConfig(bits=4, drop_experts="25%")) == 0
     assert default_steps(CompressConfig(bits=16, prune="2:4")) == 0
     assert default_steps(CompressConfig(bits=4), joint=True) == 0
