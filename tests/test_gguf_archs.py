@@ -23,7 +23,7 @@ from moepress.errors import MoepressError
 from moepress.export import llamacpp_tools
 from moepress.export.gguf import architecture, export_gguf
 
-from .gguf_helpers import converter_missing, llamacpp_protocol_ppl, metadata, tensors
+from .gguf_helpers import converter_missing, convert_references, llamacpp_protocol_ppl, metadata, tensors
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is an optional extra: pip install moepress[gguf]")
 
@@ -69,29 +69,40 @@ SMALL = {"calib_samples": 4, "seq_len": 64}
 
 
 @pytest.fixture(scope="module")
-def tiny(tokenizer, calib_file, tmp_path_factory):
+def sources(tokenizer, tmp_path_factory):
+    """{name: (the float model of TINY[name] saved, the converter's f16 GGUF of it or None)}: llama.cpp's
+    converter runs once, on all of them (its start is most of a tiny model's conversion)."""
+    from moepress.model.tiny import build_tiny_model
+
+    found = {}
+    for name, overrides in TINY.items():
+        source = tmp_path_factory.mktemp(f"gguf-{name}") / "source"
+        build_tiny_model(name.split("-")[0], vocab_size=len(tokenizer), **overrides).save_pretrained(source)
+        tokenizer.save_pretrained(source)
+        found[name] = (str(source), None if converter_missing() else str(source.parent / "reference-f16.gguf"))
+    if not converter_missing():
+        convert_references([(source, reference, "f16") for source, reference in found.values()])
+    return found
+
+
+@pytest.fixture(scope="module")
+def tiny(sources, calib_file):
     """``tiny(name)``: (source folder, {bits: checkpoint}, {bits: GGUF}, the converter's f16 GGUF or
     None) of TINY[name] compressed for llama.cpp at 4 bits (q4_1, or q4_K on the wide one) and 16
     (kept, but the variants), and exported."""
-    from moepress.model.tiny import build_tiny_model
-
     cache: dict = {}
 
     def make(name: str):
         if name not in cache:
-            root = tmp_path_factory.mktemp(f"gguf-{name}")
-            source = root / "source"
-            build_tiny_model(name.split("-")[0], vocab_size=len(tokenizer), **TINY[name]).save_pretrained(source)
-            tokenizer.save_pretrained(source)
+            source, reference = sources[name]
+            root = Path(source).parent
             out, files = {}, {}
             for bits in (4,) if "-" in name else (4, 16):
                 out[bits] = str(root / f"q{bits}")
-                moepress.compress(str(source), target="llamacpp", bits=bits, calib=calib_file, out=out[bits],
+                moepress.compress(source, target="llamacpp", bits=bits, calib=calib_file, out=out[bits],
                                   progress=False, **SMALL)
                 files[bits] = export_gguf(out[bits], str(root / f"q{bits}.gguf"))
-            reference = None if converter_missing() else \
-                llamacpp_tools.convert_reference(str(source), root / "reference-f16.gguf", "f16")
-            cache[name] = (str(source), out, files, reference)
+            cache[name] = (source, out, files, reference)
         return cache[name]
 
     return make

@@ -20,7 +20,7 @@ from moepress.export.gguf import export_gguf
 from moepress.loading import load_model
 from moepress.model.view import MoEView
 
-from .gguf_helpers import converter_missing, llamacpp_protocol_ppl, metadata, tensors
+from .gguf_helpers import converter_missing, convert_references, llamacpp_protocol_ppl, metadata, tensors
 from .helpers import run_cli
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is an optional extra: pip install moepress[gguf]")
@@ -65,6 +65,21 @@ def mixtral(tiny_model_dir, calib_file, tmp_path_factory):
 @pytest.fixture(scope="module")
 def olmoe(olmoe_dir, calib_file, tmp_path_factory):
     return _compressed(olmoe_dir, calib_file, tmp_path_factory.mktemp("gguf-olmoe"))
+
+
+@pytest.fixture(scope="module")
+def references(tiny_model_dir, olmoe_dir, tmp_path_factory):
+    """{arch: {outtype: GGUF}}: llama.cpp's converter's f16 and q8_0 files of the float Mixtral and
+    OLMoE, made in one converter run (its start is most of a tiny model's conversion)."""
+    root = tmp_path_factory.mktemp("converter")
+    jobs = {(arch, outtype): (source, root / f"{arch}-{outtype}.gguf", outtype)
+            for arch, source in (("mixtral", tiny_model_dir("mixtral")), ("olmoe", olmoe_dir))
+            for outtype in ("f16", "q8_0")}
+    convert_references(list(jobs.values()))
+    found: dict = {}
+    for (arch, outtype), (_, out, _) in jobs.items():
+        found.setdefault(arch, {})[outtype] = out
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -116,14 +131,13 @@ def test_gguf_holds_the_checkpoints_bytes(checkpoints, exported):
 
 @pytest.mark.skipif(converter_missing() is not None, reason=str(converter_missing()))
 @pytest.mark.parametrize("arch", ["mixtral", "olmoe"])
-def test_metadata_equal_llamacpps_converter_key_by_key(arch, request, tmp_path):
+def test_metadata_equal_llamacpps_converter_key_by_key(arch, request, references):
     """Against convert_hf_to_gguf.py on the same float model (with the pre-tokenizer the converter
     cannot recognise named gpt-2, as the export names it): every key and value equal. The one key
     we differ on, deliberately: ``general.file_type`` of a q4_1 file (the converter writes no q4_1:
     it says f16 for its f16 file; ours says MOSTLY_Q4_1, as llama-quantize would)."""
     source, _, _, exported = request.getfixturevalue(arch)
-    reference = {"f16": metadata(llamacpp_tools.convert_reference(source, tmp_path / "f16.gguf", "f16")),
-                 "q8_0": metadata(llamacpp_tools.convert_reference(source, tmp_path / "q8.gguf", "q8_0"))}
+    reference = {outtype: metadata(path) for outtype, path in references[arch].items()}
     for ours, theirs, differ in ((exported[16], reference["f16"], set()), (exported[8], reference["q8_0"], set()),
                                  (exported[4], reference["f16"], {"general.file_type"})):
         mine = metadata(ours)
@@ -133,7 +147,7 @@ def test_metadata_equal_llamacpps_converter_key_by_key(arch, request, tmp_path):
     assert metadata(exported[4])["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q4_1)
     assert metadata(exported[4])["tokenizer.ggml.pre"] == "gpt-2"
     # and the same tensors, names and shapes (types: ours are moepress's)
-    theirs = tensors(tmp_path / "f16.gguf")
+    theirs = tensors(references[arch]["f16"])
     assert {n: list(t.shape) for n, t in tensors(exported[4]).items()} == {n: list(t.shape) for n, t in theirs.items()}
 
 

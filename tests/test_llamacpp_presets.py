@@ -84,23 +84,45 @@ MODELS = {
 }
 
 
+# the Mixtral of test_a_mix_gguf_has_llama_quantizes_types_and_size, untied and tied
+MIX_SOURCES = {tied: dict(hidden_size=256, intermediate_size=256, num_hidden_layers=2, tie_word_embeddings=tied)
+               for tied in (False, True)}
+
+
+@pytest.fixture(scope="module")
+def converted(tokenizer, tmp_path_factory):
+    """{name: (the tiny model, its folder, llama.cpp's converter's f16 GGUF of it)} for MODELS and
+    MIX_SOURCES (named "mixtral-tied"/"mixtral-untied"): the converter runs once, on all of them (its
+    start is most of a tiny model's conversion)."""
+    from moepress.model.tiny import build_tiny_model
+
+    from .gguf_helpers import convert_references
+
+    root = tmp_path_factory.mktemp("presets")
+    wanted = {**MODELS, **{f"mixtral-{'tied' if tied else 'untied'}": overrides
+                           for tied, overrides in MIX_SOURCES.items()}}
+    found = {}
+    for name, overrides in wanted.items():
+        source = root / name
+        built = build_tiny_model(name.split("-")[0], vocab_size=len(tokenizer), **overrides)
+        built.save_pretrained(source)
+        tokenizer.save_pretrained(source)
+        found[name] = (built, source, str(root / f"{name}-f16.gguf"))
+    convert_references([(source, f16, "f16") for _, source, f16 in found.values()])
+    return found
+
+
 @pytest.mark.skipif(_llamacpp_missing() is not None, reason=str(_llamacpp_missing()))
 @pytest.mark.parametrize("model", list(MODELS))
-def test_types_equal_llama_quantizes(model, tokenizer, tmp_path):
+def test_types_equal_llama_quantizes(model, converted, tmp_path):
     """For every mix (Q2_K_S aside: llama-quantize refuses it without an importance matrix), the
     types moepress derives from the model equal those of ``llama-quantize f16.gguf out.gguf MIX``,
     tensor by tensor, and moepress leaves out exactly the tensors llama-quantize does not quantize."""
     import gguf
 
     from moepress.export.llamacpp_target import preset_types
-    from moepress.model.tiny import build_tiny_model
 
-    arch = model.split("-")[0]
-    source = tmp_path / model
-    built = build_tiny_model(arch, vocab_size=len(tokenizer), **MODELS[model])
-    built.save_pretrained(source)
-    tokenizer.save_pretrained(source)
-    f16 = llamacpp_tools.convert_reference(str(source), str(tmp_path / "f16.gguf"))
+    built, _, f16 = converted[model]
     view = MoEView(built)
     for mix in FILE_TYPES:
         if mix == "q2_K_S":
@@ -119,7 +141,7 @@ def test_types_equal_llama_quantizes(model, tokenizer, tmp_path):
 
 @pytest.mark.skipif(_llamacpp_missing() is not None, reason=str(_llamacpp_missing()))
 @pytest.mark.parametrize("tied", [False, True])
-def test_a_mix_gguf_has_llama_quantizes_types_and_size(tied, tokenizer, calib_file, tmp_path):
+def test_a_mix_gguf_has_llama_quantizes_types_and_size(tied, converted, tokenizer, calib_file, tmp_path):
     """compress --ggml-type q4_K_M, then export: every tensor of the GGUF, token_embd and output
     included, has the type of llama-quantize's Q4_K_M of the same model, and the two files have the
     same size (only the rounding differs). moepress's model computes with the GGUF's bytes: its
@@ -133,18 +155,13 @@ def test_a_mix_gguf_has_llama_quantizes_types_and_size(tied, tokenizer, calib_fi
     import moepress
     from moepress.export.gguf import export_gguf
     from moepress.loading import load_model
-    from moepress.model.tiny import build_tiny_model
     from moepress.runtime.block_weight import BlockEmbedding, BlockLinear, TiedBlockHead
 
-    source = tmp_path / "wide"
-    build_tiny_model("mixtral", vocab_size=len(tokenizer), hidden_size=256, intermediate_size=256,
-                     num_hidden_layers=2, tie_word_embeddings=tied).save_pretrained(source)
-    tokenizer.save_pretrained(source)
+    _, source, f16 = converted[f"mixtral-{'tied' if tied else 'untied'}"]
     out = str(tmp_path / "q4km")
     moepress.compress(str(source), target="llamacpp", ggml_type="q4_K_M", calib=calib_file, calib_samples=4,
                       seq_len=64, out=out, progress=False)
     ours = export_gguf(out, str(tmp_path / "ours.gguf"))
-    f16 = llamacpp_tools.convert_reference(str(source), str(tmp_path / "f16.gguf"))
     theirs = str(tmp_path / "theirs.gguf")
     done = subprocess.run([str(llamacpp_tools.tool("llama-quantize")), f16, theirs, "Q4_K_M", "1"],
                           capture_output=True, text=True, timeout=120)
