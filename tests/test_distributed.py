@@ -43,13 +43,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
-    # One thread per process, in both runs: the comparison is of the work split, not of BLAS threading.
+def _run(args: list[str], nproc: int) -> subprocess.CompletedProcess:
+    """The command on ``nproc`` processes (torchrun). One thread per process, as the one-process
+    reference runs: the comparison is of the work split, not of BLAS threading."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOEPRESS_FAULT")}
     env["OMP_NUM_THREADS"] = "1"
-    launcher = [sys.executable, "-m", "moepress.cli"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-port", str(_free_port()), "-m", "moepress.cli"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                "--master-port", str(_free_port()), "-m", "moepress.cli"]
     done = subprocess.run(launcher + args, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -57,9 +57,17 @@ def _run(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def one_process(tiny_model_dir, calib_file, tmp_path_factory):
+    """The reference: the same command on one process, this one (on one thread, as each rank runs)."""
+    from moepress.cli import main
+
     source = tiny_model_dir("qwen3_moe")
     out = str(tmp_path_factory.mktemp("one") / "out")
-    _run(_cli(source, calib_file, out))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(_cli(source, calib_file, out)) == 0
+    finally:
+        torch.set_num_threads(threads)
     return source, out
 
 
