@@ -175,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--refine", type=int, default=None, metavar="STEPS",
                    help="after GPTQ, refine each layer on the layer's output for STEPS steps (see --refine-params; "
                         "same stored format), keeping GPTQ's result for a layer whose calibration output error does "
-                        "not go down; 0: off; default 32 (0 with --target llamacpp and with trims, where it does "
-                        "not apply yet)")
+                        "not go down; 0: off; default 32 (0 with trims, where it does not apply yet); with --target "
+                        "llamacpp the blocks' float16 scales are learned")
     c.add_argument("--refine-params", choices=("scales", "rounding"), default="scales",
                    help="what --refine learns: every group's scale with GPTQ's codes held (default; Adam) or, as "
                         "SignRound, every weight's rounding offset and the groups' scale/zero corrections")
@@ -272,6 +272,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llama.cpp's name of the tokenizer's BPE pre-tokenizer (default: gpt-2 for a byte-level BPE "
                         "with GPT-2's split regex; others must be named, e.g. llama-bpe, qwen2)")
     x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    d = sub.add_parser(
+        "distill",
+        help="tune a compressed checkpoint's scales end to end on the uncompressed model's next-token distribution",
+        description="Every quantized unit's float16 scales (llama.cpp blocks' float16 values) are tuned together "
+        "with Adam on KL(reference || model) over calibration windows, the codes held: the same format, size and "
+        "engines. Needs both models in memory. The result is kept only if the calibration KL fell; written to --out.",
+    )
+    d.add_argument("--model", required=True, help="the moepress checkpoint folder (compress --out)")
+    d.add_argument("--out", required=True, help="the checkpoint folder to write (a temporary folder, then renamed)")
+    d.add_argument("--reference", default=None,
+                   help="the uncompressed model (default: the one the checkpoint was compressed from)")
+    d.add_argument("--steps", type=int, default=None,
+                   help="Adam steps, one batch of windows each (default: one pass over the calibration windows)")
+    d.add_argument("--calib", default=None, help="calibration text (default: the checkpoint's own)")
+    d.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: the checkpoint's)")
+    d.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the checkpoint's)")
+    d.add_argument("--batch-size", type=int, default=8, help="windows per step (default 8)")
+    d.add_argument("--seed", type=int, default=None, help="seed for the windows (default: the checkpoint's)")
+    d.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _add_common(d)
 
     t = sub.add_parser(
         "tiny",
@@ -424,6 +445,19 @@ def run_export(args) -> None:
     print(f"wrote {out} ({os.path.getsize(out):,} bytes)")
 
 
+def run_distill(args) -> None:
+    from .distill import distill_checkpoint
+
+    done = distill_checkpoint(args.model, args.out, reference=args.reference, calib=args.calib,
+                              calib_samples=args.calib_samples, seq_len=args.seq_len, seed=args.seed, steps=args.steps,
+                              batch_size=args.batch_size, overwrite=args.overwrite, progress=not args.quiet,
+                              trust_remote_code=args.trust_remote_code, device=args.device)
+    before, after = done["calibration_kl"]
+    verdict = "kept" if done["kept"] else "not lower: the scales are unchanged"
+    print(f"wrote {args.out}: calibration KL {before:.3g} -> {after:.3g} ({verdict}), {done['steps']} steps in "
+          f"{done['seconds']:.0f} s")
+
+
 def run_tiny(args) -> None:
     import shutil
     import tempfile
@@ -454,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handlers = {"compress": run_compress, "eval": run_eval, "plan": run_plan, "tiny": run_tiny, "export": run_export}
+    handlers = {"compress": run_compress, "eval": run_eval, "plan": run_plan, "tiny": run_tiny, "export": run_export,
+                "distill": run_distill}
     try:
         handlers[args.command](args)
     except MoepressError as exc:

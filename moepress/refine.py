@@ -59,7 +59,7 @@ def _layer_output(runner: LayerwiseRunner, module: nn.Module, batch: int) -> tor
     return out[0] if isinstance(out, tuple) else out
 
 
-def _stack(weights: list) -> QuantizedWeight | BlockQuantizedWeight:
+def stack_quantized(weights: list) -> QuantizedWeight | BlockQuantizedWeight:
     """Single-matrix quantized weights of one format as one [n, out, in] weight."""
     first = weights[0]
     if isinstance(first, BlockQuantizedWeight):
@@ -73,7 +73,7 @@ def _stack(weights: list) -> QuantizedWeight | BlockQuantizedWeight:
                            first.group_size, first.in_features, first.out_features)
 
 
-def _refinable(original: torch.Tensor, start, init: str, learn: str):
+def refinable(original: torch.Tensor, start, init: str, learn: str):
     """The learnable form of one quantized weight: moepress's grids (:class:`SignRoundWeight`), or a
     llama.cpp block format's float16 values with its codes held (:class:`BlockScalesWeight`)."""
     if isinstance(start, BlockQuantizedWeight):
@@ -81,7 +81,7 @@ def _refinable(original: torch.Tensor, start, init: str, learn: str):
     return SignRoundWeight(original, start, init, learn)
 
 
-class _RefinedLinear(nn.Module):
+class RefinedLinear(nn.Module):
     """Stands in for a packed linear during refinement: its weight is the current differentiable one."""
 
     def __init__(self, current: dict, key, bias: torch.Tensor | None):
@@ -92,7 +92,7 @@ class _RefinedLinear(nn.Module):
         return F.linear(x, self.current[self.key].to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
-class _RefinedExperts(nn.Module):
+class RefinedExperts(nn.Module):
     """Stands in for a layer's packed experts: transformers' expert loop (the forward of
     :class:`~moepress.runtime.packed_experts.PackedExperts`) on each expert's current weights."""
 
@@ -164,7 +164,7 @@ class LayerRefinement:
         for path, module in layer_module.named_modules():
             full = prefix + path
             if isinstance(module, (PackedLinear, BlockLinear)) and full in self.originals:
-                linears[full] = (_refinable(self.originals[full].to(self.runner.device), module.quantized(), self.init,
+                linears[full] = (refinable(self.originals[full].to(self.runner.device), module.quantized(), self.init,
                                             self.learn),
                                  module.bias)
         store = self.view.experts(self.layer)
@@ -184,14 +184,14 @@ class LayerRefinement:
         hooks = []
         try:
             for path, (srw, bias) in linears.items():
-                swapped[path] = swap_module(model, path, _RefinedLinear(current, path, bias))
+                swapped[path] = swap_module(model, path, RefinedLinear(current, path, bias))
             if packed_experts:
                 def weight_of(e, linear):
                     where = chunk_weights.get((e, linear))
                     return fixed[e, linear] if where is None else current[where[0]][where[1]]
 
                 swapped[store.module_path] = swap_module(
-                    model, store.module_path, _RefinedExperts(weight_of, store.num_experts, store.act_fn))
+                    model, store.module_path, RefinedExperts(weight_of, store.num_experts, store.act_fn))
                 if self.freeze_routing:
                     def frozen(_module, args, kwargs):
                         hidden = args[0] if args else kwargs.pop("hidden_states")
@@ -260,9 +260,9 @@ class LayerRefinement:
                     groups.setdefault((w.format,), []).append(e)
             for fmt, experts in groups.items():
                 key = (linear, fmt, tuple(experts))
-                start = _stack([experts_module.packed_weight(e, linear).quantized() for e in experts])
+                start = stack_quantized([experts_module.packed_weight(e, linear).quantized() for e in experts])
                 original = self.expert_originals[linear][list(experts)].to(self.runner.device)
-                out[key] = _refinable(original, start.to(self.runner.device), self.init, self.learn)
+                out[key] = refinable(original, start.to(self.runner.device), self.init, self.learn)
                 for row, e in enumerate(experts):
                     chunk_weights[e, linear] = (key, row)
         return out
@@ -397,4 +397,5 @@ def begin(view: MoEView, layer: int, runner: LayerwiseRunner, steps: int, expert
                            originals, expert_originals, targets, routing)
 
 
-__all__ = ["REFINE_STEPS", "LayerRefinement", "begin", "check_config", "default_steps"]
+__all__ = ["REFINE_STEPS", "LayerRefinement", "RefinedExperts", "RefinedLinear", "begin", "check_config", "default_steps",
+           "refinable", "stack_quantized"]

@@ -60,6 +60,7 @@ class BlockScalesWeight:
             init = torch.ones_like(d0) if self.kquant else torch.zeros_like(d0)
             self.min_param = init.requires_grad_(True)
         self._adam = None
+        self.lr = learning_rate(self.format.bits)  # Adam's step; end-to-end distillation takes a smaller one
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -90,10 +91,10 @@ class BlockScalesWeight:
         return w.reshape(*self.start.shape)
 
     def refine_step(self, step: int, steps: int) -> None:
-        """One Adam step of :func:`learning_rate` on the gradients :meth:`dequantize` received;
+        """One Adam step of :attr:`lr` (:func:`learning_rate`) on the gradients :meth:`dequantize` received;
         then each value back into its range."""
         if self._adam is None:
-            self._adam = torch.optim.Adam(self.params, lr=learning_rate(self.format.bits))
+            self._adam = torch.optim.Adam(self.params, lr=self.lr)
         self._adam.step()
         self._adam.zero_grad(set_to_none=True)
         with torch.no_grad():

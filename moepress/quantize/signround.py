@@ -59,10 +59,16 @@ class SignRoundWeight:
     quantized from. ``init`` "gptq" starts from ``start``'s codes and grid; "rtn" from nearest rounding
     on the weights' own min/max grid (auto-round's start), in the same format. :meth:`dequantize` is
     differentiable in :attr:`params`; :meth:`quantized` packs the current state in ``start``'s format;
-    setting :attr:`keep_given` falls back to ``start`` itself, bit for bit.
+    setting :attr:`keep_given` falls back to ``start`` itself, bit for bit. ``weight`` may be None with
+    ``learn="scales"`` from GPTQ's codes, which never reads it (end-to-end distillation of a checkpoint).
     """
 
-    def __init__(self, weight: torch.Tensor, start: QuantizedWeight, init: str = "gptq", learn: str = "rounding"):
+    def __init__(self, weight: torch.Tensor | None, start: QuantizedWeight, init: str = "gptq",
+                 learn: str = "rounding"):
+        if weight is None:
+            if learn != "scales" or init != "gptq":
+                raise ValueError("only learn='scales' from GPTQ's codes refines without the unquantized weight")
+            weight = torch.zeros((), device=start.qweight.device).expand(start.shape)  # (no memory; never read)
         if tuple(weight.shape) != start.shape:
             raise ValueError(f"weight {tuple(weight.shape)} does not match the quantized weight {start.shape}")
         if init not in ("gptq", "rtn"):
@@ -71,6 +77,7 @@ class SignRoundWeight:
             raise ValueError(f"learn must be one of {LEARN} (got {learn!r})")
         self.learn = learn
         self._adam = None
+        self.lr = SCALES_LR  # Adam's step (learn="scales"); end-to-end distillation takes a smaller one
         device = weight.device
         self.weight = weight.detach().float()
         self.given = start  # what the refinement falls back to (see keep_given)
@@ -141,13 +148,13 @@ class SignRoundWeight:
 
     def refine_step(self, step: int, steps: int) -> None:
         """Step ``step`` of ``steps`` on the gradients :meth:`dequantize`'s output received: an Adam step
-        of :data:`SCALES_LR` on the scale factors (``learn="scales"``), or SignRound's signed step on its
+        of :attr:`lr` (:data:`SCALES_LR`) on the scale factors (``learn="scales"``), or SignRound's signed step on its
         linearly decaying schedule (``learn="rounding"``)."""
         if self.learn == "rounding":
             self.step(learning_rate(step, steps))
             return
         if self._adam is None:
-            self._adam = torch.optim.Adam([self.scale_factor], lr=SCALES_LR)
+            self._adam = torch.optim.Adam([self.scale_factor], lr=self.lr)
         self._adam.step()
         self._adam.zero_grad(set_to_none=True)
         with torch.no_grad():
