@@ -190,6 +190,9 @@ def distill_checkpoint(checkpoint: str, out: str, *, reference: str | None = Non
     from .loading import load_model, load_tokenizer
 
     record = read_record(checkpoint)
+    if record.get("activations"):  # (the stand-ins that compute with the learned scales keep float inputs)
+        raise MoepressError("distill does not tune a checkpoint with --activations int8 yet; distill the weight-only "
+                            "checkpoint (compress without --activations)")
     calibration = record.get("calibration") or {}
     calib = calib or calibration.get("source") or "builtin:calib"
     calib_samples = calib_samples or calibration.get("samples") or 128

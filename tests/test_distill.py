@@ -90,6 +90,14 @@ def test_bad_input_is_refused_before_any_work(checkpoint, tiny_model_dir, tmp_pa
         distill_checkpoint(tiny_model_dir("mixtral"), str(tmp_path / "x"), progress=False)
     with pytest.raises(MoepressError, match="--steps"):
         distill_checkpoint(ckpt, str(tmp_path / "x"), steps=0, progress=False)
+    w8a8 = tmp_path / "w8a8"
+    import shutil
+
+    shutil.copytree(ckpt, w8a8)
+    record = json.load(open(w8a8 / "moepress.json"))
+    json.dump({**record, "activations": "int8"}, open(w8a8 / "moepress.json", "w"))
+    with pytest.raises(MoepressError, match="--activations"):
+        distill_checkpoint(str(w8a8), str(tmp_path / "x"), progress=False)
     (tmp_path / "exists").mkdir()
     (tmp_path / "exists" / "f").write_text("x")
     assert main(["distill", "--model", ckpt, "--out", str(tmp_path / "exists"), "--quiet"]) == 2
