@@ -114,13 +114,14 @@ def test_compress_records_the_weighting_and_refuses_unknown_ones():
     assert errors_g2["layers.0.experts.3.up_proj"] != errors_plain["layers.0.experts.3.up_proj"]  # second chunk
 
 
-def test_the_checkpoint_records_both_settings(tmp_path):
+def test_the_checkpoint_records_both_settings(tiny_model_dir, calib_file, tmp_path):
     import json
 
     from moepress.cli import main
 
     out = tmp_path / "out"
-    assert main(["compress", "--model", "zoo/models/tiny-mixtral", "--out", str(out), "--bits", "4",
+    assert main(["compress", "--model", tiny_model_dir("mixtral"), "--calib", calib_file, "--out", str(out),
+                 "--bits", "4",
                  "--calib-samples", "2", "--seq-len", "32", "--expert-hessian", "g", "--clip-search", "--act-order", "off",
                  "--quiet"]) == 0
     record = json.load(open(out / "moepress.json"))
