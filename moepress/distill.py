@@ -41,10 +41,9 @@ def _learnables(model: nn.Module):
     """Every quantized unit of ``model`` as (learnable weight, the modules whose stored tensors it writes),
     and the stand-ins that compute with the learnables' current weights: {path: module}."""
     from .model.view import EXPERT_LINEARS, MoEView
-    from .refine import RefinedExperts, RefinedLinear, refinable, stack_quantized
-    from .runtime.block_weight import BlockLinear, BlockWeight
+    from .refine import RefinedExperts, RefinedLinear, experts_by_format, refinable, stack_quantized
+    from .runtime.block_weight import BlockLinear
     from .runtime.packed_linear import PackedLinear
-    from .runtime.packed_weight import PackedWeight
 
     current: dict = {}
     learnables: dict = {}  # key -> (learnable, [stored modules, one per stacked row])
@@ -61,14 +60,7 @@ def _learnables(model: nn.Module):
         packed = store.module
         where: dict[tuple[int, str], tuple[object, int]] = {}
         for linear in EXPERT_LINEARS:
-            groups: dict[tuple, list[int]] = {}
-            for e in range(store.num_experts):
-                w = packed.packed_weight(e, linear)
-                if type(w) is PackedWeight:  # kept, split or pruned experts are held fixed
-                    groups.setdefault((w.bits, w.group_size, w.zeros is None, w.g_idx is not None), []).append(e)
-                elif type(w) is BlockWeight:
-                    groups.setdefault((w.format,), []).append(e)
-            for fmt, experts in groups.items():
+            for fmt, experts in experts_by_format(packed, linear, range(store.num_experts)).items():
                 key = (layer, linear, fmt)
                 modules = [packed.packed_weight(e, linear) for e in experts]
                 learnables[key] = (refinable(None, stack_quantized([m.quantized() for m in modules]), "gptq",

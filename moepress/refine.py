@@ -73,6 +73,23 @@ def stack_quantized(weights: list) -> QuantizedWeight | BlockQuantizedWeight:
                            first.group_size, first.in_features, first.out_features)
 
 
+def experts_by_format(experts_module, linear: str, experts) -> dict[tuple, list[int]]:
+    """The refinable ``experts`` of a packed experts module's ``linear``, grouped by storage format (one
+    batched learnable per group): plain packed weights by (bits, group, symmetry, g_idx), llama.cpp
+    block weights by type. Kept, split or pruned experts are left out: they are held fixed."""
+    from .runtime.block_weight import BlockWeight
+    from .runtime.packed_weight import PackedWeight
+
+    groups: dict[tuple, list[int]] = {}
+    for e in experts:
+        w = experts_module.packed_weight(e, linear)
+        if type(w) is PackedWeight:
+            groups.setdefault((w.bits, w.group_size, w.zeros is None, w.g_idx is not None), []).append(e)
+        elif type(w) is BlockWeight:  # (--target llamacpp)
+            groups.setdefault((w.format,), []).append(e)
+    return groups
+
+
 def refinable(original: torch.Tensor, start, init: str, learn: str):
     """The learnable form of one quantized weight: moepress's grids (:class:`SignRoundWeight`), or a
     llama.cpp block format's float16 values with its codes held (:class:`BlockScalesWeight`)."""
@@ -246,19 +263,9 @@ class LayerRefinement:
 
     def _expert_weights(self, experts_module, chunk: range, chunk_weights: dict) -> dict:
         """One SignRoundWeight per (linear, format) over the chunk's plain packed experts."""
-        from .runtime.block_weight import BlockWeight
-        from .runtime.packed_weight import PackedWeight
-
         out = {}
         for linear in EXPERT_LINEARS:
-            groups: dict[tuple, list[int]] = {}
-            for e in chunk:
-                w = experts_module.packed_weight(e, linear)
-                if type(w) is PackedWeight:  # kept, split or pruned experts are held fixed
-                    groups.setdefault((w.bits, w.group_size, w.zeros is None, w.g_idx is not None), []).append(e)
-                elif type(w) is BlockWeight:  # a llama.cpp block format (--target llamacpp)
-                    groups.setdefault((w.format,), []).append(e)
-            for fmt, experts in groups.items():
+            for fmt, experts in experts_by_format(experts_module, linear, chunk).items():
                 key = (linear, fmt, tuple(experts))
                 start = stack_quantized([experts_module.packed_weight(e, linear).quantized() for e in experts])
                 original = self.expert_originals[linear][list(experts)].to(self.runner.device)
@@ -398,4 +405,4 @@ def begin(view: MoEView, layer: int, runner: LayerwiseRunner, steps: int, expert
 
 
 __all__ = ["REFINE_STEPS", "LayerRefinement", "RefinedExperts", "RefinedLinear", "begin", "check_config", "default_steps",
-           "refinable", "stack_quantized"]
+           "experts_by_format", "refinable", "stack_quantized"]
