@@ -87,7 +87,7 @@ def main(argv=None) -> int:
                     started = time.time()
                     done = distill_checkpoint(ckpt, dist, steps=steps, progress=False)
                     row = {**base, "distill_passes": passes, "distill_steps": steps,
-                           "distill_seconds": round(time.time() - started, 1), "calibration_kl": done["calibration_kl"],
+                           "distill_seconds": round(time.time() - started, 1), "validation_kl": done["validation_kl"],
                            "kept": done["kept"], **score(dist, reference, windows)}
                     row["kl_ratio"] = round(row["kl_divergence"] / first["kl_divergence"], 4)
                     payload["rows"].append(row)

@@ -278,14 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="tune a compressed checkpoint's scales end to end on the uncompressed model's next-token distribution",
         description="Every quantized unit's float16 scales (llama.cpp blocks' float16 values) are tuned together "
         "with Adam on KL(reference || model) over calibration windows, the codes held: the same format, size and "
-        "engines. Needs both models in memory. The result is kept only if the calibration KL fell; written to --out.",
+        "engines. Needs both models in memory. A quarter of the calibration windows is held out of training: the "
+        "result is kept only if the KL on those fell. Written to --out.",
     )
     d.add_argument("--model", required=True, help="the moepress checkpoint folder (compress --out)")
     d.add_argument("--out", required=True, help="the checkpoint folder to write (a temporary folder, then renamed)")
     d.add_argument("--reference", default=None,
                    help="the uncompressed model (default: the one the checkpoint was compressed from)")
     d.add_argument("--steps", type=int, default=None,
-                   help="Adam steps, one batch of windows each (default: one pass over the calibration windows)")
+                   help="Adam steps, one batch of windows each (default: one pass over the training windows)")
     d.add_argument("--calib", default=None, help="calibration text (default: the checkpoint's own)")
     d.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: the checkpoint's)")
     d.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the checkpoint's)")
@@ -452,9 +453,10 @@ def run_distill(args) -> None:
                               calib_samples=args.calib_samples, seq_len=args.seq_len, seed=args.seed, steps=args.steps,
                               batch_size=args.batch_size, overwrite=args.overwrite, progress=not args.quiet,
                               trust_remote_code=args.trust_remote_code, device=args.device)
-    before, after = done["calibration_kl"]
+    before, after = done["validation_kl"]
     verdict = "kept" if done["kept"] else "not lower: the scales are unchanged"
-    print(f"wrote {args.out}: calibration KL {before:.3g} -> {after:.3g} ({verdict}), {done['steps']} steps in "
+    print(f"wrote {args.out}: KL on the held-out calibration windows {before:.3g} -> {after:.3g} ({verdict}), "
+          f"{done['steps']} steps in "
           f"{done['seconds']:.0f} s")
 
 

@@ -16,8 +16,11 @@ loss, since calibration text is all we have.
 - Adam's step is :data:`DISTILL_LR_SCALE` of the layer-wise one: every scale moves the whole model's
   output at once (measured on tiny-mixtral 2-bit: 1e-3 on moepress's grids; 3e-3 was worse).
 - One step is one batch of calibration windows; the teacher's logits are recomputed per batch (a
-  vocabulary-wide copy of every window would not fit). The result is kept only if the KL over all
-  calibration windows went down; otherwise the checkpoint is copied unchanged, and says so.
+  vocabulary-wide copy of every window would not fit).
+- A quarter of the calibration windows (:data:`VALIDATION_SHARE`) is never trained on: the result is
+  kept only if the KL on those went down; otherwise the checkpoint is copied unchanged, and says so.
+  Measured on tiny-mixtral at 4 bits, the KL on the training windows fell while the held-out
+  evaluation's rose 8%: the scales fit the windows, not the model, once the KL is that small.
 - Memory: both models in float32 and a float32 copy of every quantized weight with its gradient graph.
 """
 
@@ -35,6 +38,7 @@ from torch import nn
 from .errors import MoepressError
 
 DISTILL_LR_SCALE = 0.1  # Adam's step: a tenth of the layer-wise refinement's (SCALES_LR, block_scales.learning_rate)
+VALIDATION_SHARE = 0.25  # of the calibration windows: held out of training, to decide whether the result is kept
 
 
 def _learnables(model: nn.Module):
@@ -77,6 +81,11 @@ def _learnables(model: nn.Module):
     return current, learnables, stand_ins
 
 
+def validation_windows(windows: int) -> int:
+    """How many of ``windows`` calibration windows are held out of training (at least one)."""
+    return max(1, round(windows * VALIDATION_SHARE))
+
+
 def _kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of KL(teacher || student)."""
     logp = F.log_softmax(student_logits.float(), -1)
@@ -86,13 +95,20 @@ def _kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tenso
 def distill_scales(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor, steps: int, *,
                    batch_size: int = 8, progress: bool = True) -> dict:
     """Tune every quantized unit's scales of ``student`` (a moepress model, reference runtime, float32)
-    for ``steps`` Adam steps on KL(``teacher`` || ``student``) over ``tokens`` [windows, seq_len]; write
-    them into the student's stored tensors if the calibration KL fell. Returns what was done."""
+    for ``steps`` Adam steps on KL(``teacher`` || ``student``) over the first windows of ``tokens``
+    [windows, seq_len]; write them into the student's stored tensors if the KL on the last
+    :data:`VALIDATION_SHARE` of the windows (never trained on) fell. Returns what was done."""
     from tqdm.auto import tqdm
 
     from .runtime.install import swap_module
 
-    batches = [tokens[i:i + batch_size] for i in range(0, len(tokens), batch_size)]
+    held = validation_windows(len(tokens))
+    if held < 1 or len(tokens) - held < 1:
+        raise MoepressError(f"distill needs at least 2 calibration windows (one to train on, one to check on); got "
+                            f"{len(tokens)}")
+    train, validation = tokens[:len(tokens) - held], tokens[len(tokens) - held:]
+    batches = [train[i:i + batch_size] for i in range(0, len(train), batch_size)]
+    checks = [validation[i:i + batch_size] for i in range(0, len(validation), batch_size)]
     flags = {p: p.requires_grad for p in student.parameters()}
     for p in flags:
         p.requires_grad_(False)
@@ -107,27 +123,27 @@ def distill_scales(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor,
             for key, (learnable, _) in learnables.items():
                 current[key] = learnable.dequantize()
 
-    def calibration_kl() -> float:
+    def teacher_of(batch: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return F.log_softmax(teacher(input_ids=batch).logits.float(), -1)
+
+    def validation_kl() -> float:
         refresh(False)
         total = 0.0
         with torch.no_grad():
-            for i, batch in enumerate(batches):
-                total += float(_kl(student(input_ids=batch).logits, teacher_of(i))) * len(batch)
-        return total / len(tokens)
-
-    def teacher_of(i: int) -> torch.Tensor:
-        with torch.no_grad():
-            return F.log_softmax(teacher(input_ids=batches[i]).logits.float(), -1)
+            for batch in checks:
+                total += float(_kl(student(input_ids=batch).logits, teacher_of(batch))) * len(batch)
+        return total / len(validation)
 
     started = time.time()
     swapped = {path: swap_module(student, path, module) for path, module in stand_ins.items()}
     try:
-        before = calibration_kl()
+        before = validation_kl()
         best = {key: learnable.state() for key, (learnable, _) in learnables.items()}
         bar = tqdm(range(steps), desc="distill", unit="step", disable=not progress)
         for step in bar:
             i = step % len(batches)
-            target = teacher_of(i)
+            target = teacher_of(batches[i])
             refresh(True)
             with torch.enable_grad():
                 loss = _kl(student(input_ids=batches[i]).logits, target)
@@ -135,7 +151,7 @@ def distill_scales(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor,
             for learnable, _ in learnables.values():
                 learnable.refine_step(step, steps)
             bar.set_postfix(kl=f"{loss.item():.2e}")
-        after = calibration_kl()
+        after = validation_kl()
         kept = after < before
         if not kept:
             for key, (learnable, _) in learnables.items():
@@ -148,8 +164,8 @@ def distill_scales(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor,
             p.requires_grad_(flag)
     if kept:
         _write_back(learnables)
-    return {"steps": steps, "batch_size": batch_size, "windows": int(len(tokens)), "seq_len": int(tokens.shape[1]),
-            "calibration_kl": [round(before, 8), round(after, 8)], "kept": kept,
+    return {"steps": steps, "batch_size": batch_size, "windows": int(len(train)), "validation_windows": int(held),
+            "seq_len": int(tokens.shape[1]), "validation_kl": [round(before, 8), round(after, 8)], "kept": kept,
             "seconds": round(time.time() - started, 1)}
 
 
@@ -200,7 +216,7 @@ def distill_checkpoint(checkpoint: str, out: str, *, reference: str | None = Non
         raise MoepressError(f"--steps takes a number of steps >= 1 (got {steps})")
     tokenizer = load_tokenizer(checkpoint)
     tokens = token_windows(load_text(calib), tokenizer, seq_len, calib_samples, seed=seed, what="calibration")
-    steps = steps or -(-len(tokens) // batch_size)
+    steps = steps or -(-(len(tokens) - validation_windows(len(tokens))) // batch_size)  # one pass over the training windows
     from .pipeline.device import resolve_device
 
     where = resolve_device(device)
@@ -270,4 +286,4 @@ def _save_like(checkpoint: str, out: str, student: nn.Module, done: dict, overwr
     os.replace(work, out)
 
 
-__all__ = ["DISTILL_LR_SCALE", "distill_checkpoint", "distill_scales"]
+__all__ = ["DISTILL_LR_SCALE", "VALIDATION_SHARE", "distill_checkpoint", "distill_scales", "validation_windows"]

@@ -22,15 +22,16 @@ def _tensors(folder) -> dict[str, torch.Tensor]:
     return out
 
 
-def _calibration_kl(checkpoint, reference, done) -> float:
-    """KL(reference || checkpoint) on the windows distill used, computed afresh from the files."""
+def _validation_kl(checkpoint, reference, done) -> float:
+    """KL(reference || checkpoint) on the windows distill held out, computed afresh from the files."""
     import torch.nn.functional as F
 
     from moepress.data import load_text, token_windows
     from moepress.loading import load_model, load_tokenizer
 
-    tokens = token_windows(load_text(done["calib"]), load_tokenizer(str(checkpoint)), done["seq_len"], done["windows"],
-                           seed=done["seed"], what="calibration")
+    tokens = token_windows(load_text(done["calib"]), load_tokenizer(str(checkpoint)), done["seq_len"],
+                           done["windows"] + done["validation_windows"], seed=done["seed"], what="calibration")
+    tokens = tokens[done["windows"]:]
     student = load_model(str(checkpoint), dtype=torch.float32).eval()
     teacher = load_model(str(reference), dtype=torch.float32).eval()
     total = 0.0
@@ -56,11 +57,12 @@ def checkpoint(tiny_model_dir, calib_file, tmp_path_factory):
 
 def test_only_scales_change_and_the_files_hold_what_was_optimised(checkpoint, tmp_path):
     """The codes, zero points and every other tensor are the checkpoint's; only float16 scales change,
-    the calibration KL fell, and the written checkpoint scores exactly the recorded KL."""
+    the KL on the held-out windows fell, and the written checkpoint scores exactly the recorded KL."""
     source, ckpt = checkpoint
     out = tmp_path / "d"
     done = distill_checkpoint(ckpt, str(out), steps=6, batch_size=4, progress=False)
-    assert done["kept"] and done["calibration_kl"][1] < done["calibration_kl"][0]
+    assert done["windows"] == 6 and done["validation_windows"] == 2  # (of the checkpoint's 8)
+    assert done["kept"] and done["validation_kl"][1] < done["validation_kl"][0]
     before, after = _tensors(ckpt), _tensors(out)
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -69,7 +71,7 @@ def test_only_scales_change_and_the_files_hold_what_was_optimised(checkpoint, tm
     record = json.load(open(out / "moepress.json"))
     assert record["distill"]["tensors_changed"] == len(changed) and record["units"] == json.load(
         open(Path(ckpt) / "moepress.json"))["units"]
-    assert _calibration_kl(out, source, done) == pytest.approx(done["calibration_kl"][1], rel=1e-4)
+    assert _validation_kl(out, source, done) == pytest.approx(done["validation_kl"][1], rel=1e-4)
 
 
 def test_a_run_that_does_not_lower_the_kl_changes_nothing(checkpoint, tmp_path, monkeypatch):
