@@ -38,6 +38,9 @@ are skipped, saying why), in one work folder:
     embedding and head stay F16 (the cost table is measured once per model).
   * ``mix+budget``: ``--ggml-type <preset> --budget <B>B``: the body allocated within B, the embedding
     and head in the preset's types: the size of llama-quantize's stock file.
+* **refinement**: every moepress file is refined as ``moepress compress`` does by default
+  (``--refine 32``: the blocks' float16 scales on each layer's output, GPTQ's codes held);
+  ``--refine 0`` gives GPTQ alone.
 * **scores**: ``llama-perplexity --kl-divergence-base`` on the f16 file, then ``--kl-divergence`` on
   every file: llama-perplexity's own mean KL divergence, perplexity and top-1 agreement ("same top
   p"), and the ratios moepress / llama.cpp.
@@ -81,6 +84,7 @@ sys.path.insert(0, ROOT)
 import moepress  # noqa: E402
 from moepress.errors import MoepressError  # noqa: E402
 from moepress.export import llamacpp_tools  # noqa: E402
+from moepress.refine import REFINE_STEPS  # noqa: E402
 
 ZOO = ("tiny-mixtral", "tiny-deepseek", "moefied-smollm2", "tiny-qwen3moe")
 PRESETS = ("Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K")
@@ -247,7 +251,7 @@ class Bench:
         log(f"{self.name}: f16 GGUF (llama.cpp's converter, and moepress --bits 16)")
         converted, own = self.path("converter-f16.gguf"), self.path("moepress-f16.gguf")
         llamacpp_tools.convert_reference(self.model_dir, converted)
-        self.compress(self.path("moepress-f16"), bits=16)
+        self.compress(self.path("moepress-f16"), bits=16, refine=0)
         export_gguf(self.path("moepress-f16"), own)
         self.info["f16_agreement"] = compare_files(converted, own)
         # the KL base (and llama-quantize's input): the converter's file unless --f16-from moepress
@@ -272,6 +276,7 @@ class Bench:
 
     def compress(self, out: str, **options) -> None:
         a = self.args
+        options = {"refine": a.refine, **options}  # (the command's default unless --refine says otherwise)
         moepress.compress(self.model_dir, out=out, overwrite=True, restart=True, target="llamacpp",
                           calib=self.path("calib.txt"),
                           calib_samples=a.calib_samples, seq_len=a.seq_len, progress=False, **options)
@@ -310,6 +315,7 @@ class Bench:
         out = self.path(f"moepress-{preset}-{kind}")
         started = time.time()
         options = {"ggml_type": preset} if kind in ("mix", "mix+budget") else {}
+        options["refine"] = a.refine
         if kind in ("budget", "mix+budget"):
             body = sum(t["bytes"] for t in tensor_types(body_file).values() if t["type"] not in ("F16", "F32"))
             options.update({"budget": f"{body}B", "planning": {
@@ -440,6 +446,8 @@ def main(argv=None) -> int:
     p.add_argument("--moepress", nargs="+", default=list(MOEPRESS_KINDS), choices=MOEPRESS_KINDS,
                    help="moepress's files: mix (--ggml-type <preset>), budget (its allocator at llama.cpp's body bytes), "
                         "mix+budget (both)")
+    p.add_argument("--refine", type=int, default=REFINE_STEPS,
+                   help=f"refinement steps of every moepress file (default {REFINE_STEPS}, the command's; 0: GPTQ alone)")
     p.add_argument("--estimator", default="gptq_routed",
                    help="the budget rows' damage estimate (default gptq_routed; kl_scaled does not combine with --target yet)")
     p.add_argument("--f16-from", default="converter", choices=("converter", "moepress"),
