@@ -62,16 +62,22 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     return make
 
 
+_frozen_module = None
 
 
-def pytest_collection_finish(session):
-    """Move every object alive once the tests are collected (the imported modules of torch,
-    transformers, moepress and the test modules: some 400,000) out of the garbage collector's
-    reach: they live to the end anyway. The streamed pipeline calls ``gc.collect()`` after every
-    layer (pipeline/runner.py, to hand freed memory back), and each call walked all of them, a
-    quarter of a second on this machine: at a few calls per compression, a large share of the
-    suite's time. What the tests create is collected as before."""
-    import gc
+def pytest_runtest_setup(item):
+    """At each test module's first test, move every object then alive out of the garbage collector's
+    reach (``gc.freeze``), after collecting what is garbage. The streamed pipeline calls
+    ``gc.collect()`` after every layer (pipeline/runner.py, to hand freed memory back to the
+    system), and each call walked every object alive: the imported modules of torch, transformers,
+    moepress and the tests (some 400,000, a quarter of a second a call on this machine, a large
+    share of the suite's time at a few calls per compression), the session's fixtures and the
+    modules tests import as they run. Those live to the end anyway (the previous module's fixtures
+    are already torn down here); what the tests create is collected as before."""
+    global _frozen_module
+    if item.module is not _frozen_module:
+        import gc
 
-    gc.collect()
-    gc.freeze()
+        _frozen_module = item.module
+        gc.collect()
+        gc.freeze()
