@@ -476,16 +476,21 @@ class QuantizeStep:
             runner.run_layer(layer, update=True)
             return {}, {f"layers.{layer}.dropped_block": torch.ones(1)}
         refinement = None
+        # Refinement's targets, the unquantized layer's outputs, come from the attention statistics pass
+        # (the same forward of the same layer) unless that pass rounds its inputs (--activations) or is not run.
+        record_in_pass = config.quantize_attention and config.activations is None
         if config.refine:  # the unquantized layer's outputs, before any unit of it is quantized
             from .refine import begin
 
             refinement = begin(view, layer, runner, config.refine, config.expert_chunk, config.refine_frozen_routing,
-                               config.refine_from, config.refine_params)
+                               config.refine_from, config.refine_params, defer=record_in_pass)
         if config.quantize_attention:
             attention = view.attention_units(layer)
             rounded = _round_calibration_inputs(view, attention, None, treatment_of, config)
             stats, handles = collect_layer_stats(view, layer, runner, 0, "routed_only", units=attention, experts=False)
             handles += rounded
+            if refinement is not None and record_in_pass:
+                handles += refinement.recording_hooks()
             _run_and_unhook(runner, layer, handles)
             _quantize_linear_units(view.model, attention, stats["linear"], treatment_of, records, runner.device)
             for unit in attention:

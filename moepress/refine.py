@@ -149,6 +149,22 @@ class LayerRefinement:
     routing: list[tuple[torch.Tensor, torch.Tensor]] | None  # with freeze_routing: (index, weights) per batch
     errors: list[float] = field(default_factory=list)
 
+    def recording_hooks(self) -> list:
+        """Hooks that record, on each forward of the (still unquantized) layer, its output as a target
+        (and with frozen routing the experts' choices); the caller removes them after one pass."""
+        def keep(_module, _args, out):
+            self.targets.append((out[0] if isinstance(out, tuple) else out).detach().to("cpu"))
+
+        handles = [self.view.layers[self.layer].register_forward_hook(keep)]
+        if self.routing is not None:
+            def grab(_module, args, kwargs):
+                names = ("hidden_states", "top_k_index", "top_k_weights")
+                values = list(args) + [kwargs[n] for n in names[len(args):]]
+                self.routing.append((values[1].detach().cpu(), values[2].detach().cpu()))
+
+            handles.append(self.view.experts(self.layer).module.register_forward_pre_hook(grab, with_kwargs=True))
+        return handles
+
     def _errors(self, module: nn.Module, batch_hook=None) -> list[float]:
         """Mean squared difference from the unquantized layer's output, per calibration batch."""
         errors = []
@@ -173,6 +189,10 @@ class LayerRefinement:
         from .runtime.install import install_experts, install_linear, swap_module
         from .runtime.packed_linear import PackedLinear
         from .runtime.packed_weight import PackedWeight
+
+        if len(self.targets) != len(self.runner.hidden):
+            raise RuntimeError(f"refinement of layer {self.layer} recorded {len(self.targets)} outputs for "
+                               f"{len(self.runner.hidden)} calibration batches")
 
         model, layer_module = self.view.model, self.view.layers[self.layer]
         prefix = self.view.layer_path(self.layer) + "."
@@ -375,10 +395,13 @@ def check_config(config) -> None:
 
 @torch.no_grad()
 def begin(view: MoEView, layer: int, runner: LayerwiseRunner, steps: int, expert_chunk: int | None = None,
-          freeze_routing: bool = False, init: str = "gptq", learn: str = "scales") -> LayerRefinement:
+          freeze_routing: bool = False, init: str = "gptq", learn: str = "scales",
+          defer: bool = False) -> LayerRefinement:
     """Record what refinement needs before layer ``layer`` (on the device, unquantized) is touched: the
     float weights of its linears and experts (references: the layer holds them anyway) and its output
-    on the current calibration inputs."""
+    on the current calibration inputs. With ``defer`` the outputs are not computed here: the caller
+    registers :meth:`LayerRefinement.recording_hooks` on a pass of the unquantized layer it runs anyway
+    (compression's attention statistics pass), which saves a pass over the windows."""
     module = view.layers[layer]
     prefix = view.layer_path(layer) + "."
     originals = {prefix + path: m.weight for path, m in module.named_modules() if isinstance(m, nn.Linear)}
@@ -387,21 +410,17 @@ def begin(view: MoEView, layer: int, runner: LayerwiseRunner, steps: int, expert
     if store is not None and store.layout == "fused":
         expert_originals = {linear: store.weight(linear) for linear in EXPERT_LINEARS}
     routing: list | None = [] if freeze_routing and store is not None else None
-    handle = None
-    if routing is not None:
-        def grab(_module, args, kwargs):
-            names = ("hidden_states", "top_k_index", "top_k_weights")
-            values = list(args) + [kwargs[n] for n in names[len(args):]]
-            routing.append((values[1].detach().cpu(), values[2].detach().cpu()))
-
-        handle = store.module.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        targets = [_layer_output(runner, module, i).detach().to("cpu") for i in range(len(runner.hidden))]
-    finally:
-        if handle is not None:
-            handle.remove()
-    return LayerRefinement(view, layer, runner, steps, expert_chunk, freeze_routing and store is not None, init, learn,
-                           originals, expert_originals, targets, routing)
+    refinement = LayerRefinement(view, layer, runner, steps, expert_chunk, freeze_routing and store is not None, init,
+                                 learn, originals, expert_originals, [], routing)
+    if not defer:
+        handles = refinement.recording_hooks()
+        try:
+            for i in range(len(runner.hidden)):
+                _layer_output(runner, module, i)
+        finally:
+            for handle in handles:
+                handle.remove()
+    return refinement
 
 
 __all__ = ["REFINE_STEPS", "LayerRefinement", "RefinedExperts", "RefinedLinear", "begin", "check_config", "default_steps",
