@@ -94,7 +94,7 @@ def refinable(original: torch.Tensor, start, init: str, learn: str):
     """The learnable form of one quantized weight: moepress's grids (:class:`SignRoundWeight`), or a
     llama.cpp block format's float16 values with its codes held (:class:`BlockScalesWeight`)."""
     if isinstance(start, BlockQuantizedWeight):
-        return BlockScalesWeight(start.to(original.device))
+        return BlockScalesWeight(start if original is None else start.to(original.device))
     return SignRoundWeight(original, start, init, learn)
 
 

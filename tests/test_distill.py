@@ -132,3 +132,33 @@ def test_distill_lowers_the_held_out_kl_of_a_trained_model(tmp_path):
             got = F.log_softmax(load_model(folder, dtype=torch.float32)(input_ids=held_out).logits.float(), -1)
             kl[name] = float(F.kl_div(got, want, log_target=True, reduction="none").sum(-1).mean())
     assert kl["distilled"] < 0.97 * kl["gptq"], kl
+
+
+@pytest.mark.parametrize("target", [None, "llamacpp"])
+def test_the_tuned_values_are_written_where_the_model_reads_them(target, tiny_model_dir, calib_file, tmp_path):
+    """Whatever the learned values, writing them back leaves every stored module computing exactly the
+    learnable's weight: moepress's grids (float16 scales) and llama.cpp's blocks (GGUF bytes)."""
+    import moepress
+    from moepress.loading import load_model
+    from moepress.quantize.block_scales import BlockScalesWeight
+    from moepress.quantize.signround import SignRoundWeight
+
+    ckpt = str(tmp_path / "c")
+    moepress.compress(tiny_model_dir("mixtral"), bits=4, calib=calib_file, calib_samples=4, seq_len=32, out=ckpt,
+                      progress=False, **({"target": target} if target else {}))
+    student = load_model(ckpt, dtype=torch.float32)
+    _, learnables, _ = moepress.distill._learnables(student)
+    kind = BlockScalesWeight if target else SignRoundWeight
+    assert learnables and all(isinstance(learnable, kind) for learnable, _ in learnables.values())
+    assert any(len(modules) > 1 for _, modules in learnables.values())  # the experts, stacked
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for learnable, _ in learnables.values():
+            for p in learnable.params:
+                p.mul_(1 + 0.1 * torch.rand(p.shape, generator=g))
+    moepress.distill._write_back(learnables)
+    for learnable, modules in learnables.values():
+        want = learnable.dequantize().detach()
+        for row, module in enumerate(modules):
+            assert torch.equal(module.dequantize(torch.float32), want[row] if len(modules) > 1 or want.ndim == 3
+                               else want)
