@@ -2,7 +2,8 @@
 
 Kill points come from ``moepress.pipeline.faults`` (``MOEPRESS_FAULT=POINT:LAYER``): in-process runs
 raise there; subprocess runs die by a real ``SIGKILL`` (nothing flushed, no ``finally``), once at a
-fault point and once from outside, at whatever moment the run has reached.
+fault point and once from outside, at whatever moment the run has reached, and the same command
+resumes them in the test's process.
 """
 
 from __future__ import annotations
@@ -80,10 +81,14 @@ def test_changed_source_is_refused(tiny_model_dir, calib_file, tmp_path, monkeyp
         moepress.compress(source, calib=calib_file, out=out, **SMALL)
 
 
-def _cli(source: str, calib: str, out: str) -> list[str]:
-    return [sys.executable, "-m", "moepress.cli", "compress", "--model", source, "--calib", calib, "--out", out,
-            "--bits", "3", "--group-size", "32", "--calib-samples", "8", "--seq-len", "64", "--batch-size", "4",
+def _args(source: str, calib: str, out: str) -> list[str]:
+    return ["compress", "--model", source, "--calib", calib, "--out", out, "--bits", "3", "--group-size", "32",
+            "--calib-samples", "8", "--seq-len", "64", "--batch-size", "4",
             "--refine", "0", "--quiet"]  # (the library reference does not refine; the command does by default)
+
+
+def _cli(source: str, calib: str, out: str) -> list[str]:
+    return [sys.executable, "-m", "moepress.cli", *_args(source, calib, out)]
 
 
 def test_real_kill_at_a_fault_point_then_resume(uninterrupted, calib_file, tmp_path):
@@ -92,9 +97,7 @@ def test_real_kill_at_a_fault_point_then_resume(uninterrupted, calib_file, tmp_p
     env = {**os.environ, "MOEPRESS_FAULT": "layer_shard_written:1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     died = subprocess.run(_cli(source, calib_file, out), env=env, capture_output=True, text=True)
     assert died.returncode == -signal.SIGKILL, died.stderr
-    env.pop("MOEPRESS_FAULT")
-    again = subprocess.run(_cli(source, calib_file, out), env=env, capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr
+    assert main(_args(source, calib_file, out)) == 0  # the resumed run: the same command, in this process
     assert json.load(open(os.path.join(out, "moepress.json")))["resumed_after_layer"] == 1
     same_checkpoint(out, reference)
 
@@ -116,8 +119,7 @@ def test_kill_9_from_outside_then_resume(uninterrupted, calib_file, tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    again = subprocess.run(_cli(source, calib_file, out), env=env, capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr
+    assert main(_args(source, calib_file, out)) == 0  # the resumed run: the same command, in this process
     same_checkpoint(out, reference)
 
 
