@@ -66,18 +66,19 @@ _frozen_module = None
 
 
 def pytest_runtest_setup(item):
-    """At each test module's first test, move every object then alive out of the garbage collector's
-    reach (``gc.freeze``), after collecting what is garbage. The streamed pipeline calls
-    ``gc.collect()`` after every layer (pipeline/runner.py, to hand freed memory back to the
-    system), and each call walked every object alive: the imported modules of torch, transformers,
-    moepress and the tests (some 400,000, a quarter of a second a call on this machine, a large
-    share of the suite's time at a few calls per compression), the session's fixtures and the
-    modules tests import as they run. Those live to the end anyway (the previous module's fixtures
-    are already torn down here); what the tests create is collected as before."""
+    """Before each test, collect what is garbage and move every object then alive out of the garbage
+    collector's reach (``gc.freeze``). The streamed pipeline calls ``gc.collect()`` after every layer
+    (pipeline/runner.py, to hand freed memory back to the system), and each call walked every object
+    alive: the imported modules of torch, transformers, moepress and the tests (some 400,000, a
+    quarter of a second a call on this machine, a large share of the suite's time at a few calls per
+    compression), the fixtures and the modules tests import as they run. What a test creates is
+    collected as before. At each module's first test everything is unfrozen and collected once, so
+    that the previous module's fixtures, torn down by then, are freed even where they hold cycles."""
+    import gc
+
     global _frozen_module
     if item.module is not _frozen_module:
-        import gc
-
         _frozen_module = item.module
-        gc.collect()
-        gc.freeze()
+        gc.unfreeze()
+    gc.collect()
+    gc.freeze()
