@@ -4,7 +4,8 @@
 
 For every model and ``--bits``: ``compress`` as the command does by default (GPTQ, g2 Hessians,
 ``--refine 32``; ``--target llamacpp`` with ``--targets llamacpp``), then ``distill`` of that checkpoint
-for each ``--passes`` (passes over the calibration windows, 8 windows a step). Every checkpoint is
+for each ``--passes`` (passes over the windows it trains on, 8 windows a step; default: distill's
+own, ``DEFAULT_PASSES``). Every checkpoint is
 saved and scored through ``moepress.load`` on the quality benchmark's windows and metrics
 (benchmarks/workers/common.py), so what is scored is what the files hold. The compression and
 distillation times are taken in the same process, one after the other.
@@ -32,7 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
     p.add_argument("--targets", nargs="+", default=["moepress"], choices=("moepress", "llamacpp"),
                    help="moepress's grids (group 128) and/or --target llamacpp's block formats")
-    p.add_argument("--passes", nargs="+", type=int, default=[1], help="distill's passes over the calibration windows")
+    p.add_argument("--passes", nargs="+", type=int, default=None,
+                   help="distill's passes over the windows it trains on (default: distill's own, DEFAULT_PASSES)")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--eval-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256)
@@ -43,8 +45,10 @@ def main(argv=None) -> int:
 
     import moepress
     from benchmarks.workers.common import eval_windows, evaluate_row, linear_params, load_reference
-    from moepress.distill import distill_checkpoint
+    from moepress.distill import DEFAULT_PASSES, distill_checkpoint, validation_windows
     from moepress.refine import REFINE_STEPS
+
+    args.passes = args.passes or [DEFAULT_PASSES]
 
     date = datetime.date.today().isoformat()
     out = args.out or os.path.join(ROOT, "benchmarks", "results", f"distill-{date}.json")
@@ -76,14 +80,18 @@ def main(argv=None) -> int:
                 moepress.compress(model_dir, bits=bits, calib_samples=args.calib_samples, seq_len=args.seq_len,
                                   refine=REFINE_STEPS, out=ckpt, progress=False, **options)
                 compress_s = time.time() - started
-                base = {"model": name, "target": target, "bits": bits, "refine": REFINE_STEPS,
+                with open(os.path.join(ckpt, "moepress.json")) as f:
+                    units = json.load(f)["units"]
+                types = sorted({unit.get("format") or unit.get("label") or f"{unit.get('bits')}b" for unit in units.values()})
+                base = {"model": name, "target": target, "bits": bits, "refine": REFINE_STEPS, "unit_types": types,
                         "compress_seconds": round(compress_s, 1)}
                 first = {**base, "distill_passes": 0, **score(ckpt, reference, windows)}
                 payload["rows"].append(first)
                 save()
                 for passes in args.passes:
                     dist = ckpt + f"-d{passes}"
-                    steps = passes * -(-args.calib_samples // 8)
+                    trained = args.calib_samples - validation_windows(args.calib_samples)  # (the rest checks)
+                    steps = passes * -(-trained // 8)
                     started = time.time()
                     done = distill_checkpoint(ckpt, dist, steps=steps, progress=False)
                     row = {**base, "distill_passes": passes, "distill_steps": steps,

@@ -286,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--reference", default=None,
                    help="the uncompressed model (default: the one the checkpoint was compressed from)")
     d.add_argument("--steps", type=int, default=None,
-                   help="Adam steps, one batch of windows each (default: one pass over the training windows)")
+                   help="Adam steps, one batch of windows each (default: four passes over the training windows, "
+                        "the three quarters of the calibration windows not held out)")
     d.add_argument("--calib", default=None, help="calibration text (default: the checkpoint's own)")
     d.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: the checkpoint's)")
     d.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the checkpoint's)")

@@ -39,6 +39,7 @@ from .errors import MoepressError
 
 DISTILL_LR_SCALE = 0.1  # Adam's step: a tenth of the layer-wise refinement's (SCALES_LR, block_scales.learning_rate)
 VALIDATION_SHARE = 0.25  # of the calibration windows: held out of training, to decide whether the result is kept
+DEFAULT_PASSES = 4  # over the training windows, when --steps is not given (benchmarks/distill.py --passes 1 2 4)
 
 
 def _learnables(model: nn.Module):
@@ -192,7 +193,7 @@ def distill_checkpoint(checkpoint: str, out: str, *, reference: str | None = Non
     """``moepress distill``: ``checkpoint``'s scales tuned on ``reference`` (default: the model it was
     compressed from, as its moepress.json records), written as a new checkpoint ``out`` (a temporary
     folder renamed when complete). The calibration text and windows default to the checkpoint's own;
-    ``steps`` to one pass over them."""
+    ``steps`` to :data:`DEFAULT_PASSES` passes over the windows it trains on."""
     from .data import load_text, token_windows
     from .export.checkpoint import check_output_dir, read_record
     from .loading import load_model, load_tokenizer
@@ -216,7 +217,7 @@ def distill_checkpoint(checkpoint: str, out: str, *, reference: str | None = Non
         raise MoepressError(f"--steps takes a number of steps >= 1 (got {steps})")
     tokenizer = load_tokenizer(checkpoint)
     tokens = token_windows(load_text(calib), tokenizer, seq_len, calib_samples, seed=seed, what="calibration")
-    steps = steps or -(-(len(tokens) - validation_windows(len(tokens))) // batch_size)  # one pass over the training windows
+    steps = steps or DEFAULT_PASSES * -(-(len(tokens) - validation_windows(len(tokens))) // batch_size)
     from .pipeline.device import resolve_device
 
     where = resolve_device(device)
@@ -286,4 +287,4 @@ def _save_like(checkpoint: str, out: str, student: nn.Module, done: dict, overwr
     os.replace(work, out)
 
 
-__all__ = ["DISTILL_LR_SCALE", "VALIDATION_SHARE", "distill_checkpoint", "distill_scales", "validation_windows"]
+__all__ = ["DEFAULT_PASSES", "DISTILL_LR_SCALE", "VALIDATION_SHARE", "distill_checkpoint", "distill_scales", "validation_windows"]
