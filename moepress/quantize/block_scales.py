@@ -28,12 +28,12 @@ import torch
 
 from .ggml_blocks import BlockQuantizedWeight
 from .ggml_kquants import KQuantFormat
-from .signround import SCALE_RANGE, ZERO_RANGE, _fp16_ste
+from .signround import SCALE_RANGE, ZERO_RANGE, Snapshots, _fp16_ste
 
 BLOCK_SCALES_LR = 1e-3  # Adam's step for the block formats' float16 values up to 4 bits (see the module doc)
 
 
-class BlockScalesWeight:
+class BlockScalesWeight(Snapshots):
     """The learnable float16 values of one (batched) block-format weight; see the module docstring.
 
     The same interface as :class:`~.signround.SignRoundWeight` with ``learn="scales"``, which
@@ -101,15 +101,6 @@ class BlockScalesWeight:
             self.scale_factor.clamp_(*SCALE_RANGE)
             if self.min_param is not None:
                 self.min_param.clamp_(*(SCALE_RANGE if self.kquant else ZERO_RANGE))
-
-    @torch.no_grad()
-    def state(self) -> list[torch.Tensor]:
-        return [p.detach().clone() for p in self.params]
-
-    @torch.no_grad()
-    def restore(self, state: list[torch.Tensor]) -> None:
-        for p, saved in zip(self.params, state):
-            p.copy_(saved)
 
     @torch.no_grad()
     def quantized(self) -> BlockQuantizedWeight:

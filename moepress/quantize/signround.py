@@ -52,7 +52,22 @@ def _fp16_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (x.to(torch.float16).float() - x).detach()
 
 
-class SignRoundWeight:
+class Snapshots:
+    """Copies of a learnable weight's :attr:`params`, to keep the best state seen and go back to it."""
+
+    params: list[torch.Tensor]
+
+    @torch.no_grad()
+    def state(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def restore(self, state: list[torch.Tensor]) -> None:
+        for p, saved in zip(self.params, state):
+            p.copy_(saved)
+
+
+class SignRoundWeight(Snapshots):
     """The learnable rounding of one (batched) quantized weight; see the module docstring.
 
     ``weight`` is the unquantized float weight [*lead, out, in] the packed ``start`` (GPTQ's) was
@@ -175,15 +190,6 @@ class SignRoundWeight:
         self.scale_factor.clamp_(*SCALE_RANGE)
         if self.zero_shift is not None:
             self.zero_shift.clamp_(*ZERO_RANGE)
-
-    @torch.no_grad()
-    def state(self) -> list[torch.Tensor]:
-        return [p.detach().clone() for p in self.params]
-
-    @torch.no_grad()
-    def restore(self, state: list[torch.Tensor]) -> None:
-        for p, saved in zip(self.params, state):
-            p.copy_(saved)
 
     @torch.no_grad()
     def quantized(self) -> QuantizedWeight:
