@@ -104,7 +104,7 @@ def distill_scales(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor,
     from .runtime.install import swap_module
 
     held = validation_windows(len(tokens))
-    if held < 1 or len(tokens) - held < 1:
+    if len(tokens) - held < 1:
         raise MoepressError(f"distill needs at least 2 calibration windows (one to train on, one to check on); got "
                             f"{len(tokens)}")
     train, validation = tokens[:len(tokens) - held], tokens[len(tokens) - held:]
@@ -119,6 +119,7 @@ def distill_scales(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor,
                             "or split)")
     for learnable, _ in learnables.values():
         learnable.lr *= DISTILL_LR_SCALE
+
     def refresh(grad: bool):
         with torch.set_grad_enabled(grad):
             for key, (learnable, _) in learnables.items():
@@ -140,7 +141,7 @@ def distill_scales(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor,
     swapped = {path: swap_module(student, path, module) for path, module in stand_ins.items()}
     try:
         before = validation_kl()
-        best = {key: learnable.state() for key, (learnable, _) in learnables.items()}
+        start = {key: learnable.state() for key, (learnable, _) in learnables.items()}
         bar = tqdm(range(steps), desc="distill", unit="step", disable=not progress)
         for step in bar:
             i = step % len(batches)
@@ -156,7 +157,7 @@ def distill_scales(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor,
         kept = after < before
         if not kept:
             for key, (learnable, _) in learnables.items():
-                learnable.restore(best[key])
+                learnable.restore(start[key])
             after = before
     finally:
         for path, module in swapped.items():
