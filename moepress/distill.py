@@ -155,10 +155,9 @@ def distill_scales(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor,
             bar.set_postfix(kl=f"{loss.item():.2e}")
         after = validation_kl()
         kept = after < before
-        if not kept:
+        if not kept:  # (the record keeps the KL the tuned scales reached, to say why they were not kept)
             for key, (learnable, _) in learnables.items():
                 learnable.restore(start[key])
-            after = before
     finally:
         for path, module in swapped.items():
             swap_module(student, path, module)
@@ -219,12 +218,16 @@ def distill_checkpoint(checkpoint: str, out: str, *, reference: str | None = Non
     tokenizer = load_tokenizer(checkpoint)
     tokens = token_windows(load_text(calib), tokenizer, seq_len, calib_samples, seed=seed, what="calibration")
     steps = steps or DEFAULT_PASSES * -(-(len(tokens) - validation_windows(len(tokens))) // batch_size)
+    from contextlib import nullcontext
+
     from .pipeline.device import resolve_device
+    from .pipeline.source import quiet_transformers
 
     where = resolve_device(device)
-    teacher = load_model(reference, dtype=torch.float32, trust_remote_code=trust_remote_code).eval().to(where)
-    _check_memory(teacher, where)
-    student = load_model(checkpoint, dtype=torch.float32).eval().to(where)
+    with nullcontext() if progress else quiet_transformers():  # (--quiet: no 'Loading weights' bars either)
+        teacher = load_model(reference, dtype=torch.float32, trust_remote_code=trust_remote_code).eval().to(where)
+        _check_memory(teacher, where)
+        student = load_model(checkpoint, dtype=torch.float32).eval().to(where)
     tokens = tokens.to(where)
     if progress:
         import sys

@@ -102,7 +102,7 @@ def resolve_model_folder(name: str) -> str:
 
 
 @contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """transformers' per-call 'Loading weights' bar would print once per layer."""
     from transformers.utils import logging as hf_logging
 
@@ -226,7 +226,7 @@ class StreamedModel:
         state = {key: self._handles[file].get_slice(key) for key, file in keys.items()}
         config = LoadStateDictConfig(dtype=self.dtype, weight_mapping=self.mapping, device_map={"": "cpu"})
         try:
-            with _quiet_transformers():
+            with quiet_transformers():
                 info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
         except MoepressError:
             raise
