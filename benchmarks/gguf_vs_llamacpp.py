@@ -276,7 +276,6 @@ class Bench:
 
     def compress(self, out: str, **options) -> None:
         a = self.args
-        options = {"refine": a.refine, **options}  # (the command's default unless --refine says otherwise)
         moepress.compress(self.model_dir, out=out, overwrite=True, restart=True, target="llamacpp",
                           calib=self.path("calib.txt"),
                           calib_samples=a.calib_samples, seq_len=a.seq_len, progress=False, **options)

@@ -983,7 +983,7 @@ def _plan_for_budget(model: str, budget: str, planning, out: str | None, restart
 
 def _result_of_saved(out: str, tokenizer, config: CompressConfig, plan, tokens, view: MoEView) -> CompressResult:
     """The result of a run whose checkpoint was complete before the kill (its statistics are not kept)."""
-    from .export.checkpoint import read_record
+    from .export.record import read_record
 
     record = read_record(out)
     units, errors = read_unit_records(record["units"])

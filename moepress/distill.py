@@ -195,7 +195,8 @@ def distill_checkpoint(checkpoint: str, out: str, *, reference: str | None = Non
     folder renamed when complete). The calibration text and windows default to the checkpoint's own;
     ``steps`` to :data:`DEFAULT_PASSES` passes over the windows it trains on."""
     from .data import load_text, token_windows
-    from .export.checkpoint import check_output_dir, read_record
+    from .export.checkpoint import check_output_dir
+    from .export.record import read_record
     from .loading import load_model, load_tokenizer
 
     record = read_record(checkpoint)
@@ -258,7 +259,7 @@ def _save_like(checkpoint: str, out: str, student: nn.Module, done: dict, overwr
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from .export.checkpoint import MOEPRESS_JSON
+    from .export.record import MOEPRESS_JSON
 
     state = student.state_dict()
     parent = os.path.dirname(os.path.abspath(out))

@@ -90,9 +90,10 @@ def experts_by_format(experts_module, linear: str, experts) -> dict[tuple, list[
     return groups
 
 
-def refinable(original: torch.Tensor, start, init: str, learn: str):
+def refinable(original: torch.Tensor | None, start, init: str, learn: str):
     """The learnable form of one quantized weight: moepress's grids (:class:`SignRoundWeight`), or a
-    llama.cpp block format's float16 values with its codes held (:class:`BlockScalesWeight`)."""
+    llama.cpp block format's float16 values with its codes held (:class:`BlockScalesWeight`).
+    ``original`` (the unquantized weight) may be None where only the scales are learned (distill)."""
     if isinstance(start, BlockQuantizedWeight):
         return BlockScalesWeight(start if original is None else start.to(original.device))
     return SignRoundWeight(original, start, init, learn)

@@ -29,7 +29,7 @@ import torch
 from ..errors import MoepressError
 from ..model.registry import arch_spec
 
-MOEPRESS_JSON = "moepress.json"
+from .record import MOEPRESS_JSON
 
 
 def check_output_dir(out: str, overwrite: bool) -> None:
@@ -149,15 +149,3 @@ def quantization_config_dict(record: dict) -> dict:
         # compress --activations: every quantized unit's inputs quantized per token (moepress.quantize.activations)
         **({"activations": record["activations"]} if record.get("activations") else {}),
     }
-
-
-def read_record(path: str) -> dict:
-    """``moepress.json`` of a checkpoint folder, or a one-line error."""
-    file = os.path.join(path, MOEPRESS_JSON)
-    if not os.path.exists(file):
-        raise MoepressError(f"{path} is not a moepress checkpoint (no {MOEPRESS_JSON}); compress a model first")
-    try:
-        with open(file) as f:
-            return json.load(f)
-    except json.JSONDecodeError as exc:
-        raise MoepressError(f"{file} is not valid JSON ({exc}); the checkpoint is corrupt") from None

@@ -280,7 +280,8 @@ def export_compressed_tensors(checkpoint: str, out: str, overwrite: bool = False
     from safetensors.torch import load_file, save_file
 
     from ..treatment import KEEP, Treatment
-    from .checkpoint import check_output_dir, read_record
+    from .checkpoint import check_output_dir
+    from .record import read_record
     from .vllm_target import scheme_key
 
     _check_installed()

@@ -181,7 +181,7 @@ class _Checkpoint:
     """A moepress checkpoint folder, its tensors read one at a time (never the whole model)."""
 
     def __init__(self, path: str):
-        from .checkpoint import read_record
+        from .record import read_record
 
         self.path = Path(path)
         if not (self.path / "config.json").is_file():
@@ -419,7 +419,7 @@ def _file_type(tensors: list[_Tensor], gguf, mix: str | None = None) -> int:
     (F16 when every linear is kept), as llama-quantize names the file after the type it was asked for."""
     import numpy as np
 
-    from .llamacpp_target import is_preset
+    from .llamacpp_presets import is_preset
 
     if is_preset(mix):
         from .llamacpp_presets import gguf_file_type

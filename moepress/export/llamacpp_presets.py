@@ -240,5 +240,13 @@ def tensor_types(hparams: Hparams, tensors: list[TensorInfo], ftype: str, *, has
     return {t.name: choose(t) for t in ordered if quantizable(t)}
 
 
-__all__ = ["FILE_TYPES", "Hparams", "TensorInfo", "category", "fallback", "file_type", "gguf_file_type",
+def is_preset(ggml_type: str | None) -> bool:
+    """Whether ``--ggml-type`` names one of llama-quantize's mixes (``q4_K_M``, ``q2_K``, ``q4_0``: its
+    file types, :data:`FILE_TYPES`) rather than one type for every unit (``q3_K``, ``q4_K``, ``q5_K``:
+    llama-quantize takes these only as aliases of the ``_M`` mixes)."""
+    return ggml_type is not None and any(ggml_type.lower() == f.lower() for f in FILE_TYPES) \
+        and ggml_type.lower() not in ("q3_k", "q4_k", "q5_k")
+
+
+__all__ = ["FILE_TYPES", "Hparams", "TensorInfo", "category", "fallback", "file_type", "gguf_file_type", "is_preset",
            "quantizable", "tensor_types"]

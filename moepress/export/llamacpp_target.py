@@ -38,6 +38,7 @@ import torch
 
 from ..errors import MoepressError
 from ..model.view import EXPERT_LINEARS, MoEView
+from .llamacpp_presets import is_preset
 
 TARGETS = ("llamacpp",)
 # --bits N under --target llamacpp: llama.cpp's N-bit type for rows of 256 inputs, and where they are not
@@ -71,16 +72,6 @@ def block_type(bits: int, ggml_type: str | None = None, in_features: int | None 
                             f"16 (f16), not {bits}-bit")
     k_quant, legacy = TYPES_BY_BITS[bits]
     return k_quant if in_features is not None and block_format(k_quant).fits(in_features) else legacy
-
-
-def is_preset(ggml_type: str | None) -> bool:
-    """Whether ``--ggml-type`` names one of llama-quantize's mixes (``q4_K_M``, ``q2_K``, ``q4_0``: its
-    file types, :data:`~moepress.export.llamacpp_presets.FILE_TYPES`) rather than one type for every
-    unit (``q3_K``, ``q4_K``, ``q5_K``: llama-quantize takes these only as aliases of the ``_M`` mixes)."""
-    from .llamacpp_presets import FILE_TYPES
-
-    return ggml_type is not None and any(ggml_type.lower() == f.lower() for f in FILE_TYPES) \
-        and ggml_type.lower() not in ("q3_k", "q4_k", "q5_k")
 
 
 def resolve(view: MoEView, config) -> dict:
@@ -416,5 +407,5 @@ def check_trimming(view: MoEView, trimming, config=None) -> None:
 
 
 __all__ = ["PLAN_OPTIONS", "TARGETS", "TYPES_BY_BITS", "GGUFLayout", "block_type", "check_config", "check_target_name",
-           "check_trimming", "check_units", "gguf_layout", "install_outer", "is_preset", "outer_types", "preset_treatments",
+           "check_trimming", "check_units", "gguf_layout", "install_outer", "outer_types", "preset_treatments",
            "preset_types", "quantize_outer", "refusal", "resolve", "tied_units"]
